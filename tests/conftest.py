@@ -1,0 +1,36 @@
+"""Shared fixtures: where the golden data lives, temporary trees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+_SHARED_GOLDEN = REPO.parent / "shared" / "golden"
+_LOCAL_GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+def golden_root() -> Path:
+    """The golden data: ../shared/golden when present (CI), else our copy in tests/data."""
+    if (_SHARED_GOLDEN / "upstream" / "FACTS.md").is_file():
+        return _SHARED_GOLDEN
+    return _LOCAL_GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    """Root of the golden data (has upstream/ and reference-configs/)."""
+    return golden_root()
+
+
+@pytest.fixture(scope="session")
+def upstream(golden: Path) -> Path:
+    """The upstream observations directory (FACTS.md, disks/, reader/, virtio/ ...)."""
+    return golden / "upstream"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root directory."""
+    return REPO

@@ -1,0 +1,57 @@
+"""Shared value types: a running VM and one cycle's rendered metrics.
+
+The collector produces a Snapshot each cycle; the transports (vbd disk,
+virtio channels) only ever read Snapshots, so a metric's source and its
+rendering never depend on how it is published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+# Upstream writes this, with no newline after it, in a virtio reply whose
+# host part is empty (FACTS.md section 4, virtio/vmonly/get_xml_lf.bin).
+NO_HOST_METRICS = b"<!-- host metrics not available -->"
+
+DOC_HEAD = b"<metrics>\n"
+DOC_TAIL = b"</metrics>\n"
+
+
+@dataclass(frozen=True)
+class VM:
+    """A running domain as libvirt lists it."""
+
+    id: int
+    name: str
+    uuid: str
+    # Path of the org.github.vhostmd.1 socket from the live domain XML,
+    # when libvirt told us; None means "discover it in channel_path".
+    channel_path: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class VmBlock:
+    """One VM's rendered <metric> elements for a cycle (may be empty)."""
+
+    vm: VM
+    xml: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All rendered metrics of one cycle, in upstream's document order."""
+
+    host: bytes
+    vms: Tuple[VmBlock, ...]
+
+    def document(self) -> bytes:
+        """The metrics document as written to the vbd disk."""
+        return b"".join((DOC_HEAD, self.host, *(b.xml for b in self.vms), DOC_TAIL))
+
+    def block_for(self, vm_id: int) -> Optional[VmBlock]:
+        """This cycle's block of the VM with that id, if it is running."""
+        for block in self.vms:
+            if block.vm.id == vm_id:
+                return block
+        return None
