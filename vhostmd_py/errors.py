@@ -129,3 +129,12 @@ class ChannelError(VhostmdError):
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"channel {self.path}: {reason}")
+
+
+class PrivilegeError(VhostmdError):
+    """Dropping root privileges (-u USER) is impossible or was refused."""
+
+    def __init__(self, user: str, reason: str) -> None:
+        self.user = user
+        self.reason = reason
+        super().__init__(f"cannot run as user '{user}': {reason}")
