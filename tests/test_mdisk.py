@@ -609,7 +609,7 @@ def test_reader_bad_checksum(impl: ModuleType, upstream: Path) -> None:
 
 
 def test_reader_bad_checksum_gives_up_after_grace(impl: ModuleType, upstream: Path) -> None:
-    """A checksum that stays wrong under an unchanged header fails after checksum_grace, not busy_timeout."""
+    """A checksum staying wrong under one header fails after checksum_grace, not busy_timeout."""
     clock = FakeClock()
     with pytest.raises(ChecksumError):
         impl.read_disk(
