@@ -1,0 +1,9 @@
+"""vhostmd_guest: what a guest runs to read the metrics its host publishes.
+
+vm_dump_metrics / vm-dump-metrics (``cli``), the libmetrics API
+(``libmetrics``) and the reader object (``reader.MetricsReader``). Importing
+the package does no work and pulls in neither libvirt nor the host daemon:
+only the disk format (``vhostmd_py.mdisk``) is shared with the host.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""Finding the metrics disk: the block device whose first bytes say ``mvbd``.
+
+As upstream's read_mdisk (libmetrics.c) we look at every entry of
+``<sys_root>/block`` and read the start of ``<dev_root>/<entry>`` with
+O_DIRECT. Unlike upstream we never hang on an odd device: entries whose
+size is 0 (an empty CD-ROM tray) are skipped before any open, only block
+devices and regular files are opened, and the open is non-blocking.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+import stat
+from typing import List
+
+from vhostmd_py import mdisk
+
+from .errors import DiskNotFoundError, StrPath
+
+log = logging.getLogger(__name__)
+
+# One page: the alignment and size O_DIRECT needs on every block device
+# (logical block sizes are 512 or 4096) and more than the 16-byte header.
+_PROBE_SIZE = 4096
+
+
+def _read_probe(path: str) -> bytes:
+    """The first bytes of ``path``, read with O_DIRECT when the filesystem allows it."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_DIRECT)
+    except OSError as err:
+        # tmpfs and a few other filesystems refuse O_DIRECT; the signature
+        # does not go stale in the page cache, so a buffered probe is enough.
+        if err.errno != errno.EINVAL:
+            raise
+        fd = os.open(path, flags)
+    try:
+        buf = mmap.mmap(-1, _PROBE_SIZE)  # page-aligned, as O_DIRECT requires
+        try:
+            n = os.preadv(fd, [buf], 0)
+            return bytes(buf[: max(n, 0)])
+        finally:
+            buf.close()
+    finally:
+        os.close(fd)
+
+
+def probe(path: StrPath) -> mdisk.Header | None:
+    """The mvbd header of ``path`` if it carries the signature, else None (OSError on failure)."""
+    raw = _read_probe(os.fspath(path))
+    if len(raw) < mdisk.HEADER_SIZE:
+        return None
+    header = mdisk.unpack_header(raw[: mdisk.HEADER_SIZE])
+    return header if header.signature == mdisk.SIGNATURE else None
+
+
+def _sys_size(sys_block: str, entry: str) -> int | None:
+    try:
+        with open(os.path.join(sys_block, entry, "size"), "rb") as f:
+            return int(f.read().strip() or b"0")
+    except (OSError, ValueError):
+        return None
+
+
+def find_metrics_disk(sys_root: StrPath = "/sys", dev_root: StrPath = "/dev") -> str:
+    """The device path of the metrics disk (DiskNotFoundError when none carries the signature)."""
+    sys_block = os.path.join(os.fspath(sys_root), "block")
+    try:
+        entries = sorted(os.listdir(sys_block))
+    except OSError as err:
+        log.debug("cannot list %s: %s", sys_block, err)
+        entries = []
+    probed: List[str] = []
+    for entry in entries:
+        if entry.startswith("."):
+            continue
+        path = os.path.join(os.fspath(dev_root), entry)
+        size = _sys_size(sys_block, entry)
+        if size == 0:
+            # Empty removable media: opening it can block or spin up hardware.
+            log.debug("%s: size 0, skipped", path)
+            probed.append(f"{entry} (empty)")
+            continue
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            log.debug("%s: %s, skipped", path, err.strerror)
+            probed.append(f"{entry} ({err.strerror})")
+            continue
+        if not (stat.S_ISBLK(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            # A FIFO or character device here would block or misbehave.
+            log.debug("%s: not a block device, skipped", path)
+            probed.append(f"{entry} (not a block device)")
+            continue
+        try:
+            header = probe(path)
+        except OSError as err:
+            log.debug("%s: %s, skipped", path, err.strerror)
+            probed.append(f"{entry} ({err.strerror})")
+            continue
+        if header is not None:
+            log.debug("metrics disk found: %s", path)
+            return path
+        probed.append(f"{entry} (no signature)")
+    raise DiskNotFoundError(sys_root, dev_root, probed)

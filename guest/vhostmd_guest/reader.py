@@ -1,0 +1,311 @@
+"""Reading metrics from a source: the stable disk read, virtio, xenstore, and the cached reader.
+
+``MetricsReader`` is the Pythonic face of libmetrics: it knows where to read
+from, parses only when the disk's checksum or length changed, is safe to
+share between threads, and picks this VM's metrics by UUID when the disk
+holds several VMs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Tuple, Union
+
+from lxml import etree
+
+from vhostmd_py import errors as hosterrors
+from vhostmd_py import mdisk
+
+from .discovery import find_metrics_disk
+from .document import (
+    MAX_DISK_DOCUMENT,
+    MAX_VIRTIO_DOCUMENT,
+    Metric,
+    MetricContext,
+    MetricsDocument,
+    check_document,
+    parse_document,
+)
+from .errors import (
+    DiskBusyTimeoutError,
+    DiskChecksumError,
+    DiskFormatError,
+    DiskIOError,
+    MetricsDiskError,
+    StrPath,
+)
+from .virtio import DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_REPLY, read_virtio_metrics
+from .xenstore import read_xenstore_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUSY_TIMEOUT = 10.0
+DEFAULT_RETRY_INTERVAL = 0.05
+
+
+@dataclass(frozen=True)
+class DiskSource:
+    """Read the metrics disk: ``path`` if given, else the device found under sys_root/dev_root."""
+
+    path: str | None = None
+    sys_root: str = "/sys"
+    dev_root: str = "/dev"
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT
+    retry_interval: float = DEFAULT_RETRY_INTERVAL
+
+
+@dataclass(frozen=True)
+class VirtioSource:
+    """Ask the host over the virtio-serial ``port``."""
+
+    port: str = DEFAULT_PORT
+    timeout: float = DEFAULT_TIMEOUT
+    max_reply: int = MAX_REPLY
+
+
+Source = Union[DiskSource, VirtioSource]
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+def _wrap_disk_error(err: hosterrors.VhostmdError, path: str) -> MetricsDiskError:
+    if isinstance(err, hosterrors.DiskBusyError):
+        return DiskBusyTimeoutError(err.path, err.waited)
+    if isinstance(err, hosterrors.ChecksumError):
+        return DiskChecksumError(err.path, err.expected, err.actual)
+    if isinstance(err, hosterrors.DiskIOError):
+        return DiskIOError(err.path, err.reason, err.errno)
+    if isinstance(err, hosterrors.DiskError):
+        return DiskFormatError(err.path, err.reason)
+    return MetricsDiskError(path, str(err))
+
+
+def read_disk_content(
+    path: StrPath,
+    *,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    retry_interval: float = DEFAULT_RETRY_INTERVAL,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+) -> bytes:
+    """The content bytes of the disk at ``path`` after the stable, verified read."""
+    spath = os.fspath(path)
+    try:
+        return mdisk.read_disk(
+            spath,
+            busy_timeout=busy_timeout,
+            retry_interval=retry_interval,
+            clock=clock,
+            sleep=sleep,
+        )
+    except hosterrors.VhostmdError as err:
+        raise _wrap_disk_error(err, spath) from err
+    except OSError as err:  # the binding should wrap these; never let one escape
+        raise DiskIOError(spath, err.strerror or str(err), err.errno) from err
+
+
+def disk_path(source: DiskSource) -> str:
+    """The disk a DiskSource names: its path, or the discovered device."""
+    if source.path is not None:
+        return source.path
+    return find_metrics_disk(source.sys_root, source.dev_root)
+
+
+def fetch_disk_metrics(
+    source: DiskSource = DiskSource(), *, clock: Clock = time.monotonic, sleep: Sleep = time.sleep
+) -> Tuple[str, bytes]:
+    """(disk path, content bytes) of the disk, checked to be a safe, well-formed document."""
+    path = disk_path(source)
+    content = read_disk_content(
+        path,
+        busy_timeout=source.busy_timeout,
+        retry_interval=source.retry_interval,
+        clock=clock,
+        sleep=sleep,
+    )
+    # Upstream refuses a document libxml cannot parse (garbage, truncated,
+    # raw "a<b&c", bytes that are not UTF-8): so do we, with a safe parser.
+    check_document(content, source=f"metrics disk {path}", max_size=MAX_DISK_DOCUMENT)
+    return path, content
+
+
+def fetch_virtio_metrics(
+    source: VirtioSource = VirtioSource(), *, clock: Clock = time.monotonic
+) -> bytes:
+    """The host's reply bytes over the virtio port (``<metrics>...</metrics>\\n\\n``)."""
+    return read_virtio_metrics(
+        source.port, timeout=source.timeout, max_reply=source.max_reply, clock=clock
+    )
+
+
+def fetch_xenstore_metrics(*, env: Mapping[str, str] | None = None, timeout: float = 5.0) -> bytes:
+    """The xenstore metrics as upstream prints them: an XML declaration, then the document."""
+    value = read_xenstore_metrics(env=env, timeout=timeout)
+    root = check_document(value, source="xenstore metrics", max_size=MAX_VIRTIO_DOCUMENT)
+    # Upstream re-serialises with libxml's xmlDocFormatDump: declaration,
+    # double-quoted attributes, a final newline.
+    return b'<?xml version="1.0"?>\n' + etree.tostring(root) + b"\n"
+
+
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def detect_vm_uuid(sys_root: StrPath = "/sys") -> str | None:
+    """This VM's UUID: DMI product_uuid (KVM/QEMU), else /sys/hypervisor/uuid (Xen), else None."""
+    for rel in (("class", "dmi", "id", "product_uuid"), ("hypervisor", "uuid")):
+        path = os.path.join(os.fspath(sys_root), *rel)
+        try:
+            with open(path, "rb") as f:
+                text = f.read(256).decode("ascii", "replace")
+        except OSError as err:
+            # product_uuid is readable by root only: a normal user falls through.
+            log.debug("%s: %s", path, err.strerror)
+            continue
+        uuid = text.strip().lower()
+        if _UUID_RE.match(uuid) and uuid != _NIL_UUID:
+            return uuid
+        log.debug("%s: not a usable UUID: %r", path, text[:60])
+    return None
+
+
+class MetricsReader:
+    """Reads, caches and looks up metrics from one source; thread-safe."""
+
+    def __init__(
+        self,
+        source: Source | None = None,
+        *,
+        vm_uuid: str | None = None,
+        sys_root: StrPath = "/sys",
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+    ) -> None:
+        self.source: Source = source if source is not None else DiskSource()
+        self._given_uuid = vm_uuid.strip().lower() if vm_uuid else None
+        self._sys_root = os.fspath(sys_root)
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = threading.RLock()
+        self._doc: MetricsDocument | None = None
+        self._key: Tuple[int, int] | None = None
+        self._disk: str | None = None
+        self._detected: str | None = None
+        self._uuid_probed = False
+        self.parses = 0  # documents parsed so far (the cache's effect is observable)
+
+    # --- identity -------------------------------------------------------------
+
+    @property
+    def vm_uuid(self) -> str | None:
+        """The UUID vm lookups use: the caller's, else the one detected from sysfs."""
+        if self._given_uuid is not None:
+            return self._given_uuid
+        with self._lock:
+            if not self._uuid_probed:
+                self._detected = detect_vm_uuid(self._sys_root)
+                self._uuid_probed = True
+            return self._detected
+
+    # --- reading --------------------------------------------------------------
+
+    def read(self) -> MetricsDocument:
+        """The current document, re-parsed only when the source's content changed."""
+        with self._lock:
+            if isinstance(self.source, VirtioSource):
+                return self._read_virtio(self.source)
+            return self._read_disk(self.source)
+
+    def _read_virtio(self, source: VirtioSource) -> MetricsDocument:
+        reply = fetch_virtio_metrics(source, clock=self._clock)
+        if self._doc is not None and self._doc.raw == reply:
+            return self._doc
+        doc = parse_document(reply, source=f"virtio port {source.port}", max_size=source.max_reply)
+        self._doc = doc
+        self.parses += 1
+        return doc
+
+    def _unchanged(self, path: str) -> bool:
+        if self._doc is None or self._key is None:
+            return False
+        try:
+            header = mdisk.read_header(path)
+        except (hosterrors.VhostmdError, OSError) as err:
+            log.debug("%s: header re-read failed: %s", path, err)
+            return False
+        return (
+            header.signature == mdisk.SIGNATURE
+            and header.busy == 0
+            and (header.checksum, header.length) == self._key
+        )
+
+    def _read_disk(self, source: DiskSource) -> MetricsDocument:
+        if self._disk is None:
+            self._disk = disk_path(source)
+        path = self._disk
+        if self._unchanged(path):
+            assert self._doc is not None
+            return self._doc
+        try:
+            content = self._stable_read(source, path)
+        except (DiskFormatError, DiskIOError):
+            if source.path is not None:
+                raise
+            # The discovered device went away or lost its signature (disk
+            # hot-swapped): look again once before giving up.
+            self._disk = None
+            path = self._disk = disk_path(source)
+            content = self._stable_read(source, path)
+        key = (mdisk.checksum(content), len(content))
+        if self._doc is not None and key == self._key:
+            return self._doc
+        doc = parse_document(content, source=f"metrics disk {path}", max_size=MAX_DISK_DOCUMENT)
+        self._doc, self._key = doc, key
+        self.parses += 1
+        return doc
+
+    def _stable_read(self, source: DiskSource, path: str) -> bytes:
+        return read_disk_content(
+            path,
+            busy_timeout=source.busy_timeout,
+            retry_interval=source.retry_interval,
+            clock=self._clock,
+            sleep=self._sleep,
+        )
+
+    # --- lookups --------------------------------------------------------------
+
+    def get(
+        self,
+        name: str,
+        context: MetricContext = MetricContext.HOST,
+        *,
+        uuid: str | None = None,
+        document: MetricsDocument | None = None,
+    ) -> Metric:
+        """The metric ``name`` in ``context``; in vm context, of this VM (see resolve_vm)."""
+        doc = document if document is not None else self.read()
+        context = MetricContext(context)
+        if context is MetricContext.HOST:
+            return doc.get(name, context)
+        if uuid is not None:
+            return doc.get(name, context, uuid=uuid, strict_uuid=True)
+        if self._given_uuid is not None:
+            return doc.get(name, context, uuid=self._given_uuid, strict_uuid=True)
+        # A detected UUID is a hint: on a one-VM document (a virtio reply)
+        # a mismatch (e.g. old SMBIOS byte order) still finds our metrics.
+        return doc.get(name, context, uuid=self.vm_uuid, strict_uuid=False)
+
+    def value(
+        self, name: str, context: MetricContext = MetricContext.HOST
+    ) -> Union[int, float, str]:
+        """The typed value of the metric ``name`` in ``context``."""
+        return self.get(name, context).value
+
+    def __iter__(self) -> Iterator[Metric]:
+        return iter(self.read())
