@@ -1,0 +1,446 @@
+"""Tests of vhostmd_py.actions: one-pass safe substitution and real /bin/sh children."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vhostmd_py.actions import (
+    VALUE_CAP,
+    ActionResult,
+    ActionRunner,
+    substitute,
+)
+from vhostmd_py.errors import ActionError
+from vhostmd_py.model import VM
+
+TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")
+NASTY_NAMES = [
+    "$(touch X)",
+    "a;touch Y",
+    "UUID",
+    "NAME VMID",
+    "it's",
+    "back`touch Z`quote",
+    "new\nline",
+    'dq"$(touch W)"\\',
+    "tab\there",
+    "*",
+    "~root",
+    "-n",
+    "ID",
+    "",
+]
+PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+def _vm(name: str, vm_id: int = 5) -> VM:
+    return VM(vm_id, name, f"00000000-0000-4000-8000-{vm_id:012d}")
+
+
+def _run(command: str, runner: ActionRunner | None = None, cap: int = VALUE_CAP) -> ActionResult:
+    runner = runner or ActionRunner(path=PATH, timeout=10)
+
+    async def main() -> ActionResult:
+        return await runner.run(command, cap=cap)
+
+    return asyncio.run(main())
+
+
+def _alive(pid: int) -> bool:
+    """True when PID exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# --- substitution ----------------------------------------------------------------
+
+
+def test_upstream_tokens_byte_identical() -> None:
+    """Safe values are inserted verbatim: the command is upstream's."""
+    uri = "test:///default"
+    assert (
+        substitute("virsh CONNECT dominfo NAME | awk '/^CPU/ {print $2}'", TEST_VM, uri)
+        == "virsh --connect 'test:///default' dominfo test | awk '/^CPU/ {print $2}'"
+    )
+    assert (
+        substitute("echo NAME-VMID-UUID", TEST_VM, uri)
+        == "echo test-1-6695eb01-f6a4-8304-79aa-97f2502e193f"
+    )
+
+
+def test_connect_without_uri_is_empty() -> None:
+    """CONNECT becomes nothing without -c (upstream)."""
+    assert substitute("virsh CONNECT list", None, None) == "virsh  list"
+
+
+def test_host_context_replaces_only_connect() -> None:
+    """In host context NAME/VMID/UUID/ID stay literal (edge-4k HostNameToken)."""
+    assert substitute("echo NAME VMID UUID ID CONNECT", None, "qemu:///system") == (
+        "echo NAME VMID UUID ID --connect 'qemu:///system'"
+    )
+
+
+def test_one_pass_no_rescan() -> None:
+    """A VM named UUID keeps its name (upstream replaced it again)."""
+    vm = _vm("UUID", 3)
+    assert substitute("echo NAME", vm, None) == "echo UUID"
+    assert substitute("echo NAME:UUID", _vm("VMID", 4), None) == (
+        "echo VMID:00000000-0000-4000-8000-000000000004"
+    )
+
+
+def test_whole_word_id() -> None:
+    """ID is replaced as a whole word only, without breaking VMID/UUID."""
+    vm = _vm("x", 42)
+    assert substitute("echo ID VMID UUID ID_X IDS xID", vm, None) == (
+        "echo 42 42 00000000-0000-4000-8000-000000000042 ID_X IDS xID"
+    )
+
+
+def test_plain_text_replacement_kept() -> None:
+    """Upstream replaces tokens inside words too (HOSTNAME -> HOST<name>): kept."""
+    assert substitute("echo HOSTNAME", _vm("vm1"), None) == "echo HOSTvm1"
+
+
+def test_unsafe_value_quoted_per_context() -> None:
+    """Unsafe values are quoted for their context; safe ones are not."""
+    vm = _vm("it's")
+    assert substitute("echo NAME", vm, None) == "echo 'it'\"'\"'s'"
+    # Inside '...': close the quote, the value quoted on its own, reopen.
+    assert substitute("echo 'NAME'", vm, None) == "echo '" + "'" + "'it'\"'\"'s'" + "'" + "'"
+    # Inside "...": a backslash before each of $ ` " and backslash.
+    assert substitute('echo "NAME"', _vm('a"$b`c\\'), None) == 'echo "a\\"\\$b\\`c\\\\"'
+
+
+def test_unsafe_uri_quoted() -> None:
+    """A URI with shell characters is quoted, never run."""
+    uri = "qemu+ssh://root@h/system?x=1;touch Q"
+    assert substitute("virsh CONNECT list", None, uri) == (
+        "virsh --connect 'qemu+ssh://root@h/system?x=1;touch Q' list"
+    )
+    assert substitute('echo "CONNECT"', None, uri) == (
+        "echo \"--connect 'qemu+ssh://root@h/system?x=1;touch Q'\""
+    )
+
+
+@pytest.mark.parametrize(
+    ("action", "why"),
+    [
+        ("echo $(echo NAME)", "$(...)"),
+        ("echo `echo NAME`", "backticks"),
+        ("cat <<EOF\nNAME\nEOF", "here-document"),
+        ("true # NAME", "comment"),
+        ("echo \\NAME", "backslash"),
+        ("echo $NAME", "follows a $"),  # a variable name upstream: never quotable
+        ("echo ${NAME}", "${...}"),
+        ("echo 'NAME", "unbalanced"),
+        ("case x in x) echo NAME;; esac", "parentheses"),
+        ('echo "$(echo "NAME")"', "$(...)"),
+    ],
+)
+def test_unsure_context_refused_for_unsafe_values(action: str, why: str) -> None:
+    """Where the quoting context is unclear an unsafe value refuses the metric."""
+    with pytest.raises(ActionError) as info:
+        substitute(action, _vm("a;touch Y"), None, metric="M")
+    assert info.value.metric == "M"
+    assert info.value.vm == "a;touch Y"
+    assert why in info.value.reason
+    # A safe value needs no quoting and is fine anywhere.
+    assert "vm0001" in substitute(action, _vm("vm0001"), None)
+
+
+def test_subshell_parentheses_are_transparent() -> None:
+    """A ( ... ) subshell keeps normal quoting rules."""
+    assert substitute("(echo NAME)", _vm("a b"), None) == "(echo 'a b')"
+
+
+def test_nul_in_value_refused() -> None:
+    """A NUL can never be passed to a process: refused."""
+    with pytest.raises(ActionError):
+        substitute("echo NAME", _vm("a\x00b"), None)
+
+
+@pytest.mark.parametrize("name", NASTY_NAMES)
+def test_nasty_names_echo_exactly(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real sh: every quoting context prints the name exactly and runs nothing."""
+    monkeypatch.chdir(tmp_path)
+    vm = _vm(name)
+    runner = ActionRunner(path=PATH, timeout=10, uri="test:///default")
+    actions = [
+        "printf '%s|' NAME",
+        "printf '%s|' 'NAME'",
+        "printf '%s|' \"NAME\"",
+        "printf '%s|' x-NAME-y",
+        "printf '%s|' 'pre NAME post'",
+        "printf '%s|' \"pre NAME post\"",
+        "(printf '%s|' NAME)",
+    ]
+    expected = [name, name, name, f"x-{name}-y", f"pre {name} post", f"pre {name} post", name]
+
+    async def main() -> List[ActionResult]:
+        return list(
+            await asyncio.gather(
+                *(runner.run(substitute(a, vm, runner.uri), cap=4096) for a in actions)
+            )
+        )
+
+    results = asyncio.run(main())
+    for action, want, result in zip(actions, expected, results):
+        assert result.ok, (action, result)
+        assert result.stdout == f"{want}|".encode(), action
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+# --- running -----------------------------------------------------------------------
+
+
+def test_exit_status_and_output() -> None:
+    """stdout is captured; exit 0 is ok, anything else is a failure with its status."""
+    ok = _run("echo 42")
+    assert ok.ok and ok.returncode == 0 and ok.stdout == b"42\n" and ok.failure() is None
+    bad = _run("echo partial; echo oops >&2; exit 3")
+    assert not bad.ok
+    assert bad.returncode == 3
+    assert bad.failure() == "exit status 3"
+    assert bad.stdout == b"partial\n"
+    assert bad.stderr == b"oops\n"
+
+
+def test_crash_reports_signal() -> None:
+    """A child killed by a signal is a failure naming the signal."""
+    result = _run("kill -SEGV $$")
+    assert result.returncode == -signal.SIGSEGV
+    assert result.failure() == "killed by SIGSEGV"
+
+
+def test_value_cap_and_total_size() -> None:
+    """Only the first CAP bytes are kept (upstream's 255); the rest is read and counted."""
+    result = _run("head -c 300000 /dev/zero | tr '\\0' x")
+    assert result.ok
+    assert result.stdout == b"x" * 255
+    assert result.stdout_size == 300000
+
+
+def test_megabytes_of_output_killed() -> None:
+    """Output past max_output kills the action: no hang, no memory blow-up."""
+    runner = ActionRunner(path=PATH, timeout=20, max_output=1 << 20)
+    result = _run("yes xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx", runner)
+    assert result.overflow and not result.ok
+    assert len(result.stdout) == VALUE_CAP
+    assert result.stdout_size > 1 << 20
+    assert "output exceeds the limit" in (result.failure() or "")
+
+
+def test_stderr_bounded() -> None:
+    """stderr is captured up to stderr_cap bytes for the log."""
+    runner = ActionRunner(path=PATH, timeout=10, stderr_cap=100)
+    result = _run("head -c 50000 /dev/zero >&2; exit 1", runner)
+    assert result.returncode == 1
+    assert result.stderr == b"\0" * 100
+
+
+def test_binary_output_is_bytes() -> None:
+    """Binary garbage comes back byte for byte (the collector decides)."""
+    result = _run("printf 'a\\000b\\377\\200'")
+    assert result.stdout == b"a\x00b\xff\x80"
+
+
+@pytest.mark.parametrize("spawn_threads", [0, 2])
+def test_timeout_kills_whole_tree(spawn_threads: int, tmp_path: Path) -> None:
+    """A hung action is killed at the timeout, its background children too."""
+    runner = ActionRunner(path=PATH, timeout=0.5, spawn_threads=spawn_threads)
+    pidfile = tmp_path / "child.pid"
+    start = time.monotonic()
+    result = _run(f"sleep 60 & echo $! > {pidfile}; wait", runner)
+    elapsed = time.monotonic() - start
+    assert result.timed_out and not result.ok
+    assert result.returncode == -signal.SIGKILL
+    assert "timed out" in (result.failure() or "")
+    assert elapsed < 10  # safety bound only: 0.5 s timeout
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_escaped_grandchild_does_not_hold_the_cycle(tmp_path: Path) -> None:
+    """A grandchild that left the session keeps our pipe open: we give up after the grace."""
+    runner = ActionRunner(path=PATH, timeout=0.5)
+    pidfile = tmp_path / "escapee.pid"
+    start = time.monotonic()
+    result = _run(f"setsid sleep 60 & echo $! > {pidfile}; wait", runner)
+    elapsed = time.monotonic() - start
+    escapee = int(pidfile.read_text())
+    try:
+        assert result.timed_out and not result.ok
+        assert elapsed < 10  # 0.5 s timeout + 2 s grace; safety bound only
+    finally:
+        os.kill(escapee, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("spawn_threads", [0, 2])
+def test_child_environment(spawn_threads: int, tmp_path: Path) -> None:
+    """New session, stdin /dev/null, PATH from the config, env inherited, SIGPIPE default."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "my-metric"
+    script.write_text("#!/bin/sh\necho from-my-metric\n")
+    script.chmod(0o755)
+    runner = ActionRunner(
+        path=f"{bindir}:{PATH}",
+        timeout=10,
+        environ={"VHOSTMD_TEST_VAR": "kept", "PATH": "/nowhere"},
+        spawn_threads=spawn_threads,
+    )
+    command = (
+        "my-metric; echo $PATH; echo $VHOSTMD_TEST_VAR; cat; "
+        "echo $$ $(cut -d' ' -f6 /proc/$$/stat); grep SigIgn /proc/$$/status"
+    )
+    result = _run(command, runner, cap=4096)
+    assert result.ok, result
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "from-my-metric"
+    assert lines[1] == f"{bindir}:{PATH}"
+    assert lines[2] == "kept"
+    pid, sid = lines[3].split()
+    assert pid == sid  # the shell leads its own session: killpg reaches its tree
+    ignored = int(lines[4].split()[1], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+
+
+def test_sigpipe_ends_pipelines() -> None:
+    """`yes | head -1` ends because yes dies of SIGPIPE (Python ignores it, children must not)."""
+    result = _run("yes | head -1")
+    assert result.ok and result.stdout == b"y\n"
+
+
+def test_concurrency_bound_and_serial() -> None:
+    """At most max_concurrency actions run at once; 1 runs them one after another."""
+
+    async def main(limit: int) -> float:
+        runner = ActionRunner(path=PATH, timeout=10, max_concurrency=limit)
+        peak = 0
+
+        async def watch() -> None:
+            nonlocal peak
+            while True:
+                peak = max(peak, runner.running)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.ensure_future(watch())
+        start = time.monotonic()
+        await asyncio.gather(*(runner.run("sleep 0.3") for _ in range(6)))
+        elapsed = time.monotonic() - start
+        watcher.cancel()
+        assert peak <= limit
+        return elapsed
+
+    assert asyncio.run(main(1)) >= 1.8
+    assert asyncio.run(main(2)) >= 0.9
+
+
+def test_cancellation_kills_children(tmp_path: Path) -> None:
+    """Cancelling running actions (daemon stop) kills every child promptly."""
+    runner = ActionRunner(path=PATH, timeout=60)
+    pids = [tmp_path / f"{i}.pid" for i in range(4)]
+
+    async def main() -> None:
+        tasks = [asyncio.ensure_future(runner.run(f"sleep 60 & echo $! > {p}; wait")) for p in pids]
+        while not all(p.exists() and p.read_text() for p in pids):
+            await asyncio.sleep(0.02)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(r, asyncio.CancelledError) for r in results)
+
+    start = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - start < 10
+    runner.close()
+    for p in pids:
+        child = int(p.read_text())
+        deadline = time.monotonic() + 2
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(child)
+
+
+def test_cancel_all_fails_running_actions(tmp_path: Path) -> None:
+    """cancel_all() kills running children; their results say cancelled."""
+    runner = ActionRunner(path=PATH, timeout=60)
+
+    async def main() -> ActionResult:
+        task = asyncio.ensure_future(runner.run("sleep 60"))
+        while runner.running == 0:
+            await asyncio.sleep(0.01)
+        runner.cancel_all()
+        return await task
+
+    result = asyncio.run(main())
+    assert result.cancelled and not result.ok
+    assert result.failure() == "cancelled (daemon stopping)"
+
+
+@pytest.mark.parametrize("spawn_threads", [0, 2])
+def test_spawn_failure_is_a_result(spawn_threads: int) -> None:
+    """A missing shell gives a failed result, not an exception."""
+    runner = ActionRunner(path=PATH, shell="/nonexistent/sh", spawn_threads=spawn_threads)
+    result = _run("echo hi", runner)
+    assert not result.ok
+    assert "cannot run the shell" in (result.failure() or "")
+    assert _run("echo a\x00b").spawn_error == "NUL character in command"
+
+
+def test_no_fd_leak() -> None:
+    """Many actions leave no file descriptors behind."""
+    before = len(os.listdir("/proc/self/fd"))
+    runner = ActionRunner(path=PATH, timeout=10)
+
+    async def main() -> None:
+        await asyncio.gather(*(runner.run("echo 1") for _ in range(50)))
+        await asyncio.gather(*(runner.run("exit 1") for _ in range(10)))
+
+    asyncio.run(main())
+    runner.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_invalid_parameters() -> None:
+    """Nonsense limits are refused at construction."""
+    with pytest.raises(ValueError):
+        ActionRunner(timeout=0)
+    with pytest.raises(ValueError):
+        ActionRunner(max_concurrency=0)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(name=st.text(alphabet=st.characters(blacklist_characters="\x00"), max_size=24))
+def test_any_name_is_data_never_code(name: str, tmp_path: Path) -> None:
+    """Property: whatever the name, each quoting context prints it exactly, nothing runs."""
+    vm = _vm(name)
+    action = "cd CWD && printf '%s|' NAME 'NAME' \"NAME\" x-NAME-y"
+    try:
+        command = substitute(action.replace("CWD", str(tmp_path)), vm, None)
+    except ActionError:
+        pytest.fail(f"refused in a sure context: {name!r}")
+    result = _run(command, cap=4096)
+    assert result.ok, (name, result)
+    assert result.stdout.decode("utf-8") == f"{name}|{name}|{name}|x-{name}-y|"
+    assert os.listdir(tmp_path) == []

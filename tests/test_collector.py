@@ -1,0 +1,421 @@
+"""Tests of vhostmd_py.collector (and sources): golden documents, injection, faults, order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import struct
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+import libvirt
+import pytest
+
+from vhostmd_py.actions import ActionRunner
+from vhostmd_py.collector import XmlMetricValidator, collect, render_value
+from vhostmd_py.config import Config, MetricSpec, Variable, load_config
+from vhostmd_py.document import parse_document
+from vhostmd_py.model import VM, Snapshot
+from vhostmd_py.sources import ShellActionSource, SourceRegistry
+
+DATA = Path(__file__).resolve().parent / "data" / "configs"
+TEST_URI = "test:///default"
+
+
+def _vms(uri: str) -> List[VM]:
+    """Running domains in upstream's order (virConnectListDomains = listDomainsID)."""
+    conn = libvirt.open(uri)
+    try:
+        return [
+            VM(dom.ID(), dom.name(), dom.UUIDString())
+            for dom in (conn.lookupByID(i) for i in conn.listDomainsID())
+        ]
+    finally:
+        conn.close()
+
+
+def _collect(
+    config: Config,
+    vms: Sequence[VM],
+    uri: str | None = TEST_URI,
+    timeout: float = 20.0,
+    sources: SourceRegistry | None = None,
+) -> Snapshot:
+    runner = ActionRunner(path=config.path, uri=uri, timeout=timeout)
+    try:
+        return asyncio.run(collect(config, vms, runner, sources=sources))
+    finally:
+        runner.close()
+
+
+def _golden_content(upstream: Path, name: str) -> bytes:
+    raw = (upstream / "disks" / f"{name}.img").read_bytes()
+    _sig, busy, _sum, length = struct.unpack(">4I", raw[:16])
+    assert busy == 0
+    return raw[16 : 16 + length]
+
+
+# --- the SPEC deviations, applied to upstream's bytes one at a time ---------------
+
+_VALUE = re.compile(rb"<value>(.*?)</value>", re.S)
+
+
+def _strip_values(doc: bytes) -> bytes:
+    """DEVIATION: trailing newlines/spaces of every value removed."""
+    return _VALUE.sub(lambda m: b"<value>" + m.group(1).rstrip(b" \t\r\n") + b"</value>", doc)
+
+
+def _element(doc: bytes, name: bytes) -> bytes:
+    """The whole `  <metric ...>...</metric>\\n` element whose <name> is NAME."""
+    match = re.search(
+        rb"  <metric [^>]*>\n    <name>" + re.escape(name) + rb"</name>\n.*?  </metric>\n",
+        doc,
+        re.S,
+    )
+    assert match is not None, name
+    return match.group(0)
+
+
+@pytest.mark.parametrize("name", ["basic-1k", "basic-64k", "utf8-1k"])
+def test_golden_documents_only_newlines_differ(upstream: Path, name: str) -> None:
+    """Same config, same VM: upstream's document with trailing newlines removed."""
+    golden = _golden_content(upstream, name)
+    ours = _collect(load_config(upstream / "configs" / f"{name}.xml"), _vms(TEST_URI)).document()
+    stripped = _strip_values(golden)
+    assert stripped != golden  # upstream kept the newline (`<value>42\n</value>`)
+    assert b"\n</value>" not in ours
+    assert ours == stripped
+    parse_document(ours)
+
+
+def test_golden_edge_document(upstream: Path) -> None:
+    """edge-4k: units, cap, multi-line, empty output; each deviation asserted separately."""
+    golden = _golden_content(upstream, "edge-4k")
+    ours = _collect(load_config(upstream / "configs" / "edge-4k.xml"), _vms(TEST_URI)).document()
+    expected = golden
+    # 1. Trailing newline of each value removed; interior newlines kept (MultiLine).
+    expected = _strip_values(expected)
+    assert b"<value>1.5\n2.5</value>" in expected
+    # 2. FewTokens (`echo 5`, variables GA, GB): upstream gave BOTH the whole
+    #    output; we give GA the first token and leave GB out.
+    gb = _element(expected, b"GB")
+    assert b"<value>5</value>" in gb and b"<value>5</value>" in _element(expected, b"GA")
+    expected = expected.replace(gb, b"")
+    # 3. XmlMetric: upstream dropped it (no /etc/vhostmd/metric.dtd); we ship
+    #    metric.dtd, so the valid element is inserted as is, first (reverse order).
+    assert b"FromXml" not in golden
+    xml = b"<metric type='uint32' context='host'><name>FromXml</name><value>3</value></metric>\n"
+    expected = expected.replace(b"<metrics>\n", b"<metrics>\n" + xml, 1)
+    # Same in both: Fails (exit 3) omitted; Long cut at 255 bytes; units; order.
+    assert b"Fails" not in golden and b"Fails" not in ours
+    assert b"<value>" + b"x" * 255 + b"</value>" in ours
+    assert ours == expected
+    parse_document(ours)
+
+
+def test_golden_rawxml_escaped(upstream: Path) -> None:
+    """rawxml-1k: upstream wrote `a<b&c` raw (unparsable); we escape it."""
+    golden = _golden_content(upstream, "rawxml-1k")
+    assert b"<value>a<b&c\n</value>" in golden
+    expected = _strip_values(golden).replace(b"a<b&c", b"a&lt;b&amp;c")
+    ours = _collect(load_config(upstream / "configs" / "rawxml-1k.xml"), []).document()
+    assert ours == expected
+    assert parse_document(ours).findtext("metric/value") == "a<b&c"
+
+
+def test_golden_negsum_invalid_utf8_left_out(
+    upstream: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """negsum-1k: 255 raw 0x80 bytes are not XML; we leave the metric out, with a warning."""
+    golden = _golden_content(upstream, "negsum-1k")
+    assert b"<value>" + b"\x80" * 255 + b"</value>" in golden  # upstream's cap, raw bytes
+    with caplog.at_level(logging.WARNING):
+        ours = _collect(load_config(upstream / "configs" / "negsum-1k.xml"), []).document()
+    expected = golden.replace(_element(golden, b"HighBytes"), b"")
+    assert expected == b"<metrics>\n</metrics>\n"
+    assert ours == expected
+    assert any(
+        "HighBytes" in r.getMessage() and "invalid UTF-8" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_empty_token_does_not_crash(upstream: Path) -> None:
+    """emptytok-1k (`echo 1,,2`) crashed upstream (SIGSEGV); we publish an empty value."""
+    assert (upstream / "disks" / "emptytok-1k.exit_code.txt").read_text().strip() == "139"
+    doc = _collect(load_config(upstream / "configs" / "emptytok-1k.xml"), []).document()
+    root = parse_document(doc)
+    values = [(m.findtext("name"), m.findtext("value") or "") for m in root.findall("metric")]
+    assert values == [("T1", "1"), ("T2", ""), ("T3", "2")]
+
+
+# --- injection ---------------------------------------------------------------------
+
+
+def test_injection_node_nothing_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Domains named like shell code: nothing is executed and every value is the name."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"test://{DATA / 'node-injection.xml'}"
+    vms = _vms(uri)
+    names = {vm.name for vm in vms}
+    assert {"$(touch X)", "a;touch Y", "UUID", "NAME VMID", "it's", "new\nline"} <= names
+    snapshot = _collect(load_config(DATA / "injection.xml"), vms, uri=uri)
+    assert os.listdir(tmp_path) == []  # no X, Y, Z, W
+    root = parse_document(snapshot.document())
+    assert [b.vm for b in snapshot.vms] == vms
+    for vm in vms:
+        got = {
+            m.findtext("name"): m.findtext("value")
+            for m in root.findall("metric")
+            if m.get("id") == str(vm.id)
+        }
+        assert got == {
+            "Unquoted": vm.name,
+            "Single": vm.name,
+            "Double": vm.name,
+            "Ident": f"{vm.name}-{vm.id}-{vm.uuid}",
+            "SeedId": str(vm.id),
+        }, vm
+
+
+def test_injection_refused_in_unsure_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Inside $(...) an unsafe name refuses the metric for that VM only, logged."""
+    monkeypatch.chdir(tmp_path)
+    spec = MetricSpec("Sub", "string", "vm", "echo $(echo NAME)", None)
+    bad, good = VM(1, "a;touch Y", "u1"), VM(2, "vm0002", "u2")
+    config = load_config(DATA / "injection.xml")
+    config = Config(**{**config.__dict__, "metrics": (spec,)})
+    with caplog.at_level(logging.WARNING):
+        snapshot = _collect(config, [bad, good])
+    assert snapshot.vms[0].xml == b""
+    assert b"<value>vm0002</value>" in snapshot.vms[1].xml
+    assert os.listdir(tmp_path) == []
+    assert any(
+        "metric Sub of VM 'a;touch Y' (id 1)" in r.getMessage() and "$(...)" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+# --- faults --------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_faults_leave_the_rest_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hang, crash, garbage, megabytes, failure: only those metrics are missing, all logged."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(DATA / "faults.xml")
+    vms = _vms(TEST_URI)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        snapshot = _collect(config, vms, timeout=1.5)
+    elapsed = time.monotonic() - start
+    assert elapsed < 15  # safety bound; the hung actions cost one 1.5 s timeout
+    root = parse_document(snapshot.document())
+    got = {m.findtext("name"): m.findtext("value") for m in root.findall("metric")}
+    assert got == {"Before": "before", "After": "after", "VmGood": "test"}
+    messages = "\n".join(r.getMessage() for r in caplog.records)
+    assert "metric Hangs: timed out" in messages
+    assert "metric VmHangs of VM 'test' (id 1): timed out" in messages
+    assert "metric Crashes: killed by SIGSEGV" in messages
+    assert "metric Garbage left out: control character" in messages
+    assert "metric Megabytes: output exceeds the limit" in messages
+    assert "metric Fails: exit status 3; stderr: something broke" in messages
+    # The hung action's background child was killed with it.
+    child = int((tmp_path / "hang-child.pid").read_text())
+    deadline = time.monotonic() + 3
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_cancelled_cycle_kills_actions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelling collect() (daemon stop) ends at once and kills running actions."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(DATA / "faults.xml")
+    runner = ActionRunner(path=config.path, timeout=60)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(collect(config, [], runner))
+        while not (tmp_path / "hang-child.pid").exists():
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    start = time.monotonic()
+    asyncio.run(main())
+    assert time.monotonic() - start < 10
+    assert runner.running == 0
+    runner.close()
+    for name in ("hang-child.pid", "hang-shell.pid"):
+        pid = int((tmp_path / name).read_text())
+        deadline = time.monotonic() + 2
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(pid), name
+
+
+# --- values, groups, xml ----------------------------------------------------------
+
+
+def test_group_values() -> None:
+    """Tokens in variable order, extras ignored, missing ones left out, unit on each."""
+    spec = MetricSpec(
+        "G", "group", "host", "x", "MiB", (Variable("A", "uint32"), Variable("B", "int64"))
+    )
+    two = render_value(spec, None, b"7 ,8,9\n")
+    assert two.count(b"<metric ") == 2
+    assert b"<name>A</name>\n    <value>7</value>" in two
+    assert b"<name>B</name>\n    <value>8</value>" in two
+    assert two.count(b"unit='MiB'") == 2
+    one = render_value(spec, None, b"5\n")
+    assert one.count(b"<metric ") == 1 and b"<name>B</name>" not in one
+    assert render_value(spec, None, None) == b""
+    bad = render_value(spec, None, b"\xff,2")
+    assert b"<name>A</name>" not in bad and b"<value>2</value>" in bad
+
+
+@pytest.mark.parametrize(
+    ("output", "problem"),
+    [
+        (b"<metric type='uint32' context='host'><name>A</name><value>1</value></metric>", None),
+        (
+            b"<metric type='string' context='vm' id='1' uuid='u' unit='s'><name>A</name>"
+            b"<value>x</value></metric>\n  <metric type='int64' context='host'><name>B</name>"
+            b"<value>2</value></metric>\n",
+            None,
+        ),
+        (b"", "no <metric> element"),
+        (b"42", "text outside"),
+        (
+            b"<metric type='xml' context='host'><name>A</name><value>1</value></metric>",
+            "metric.dtd",
+        ),
+        (b"<metric type='int32' context='host'><value>1</value></metric>", "metric.dtd"),
+        (b"<other/>", "not a <metric>"),
+        (b"<metric type='int32' context='host'><name>A</name><value>1</value></metric>x", "text"),
+        (
+            b"<!-- c --><metric type='int32' context='host'>"
+            b"<name>A</name><value>1</value></metric>",
+            "comments",
+        ),
+        (
+            b"<metric type='int32' context='host'><name>&x;</name><value>1</value></metric>",
+            "not well-formed",
+        ),
+        (b"<metric type='int32' context='host'><name>A", "not well-formed"),
+        (
+            b"<metric type='int32' context='host'><name>\xff</name><value>1</value></metric>",
+            "not well-formed",
+        ),
+    ],
+)
+def test_xml_metric_validation(output: bytes, problem: str | None) -> None:
+    """xml metrics: only <metric> elements valid against metric.dtd are inserted."""
+    found = XmlMetricValidator().problem(output)
+    if problem is None:
+        assert found is None
+        spec = MetricSpec("X", "xml", "host", "x", None)
+        assert render_value(spec, None, output + b" \n\n") == output.rstrip() + b"\n"
+    else:
+        assert found is not None and problem in found
+
+
+def test_order_host_first_reverse_config_vm_order_kept(golden: Path) -> None:
+    """Host metrics first, reverse config order; VM blocks in the order given."""
+    uri = f"test://{golden / 'upstream' / 'nodes' / 'node-10.xml'}"
+    vms = list(reversed(_vms(uri)))
+    config = load_config(golden / "upstream" / "configs" / "node10-64k.xml")
+    snapshot = _collect(config, vms, uri=uri)
+    assert [b.vm for b in snapshot.vms] == vms
+    root = parse_document(snapshot.document())
+    names = [m.findtext("name") for m in root.findall("metric")]
+    assert names[:4] == ["First", "Second", "Greeting", "Answer"]
+    assert names[4:] == ["VCpus", "Ident"] * 10
+    ids = [m.get("id") for m in root.findall("metric")][4::2]
+    assert ids == [str(vm.id) for vm in vms]
+    for block in snapshot.vms:
+        assert f"<value>{block.vm.name}-{block.vm.id}-{block.vm.uuid}</value>".encode() in block.xml
+        assert b"<name>VCpus</name>\n    <value>1</value>" in block.xml
+
+
+# --- pluggable sources ---------------------------------------------------------------
+
+
+class FileSource:
+    """A built-in source: the metric's action names a file whose content is the value."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def collect(self, metric: MetricSpec, vm: VM | None) -> bytes | None:
+        self.calls += 1
+        with open(metric.action.split(":", 1)[1], "rb") as fh:
+            return fh.read(255)
+
+
+class BrokenSource:
+    """A source with a bug: it raises."""
+
+    async def collect(self, metric: MetricSpec, vm: VM | None) -> bytes | None:
+        raise RuntimeError("bug")
+
+
+def test_pluggable_source_beside_shell(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A non-shell source serves some metrics; rendering and the rest are unchanged."""
+    (tmp_path / "value").write_bytes(b"a<b \n")
+    config = load_config(DATA / "injection.xml")
+    metrics = (
+        MetricSpec("Shell", "string", "host", "echo shell", None),
+        MetricSpec("Builtin", "string", "host", f"file:{tmp_path / 'value'}", "u"),
+        MetricSpec("Broken", "string", "host", "broken:", None),
+    )
+    config = Config(**{**config.__dict__, "metrics": metrics})
+    runner = ActionRunner(path=config.path)
+    files = FileSource()
+    registry = SourceRegistry(
+        ShellActionSource(runner, path=config.path),
+        [
+            (lambda m: m.action.startswith("file:"), files),
+            (lambda m: m.action.startswith("broken:"), BrokenSource()),
+        ],
+    )
+    with caplog.at_level(logging.ERROR):
+        snapshot = asyncio.run(collect(config, [], runner, sources=registry))
+    assert files.calls == 1
+    assert snapshot.host == (
+        b"  <metric type='string' context='host' unit='u'>\n"
+        b"    <name>Builtin</name>\n"
+        b"    <value>a&lt;b</value>\n"
+        b"  </metric>\n"
+        b"  <metric type='string' context='host'>\n"
+        b"    <name>Shell</name>\n"
+        b"    <value>shell</value>\n"
+        b"  </metric>\n"
+    )
+    assert any("metric Broken: the source failed" in r.getMessage() for r in caplog.records)
+
+
+def test_cut_utf8_sequence_trimmed(tmp_path: Path) -> None:
+    """A multi-byte character cut by the 255-byte cap is dropped, not the whole value."""
+    config = load_config(DATA / "injection.xml")
+    spec = MetricSpec(
+        "Cut", "string", "host", "printf 'a%.0s' $(seq 254); printf '\\303\\251'", None
+    )
+    config = Config(**{**config.__dict__, "metrics": (spec,)})
+    snapshot = _collect(config, [])
+    assert b"<value>" + b"a" * 254 + b"</value>" in snapshot.host
