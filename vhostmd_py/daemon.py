@@ -1,0 +1,474 @@
+"""The daemon's life: fixed-rate cycles, publishing, signals, reload.
+
+One asyncio loop runs everything (docs/DESIGN.md). Blocking libvirt calls go
+to one worker thread; actions are asyncio subprocesses owned by the runner;
+the vbd publish is a few pwrite() calls done inline, so a signal can never
+interleave with it and the disk is never left half written.
+
+Upstream differences (SPEC section 7, FACTS section 5), all deliberate:
+- upstream never sleeps with update_period 1 and sleeps whole seconds
+  otherwise; we start cycle k at t0 + k * period on a monotonic clock, and a
+  cycle that overruns is followed at once by the next one, re-anchoring the
+  schedule (no backlog, no burst of catch-up cycles);
+- upstream finishes the whole cycle after SIGTERM (525 s with 1000 VMs); we
+  cancel it, the runner kills the running actions, and we exit at once;
+- upstream has no SIGHUP handling; we reload the configuration and keep the
+  old one when the new one is invalid.
+
+What a reload applies: metrics, actions' PATH, update_period, transports, the
+disk (re-created when its path or size changed; the old one is closed with
+busy clear) and the virtio settings (the transport is restarted). What it
+cannot change: the command line (-c URI, -u USER, --jobs, --action-timeout),
+and after -u USER a new disk the unprivileged user may not create (then the
+whole new config is refused, logged, and the old one stays in force).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, List, Tuple, TypeVar
+
+from vhostmd_py.errors import ContentTooLargeError, VhostmdError
+from vhostmd_py.model import DOC_HEAD, DOC_TAIL, VM, Snapshot
+
+if TYPE_CHECKING:
+    from vhostmd_py.actions import ActionRunner
+    from vhostmd_py.config import Config
+    from vhostmd_py.libvirt_vms import LibvirtVMs
+    from vhostmd_py.mdisk import MetricsDisk
+    from vhostmd_py.virtio import VirtioServer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+# A libvirtd that accepts connections but never answers blocks libvirt-python
+# calls forever (no keepalive without a libvirt event loop). Past this many
+# seconds the cycle goes on without VMs, so host metrics are still published.
+LIBVIRT_TIMEOUT = 5.0
+# How long a cancelled cycle may take to wind down (children killed) before we
+# stop waiting for it: the whole stop must fit in 2 seconds (issue 3).
+CANCEL_GRACE = 1.2
+
+
+class BlockingWorker:
+    """One daemon thread running blocking calls (libvirt) for the event loop.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a
+    libvirt call stuck on a dead remote libvirtd would delay our exit past the
+    2-second stop promise. A daemon thread is simply abandoned.
+    """
+
+    def __init__(self, name: str = "vhostmd-libvirt") -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._started = False
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(*args) in the worker thread and await its result."""
+        if not self._started:
+            self._thread.start()
+            self._started = True
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((fn, args, loop, future))
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fn, args, loop, future = item
+            try:
+                result, error = fn(*args), None
+            except BaseException as err:
+                result, error = None, err
+            # RuntimeError: the loop is closed, nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def shutdown(self) -> None:
+        """Let the thread end after the calls already queued."""
+        self._queue.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _needs_vms(config: Config) -> bool:
+    return "virtio" in config.transports or any(m.context == "vm" for m in config.metrics)
+
+
+class Daemon:
+    """The metrics daemon: one Config, one libvirt URI, cycles until stopped.
+
+    Every OS boundary is injected: the config loader (reload), the disk
+    factory, the VM source factory, the action runner factory and the clock.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        uri: str | None,
+        runner_factory: Callable[[Config], ActionRunner],
+        config_loader: Callable[[str], Config] | None = None,
+        vms_factory: Callable[[str | None, bool], LibvirtVMs] | None = None,
+        disk_factory: Callable[[str, int], MetricsDisk] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        publish: bool = True,
+        use_virtio: bool = True,
+        libvirt_timeout: float = LIBVIRT_TIMEOUT,
+    ) -> None:
+        self.config = config
+        self.uri = uri
+        self._runner_factory = runner_factory
+        self._config_loader = config_loader
+        self._vms_factory = vms_factory
+        self._disk_factory = disk_factory
+        self._clock = clock
+        self._publish_enabled = publish
+        self._use_virtio = use_virtio
+        self._libvirt_timeout = libvirt_timeout
+        self._pending_list: asyncio.Future[List[VM]] | None = None
+        self._libvirt_stuck = False
+        self._runner = runner_factory(config)
+        self._vms: LibvirtVMs | None = None
+        self._disk: MetricsDisk | None = None
+        self._virtio: VirtioServer | None = None
+        self._worker = BlockingWorker()
+        self._stop: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._reload_requested = False
+        self.cycles = 0
+        self.last_snapshot: Snapshot | None = None
+        # Whether the last vbd publish succeeded (None: none attempted yet);
+        # --once turns a failure into a non-zero exit status.
+        self.last_publish_ok: bool | None = None
+        self._published_any = False
+
+    # --- start-up (synchronous, before privileges are dropped) ---------------
+
+    def open_disk(self) -> None:
+        """Create the metrics disk when vbd is configured (raises DiskError)."""
+        if self._publish_enabled and "vbd" in self.config.transports:
+            self._disk = self._create_disk(self.config)
+
+    def _create_disk(self, config: Config) -> MetricsDisk:
+        factory = self._disk_factory
+        if factory is None:
+            from vhostmd_py.mdisk import MetricsDisk
+
+            factory = MetricsDisk.create
+        # (config.py already warns about a disk too small for upstream's reader.)
+        disk = factory(config.disk_path, config.disk_size)
+        log.info("Using metrics disk path %s", config.disk_path)
+        log.info("Using metrics disk size %d", config.disk_size)
+        return disk
+
+    def _make_vms(self, config: Config) -> LibvirtVMs:
+        factory = self._vms_factory
+        if factory is None:
+            from vhostmd_py.libvirt_vms import LibvirtVMs
+
+            def factory(uri: str | None, want_channels: bool) -> LibvirtVMs:
+                return LibvirtVMs(uri, want_channels=want_channels)
+
+        return factory(self.uri, self._virtio_wanted(config))
+
+    def _virtio_wanted(self, config: Config) -> bool:
+        return self._use_virtio and self._publish_enabled and "virtio" in config.transports
+
+    # --- signals ---------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop as soon as possible (SIGTERM, SIGINT, SIGQUIT)."""
+        if self._stop is not None and not self._stop.is_set():
+            log.info("Stopping")
+            self._stop.set()
+            if self._wake is not None:
+                self._wake.set()
+
+    def request_reload(self) -> None:
+        """Reload the configuration before the next cycle (SIGHUP)."""
+        log.info("Reload requested")
+        self._reload_requested = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in STOP_SIGNALS:
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (*STOP_SIGNALS, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    # --- the loop ----------------------------------------------------------------
+
+    async def run(self, *, max_cycles: int | None = None, signals: bool = True) -> None:
+        """Run cycles until stopped (or MAX_CYCLES cycles), then release everything."""
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        if signals:
+            self._install_signals(loop)
+        try:
+            if _needs_vms(self.config):
+                self._vms = self._make_vms(self.config)
+            await self._start_virtio(self.config)
+            await self._loop(max_cycles)
+        finally:
+            if signals:
+                self._remove_signals(loop)
+            await self._shutdown()
+
+    async def _loop(self, max_cycles: int | None) -> None:
+        assert self._stop is not None and self._wake is not None
+        next_start = self._clock()
+        while not self._stop.is_set():
+            if self._reload_requested:
+                await self._reload()
+                next_start = self._clock()
+            started = self._clock()
+            if not await self._run_cycle():
+                return  # stopped while the cycle ran
+            self.cycles += 1
+            took = self._clock() - started
+            log.debug("cycle %d took %.3f s", self.cycles, took)
+            if max_cycles is not None and self.cycles >= max_cycles:
+                return
+            next_start += self.config.update_period
+            now = self._clock()
+            if next_start <= now:
+                # Overran: start the next cycle now and re-anchor the schedule,
+                # so a slow cycle never causes a burst of catch-up cycles.
+                log.debug("cycle overran its period by %.3f s", now - next_start)
+                next_start = now
+                continue
+            self._wake.clear()
+            if self._reload_requested:
+                continue  # SIGHUP arrived during the cycle: apply it now, not a period later
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), next_start - now)
+
+    async def _run_cycle(self) -> bool:
+        """One cycle, cancelled by a stop request; False when stopped."""
+        assert self._stop is not None
+        cycle = asyncio.ensure_future(self._cycle())
+        stopper = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait({cycle, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if not cycle.done():
+            cycle.cancel()
+            # The runner kills running actions on cancellation; bound the wait
+            # anyway so a child that ignores SIGKILL's reaping cannot hold us.
+            await asyncio.wait({cycle}, timeout=CANCEL_GRACE)
+            if not cycle.done():
+                log.warning("Cycle did not end %.1f s after cancellation", CANCEL_GRACE)
+            return False
+        error = cycle.exception()
+        if error is not None:
+            # A bug or an OS failure in one cycle must not stop metrics for good.
+            log.error("Metrics update failed: %s", error, exc_info=error)
+        return True
+
+    async def _cycle(self) -> None:
+        from vhostmd_py.collector import collect
+
+        config = self.config
+        vms: List[VM] = []
+        if self._vms is not None and _needs_vms(config):
+            vms = await self._list_vms(self._vms)
+        snapshot = await collect(config, vms, self._runner)
+        self.last_snapshot = snapshot
+        if not self._publish_enabled:
+            return
+        if self._disk is not None:
+            self._publish(self._disk, snapshot)
+        if self._virtio is not None:
+            self._virtio.update(snapshot)
+
+    async def _list_vms(self, source: LibvirtVMs) -> List[VM]:
+        """The running VMs, or [] when libvirt does not answer in time (logged once)."""
+        if self._pending_list is not None:
+            if not self._pending_list.done():
+                return []  # the worker is still stuck in the previous call
+            self._pending_list = None
+        future = asyncio.ensure_future(self._worker.call(source.list_running))
+        done, _ = await asyncio.wait({future}, timeout=self._libvirt_timeout)
+        if not done:
+            self._pending_list = future
+            # Retrieve the late result or error so asyncio does not warn about it.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            if not self._libvirt_stuck:
+                log.error(
+                    "libvirt at %s did not answer within %.0f s: publishing without VM metrics",
+                    self.uri or "(default URI)",
+                    self._libvirt_timeout,
+                )
+                self._libvirt_stuck = True
+            return []
+        if self._libvirt_stuck:
+            log.info("libvirt at %s answers again", self.uri or "(default URI)")
+            self._libvirt_stuck = False
+        return future.result()
+
+    def _publish(self, disk: MetricsDisk, snapshot: Snapshot) -> None:
+        content = snapshot.document()
+        self.last_publish_ok = False
+        try:
+            disk.publish(content)
+            self.last_publish_ok = True
+            self._published_any = True
+        except ContentTooLargeError as err:
+            # Upstream's wording, every cycle; the previous document stays readable.
+            log.error(
+                "Metrics data is larger than metrics disk (%d bytes, the disk holds %d)",
+                err.length,
+                err.capacity,
+            )
+            if not self._published_any:
+                # Nothing was ever published: the disk still has busy=1 from its
+                # creation, which hangs every upstream reader for as long as we run
+                # (upstream's own bug, FACTS section 2). An empty document clears it.
+                self._publish_empty(disk)
+        except VhostmdError as err:
+            log.error("Unable to publish metrics: %s", err)
+
+    def _publish_empty(self, disk: MetricsDisk) -> None:
+        try:
+            disk.publish(DOC_HEAD + DOC_TAIL)
+        except VhostmdError as err:
+            log.error("Unable to publish an empty metrics document: %s", err)
+        else:
+            self._published_any = True
+
+    # --- virtio ----------------------------------------------------------------
+
+    async def _start_virtio(self, config: Config) -> None:
+        if not self._virtio_wanted(config):
+            return
+        from vhostmd_py.virtio import VirtioServer
+
+        server = VirtioServer(config.virtio, clock=self._clock)
+        await server.start()
+        self._virtio = server
+        log.info(
+            "Activating virtio, using max_channels %d, expiration_time %d",
+            config.virtio.max_channels,
+            config.virtio.expiration_time,
+        )
+
+    async def _stop_virtio(self) -> None:
+        server, self._virtio = self._virtio, None
+        if server is not None:
+            await server.close()
+
+    # --- reload ------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """Apply a new config from the same file; keep the old one on any error."""
+        self._reload_requested = False
+        old = self.config
+        if self._config_loader is None:
+            log.warning("Reload requested but no configuration file to reload from")
+            return
+        try:
+            new = self._config_loader(old.file)
+        except VhostmdError as err:
+            log.error("Not reloading, keeping the previous configuration: %s", err)
+            return
+        if "xenstore" in new.transports:
+            log.error("Not reloading %s: no support for xenstore transport", new.file)
+            return
+        disk_changed = (new.disk_path, new.disk_size) != (old.disk_path, old.disk_size)
+        vbd = self._publish_enabled and "vbd" in new.transports
+        new_disk: MetricsDisk | None = None
+        if vbd and (self._disk is None or disk_changed):
+            try:
+                # May fail after -u USER when the new path needs root: keep the old.
+                new_disk = self._create_disk(new)
+            except VhostmdError as err:
+                log.error("Not reloading %s, keeping the previous configuration: %s", new.file, err)
+                return
+        if new_disk is not None or not vbd:
+            old_disk, self._disk = self._disk, new_disk if new_disk is not None else None
+            self._published_any = False
+            if old_disk is not None:
+                old_disk.close()
+        virtio_changed = self._virtio_wanted(new) != self._virtio_wanted(old) or (
+            self._virtio_wanted(new) and new.virtio != old.virtio
+        )
+        if virtio_changed:
+            await self._stop_virtio()
+        self.config = new
+        old_runner, self._runner = self._runner, self._runner_factory(new)
+        old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
+        if self._vms is not None and (not _needs_vms(new) or virtio_changed):
+            await self._close_vms()
+        if self._vms is None and _needs_vms(new):
+            self._vms = self._make_vms(new)
+        if virtio_changed:
+            try:
+                await self._start_virtio(new)
+            except (OSError, VhostmdError) as err:
+                log.error("Unable to restart the virtio transport: %s", err)
+        log.info("Reloaded configuration from %s", new.file)
+
+    # --- shutdown ----------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._stop_virtio()
+        except (OSError, VhostmdError) as err:
+            log.warning("Closing the virtio transport: %s", err)
+        await self._close_vms()
+        self._worker.shutdown()
+        # Kills and reaps any action a cancelled cycle left behind.
+        self._runner.close()
+        self.close_disk()
+
+    async def _close_vms(self) -> None:
+        vms, self._vms = self._vms, None
+        if vms is None:
+            return
+        if self._pending_list is not None and not self._pending_list.done():
+            return  # the worker is stuck in libvirt: abandon the connection
+        try:
+            await asyncio.wait_for(self._worker.call(vms.close), 0.5)
+        except (asyncio.TimeoutError, Exception) as err:
+            log.debug("closing libvirt: %r", err)
+
+    def close_disk(self) -> None:
+        """Close the disk (clears busy if nothing was ever published)."""
+        disk, self._disk = self._disk, None
+        if disk is not None:
+            disk.close()
+
+
+def describe_config(config: Config) -> Tuple[str, ...]:
+    """Upstream's -v start-up lines (disks/basic-1k.verbose-stdout.txt), for INFO logs."""
+    lines = [f"Number of metrics nodes: {len(config.metrics)}"]
+    for metric in config.metrics:
+        lines.append(f"Adding {metric.context} metric '{metric.name}'")
+        lines.append(f"\t action: {metric.action}")
+    lines.append(f"Using update period of {config.update_period} seconds")
+    return tuple(lines)

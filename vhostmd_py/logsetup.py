@@ -1,0 +1,52 @@
+"""Logging configuration, done once by the CLI.
+
+Upstream logs with vu_log(): syslog when daemonized, stderr in the
+foreground (-d), and -v adds informational lines. We keep the destinations;
+-v gives INFO and -vv DEBUG (per-cycle timing lines).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from typing import TextIO
+
+SYSLOG_ADDRESS = "/dev/log"
+IDENT = "vhostmd"
+
+
+def level_for(verbose: int) -> int:
+    """The root level for a -v count: 0 WARNING, 1 INFO, 2+ DEBUG."""
+    if verbose <= 0:
+        return logging.WARNING
+    return logging.INFO if verbose == 1 else logging.DEBUG
+
+
+def setup_logging(
+    *,
+    verbose: int,
+    to_syslog: bool,
+    syslog_address: str = SYSLOG_ADDRESS,
+    stream: TextIO | None = None,
+) -> logging.Handler:
+    """Send every vhostmd_py log record to syslog (daemon facility) or to STREAM."""
+    handler: logging.Handler
+    if to_syslog and os.path.exists(syslog_address):
+        handler = logging.handlers.SysLogHandler(
+            address=syslog_address, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        # syslog adds time and host; the ident makes `journalctl -t vhostmd` work.
+        handler.ident = f"{IDENT}[{os.getpid()}]: "
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{IDENT}: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level_for(verbose))
+    logging.captureWarnings(True)
+    return handler
