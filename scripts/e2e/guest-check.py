@@ -1,0 +1,215 @@
+"""Inside the full e2e guest: run our guest package against the real devices.
+
+Runs with the guest's Debian python3 (not the host's venv), with
+PYTHONPATH=/opt/vhostmd-py/src holding vhostmd_py (incl. the host-built abi3
+_mdisk extension) and vhostmd_guest. It only gathers evidence; the host test
+(tests/test_e2e_guest.py) does the assertions. Each record is printed to the
+serial console as `E2E-RESULT <tag> <base64 JSON>` so kernel messages cannot
+corrupt it unnoticed (a broken line fails to decode).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Dict, List
+
+TOOL = "/opt/vhostmd-py/bin/vm-dump-metrics"
+# Long enough for the host daemon to see both guests start (the other guest
+# boots in parallel under software emulation), short of the host's timeout.
+WAIT_BOTH_S = 150.0
+
+
+def emit(tag: str, obj: Any) -> None:
+    """Print one result record on the console."""
+    data = base64.b64encode(json.dumps(obj, default=repr).encode()).decode()
+    print(f"E2E-RESULT {tag} {data}", flush=True)
+
+
+def note(msg: str) -> None:
+    """Progress line on the console (not parsed)."""
+    print(f"E2E: {msg}", flush=True)
+
+
+def my_uuid() -> str:
+    """This VM's UUID as libvirt gave it to QEMU (SMBIOS type 1)."""
+    with open("/sys/class/dmi/id/product_uuid", encoding="ascii") as f:
+        return f.read().strip().lower()
+
+
+def run_tool(args: List[str], timeout: float = 30.0) -> Dict[str, Any]:
+    """Run vm-dump-metrics once; its exit code, stdout (base64) and stderr."""
+    t = time.monotonic()
+    try:
+        proc = subprocess.run([TOOL, *args], capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as err:
+        return {
+            "args": args,
+            "rc": None,
+            "timeout": True,
+            "stdout_b64": base64.b64encode(err.stdout or b"").decode(),
+            "stderr": (err.stderr or b"").decode(errors="replace"),
+            "seconds": time.monotonic() - t,
+        }
+    return {
+        "args": args,
+        "rc": proc.returncode,
+        "timeout": False,
+        "stdout_b64": base64.b64encode(proc.stdout).decode(),
+        "stderr": proc.stderr.decode(errors="replace"),
+        "seconds": time.monotonic() - t,
+    }
+
+
+def vm_uuids(doc: bytes) -> List[str]:
+    """Distinct uuid attributes in a metrics document."""
+    return sorted({m.decode() for m in re.findall(rb"uuid='([0-9a-f-]+)'", doc)})
+
+
+def until(args: List[str], ok: Any, deadline: float) -> Dict[str, Any]:
+    """Repeat a tool run until ok(stdout) or the deadline; the last run, with its attempt count."""
+    attempts = 0
+    while True:
+        attempts += 1
+        res = run_tool(args)
+        out = base64.b64decode(res["stdout_b64"])
+        if (res["rc"] == 0 and ok(out)) or time.monotonic() > deadline:
+            res["attempts"] = attempts
+            return res
+        time.sleep(1.0)
+
+
+def as_record(val: Any) -> Any:
+    """A JSON-able view of what the API returned."""
+    if hasattr(val, "raw_value") and hasattr(val, "value"):  # a Metric
+        return {
+            "name": val.name,
+            "type_name": val.type_name,
+            "context": int(val.context),
+            "raw_value": val.raw_value,
+            "value": val.value,
+            "value_type": type(val.value).__name__,
+            "unit": val.unit,
+            "vm_id": val.vm_id,
+            "vm_uuid": val.vm_uuid,
+        }
+    if dataclasses.is_dataclass(val) and not isinstance(val, type):
+        return dataclasses.asdict(val)
+    if isinstance(val, bytes):
+        return {"bytes_b64": base64.b64encode(val).decode()}
+    return val
+
+
+def libmetrics_calls() -> Dict[str, Any]:
+    """Call the libmetrics API the way an application in the guest would."""
+    out: Dict[str, Any] = {}
+
+    def record(key: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            val = fn(*args, **kwargs)
+            out[key] = {"ok": True, "value": as_record(val)}
+        except Exception as err:  # evidence for the host: record, don't stop
+            out[key] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+
+    try:
+        from vhostmd_guest import libmetrics
+        from vhostmd_guest.reader import MetricsReader, VirtioSource
+    except Exception:
+        out["import"] = {"ok": False, "error": traceback.format_exc()}
+        return out
+    out["import"] = {"ok": True}
+    host, vm = libmetrics.METRIC_CONTEXT_HOST, libmetrics.METRIC_CONTEXT_VM
+    names = [
+        ("E2EAnswer", host),
+        ("E2EHostTag", host),
+        ("TotalCPUTime", host),
+        ("E2EIdent", vm),
+        ("NumCPUs", vm),
+        ("TotalCPUTime", vm),
+        ("NoSuchMetric", host),
+    ]
+    # Default reader: the auto-discovered metrics disk (several VMs on it).
+    for name, ctx in names:
+        record(f"disk:{name}:{ctx.context_name}", libmetrics.get_metric, name, ctx)
+    for fn in (
+        "get_host_cpu_metrics",
+        "get_host_memory_metrics",
+        "get_vm_cpu_metrics",
+        "get_vm_memory_metrics",
+    ):
+        record(f"disk:{fn}", getattr(libmetrics, fn))
+    record("dump_metrics", libmetrics.dump_metrics, "/tmp/api-dump.xml")
+    # The same lookups over virtio-serial.
+    virtio = MetricsReader(VirtioSource())
+    for name, ctx in names:
+        record(f"virtio:{name}:{ctx.context_name}", libmetrics.get_metric, name, ctx, reader=virtio)
+    record("virtio:get_vm_cpu_metrics", libmetrics.get_vm_cpu_metrics, reader=virtio)
+    record("dump_virtio_metrics", libmetrics.dump_virtio_metrics, "/tmp/api-virtio.xml")
+    for path in ("/tmp/api-dump.xml", "/tmp/api-virtio.xml"):
+        try:
+            with open(path, "rb") as f:
+                out[f"file:{path}"] = base64.b64encode(f.read()).decode()
+        except OSError as err:
+            out[f"file:{path}"] = f"error: {err}"
+    return out
+
+
+def main() -> int:
+    """Gather the evidence and print it."""
+    info: Dict[str, Any] = {"python": sys.version, "argv0": sys.executable}
+    try:
+        info["uuid"] = my_uuid()
+    except OSError as err:
+        info["uuid_error"] = str(err)
+    try:
+        import vhostmd_py._mdisk as ext
+
+        info["mdisk_ext"] = {"ok": True, "file": ext.__file__}
+    except Exception:
+        info["mdisk_ext"] = {"ok": False, "error": traceback.format_exc()}
+    info["virtio_ports"] = (
+        sorted(os.listdir("/dev/virtio-ports")) if os.path.isdir("/dev/virtio-ports") else []
+    )
+    emit("info", info)
+    uuid = info.get("uuid", "")
+
+    deadline = time.monotonic() + WAIT_BOTH_S
+    # The disk carries every VM's metrics: wait until it shows this VM and
+    # another one, so the virtio isolation check below runs with both live.
+    note("waiting for the metrics disk to show two VMs")
+    res = until(
+        ["-b"],
+        lambda out: uuid.encode() in out and len(vm_uuids(out)) >= 2,
+        deadline,
+    )
+    emit("dump-b", res)
+    note(f"-b rc={res['rc']} attempts={res['attempts']}")
+
+    res = until(["-i"], lambda out: uuid.encode() in out, deadline)
+    emit("dump-i", res)
+    note(f"-i rc={res['rc']} attempts={res['attempts']}")
+
+    emit("dump-auto", run_tool([]))
+    res = run_tool(["-b", "-d", "/tmp/dest.xml"])
+    try:
+        with open("/tmp/dest.xml", "rb") as f:
+            res["dest_b64"] = base64.b64encode(f.read()).decode()
+    except OSError as err:
+        res["dest_error"] = str(err)
+    emit("dump-dest", res)
+    emit("dump-help", run_tool(["--help"]))
+
+    emit("libmetrics", libmetrics_calls())
+    note("guest-check done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

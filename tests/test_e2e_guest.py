@@ -1,0 +1,377 @@
+"""End to end with real guests: libvirtd + QEMU (TCG), our daemon on the host, our tools inside.
+
+`scripts/e2e-guest` installs what it needs, starts libvirtd, runs our daemon
+against qemu:///system with the vbd and virtio transports, and boots two
+guests: a Debian one that runs vm-dump-metrics -b/-i and the libmetrics API,
+and a busybox-only one that speaks to its virtio port with shell tools. The
+guests print their evidence on the serial console; the assertions are here.
+Skipped only when QEMU cannot be installed (exit 77 of the script).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import pytest
+from lxml import etree
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+FULL = "vhostmd-e2e-full"
+MINI = "vhostmd-e2e-mini"
+FULL_VCPUS = 2  # as scripts/e2e-guest defines them: the vm NumCPUs must tell them apart
+MINI_VCPUS = 1
+CHANNEL_DIR = "/var/lib/libvirt/qemu/channel/target"
+# Generous: a cold run (packages, kernel, debootstrap) takes about 2-5 minutes.
+SCRIPT_TIMEOUT_S = 1500
+HOST_VALUES = {
+    "E2EAnswer": ("int32", "42"),
+    "E2EHostTag": ("string", "e2e-host"),
+    "TotalPhyCPUs": ("uint32", "8"),
+    "NumCPUs": ("uint32", "7"),
+    "TotalCPUTime": ("real64", "1234.5"),
+    "TotalPhyMem": ("uint64", "4096"),
+    "UsedMem": ("uint64", "1000"),
+    "FreeMem": ("uint64", "3000"),
+    "PagedInMemory": ("uint64", "11"),
+    "PagedOutMemory": ("uint64", "12"),
+}
+
+
+def _parse(doc: bytes) -> Any:
+    """Parse a metrics document with a parser that resolves nothing."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+    return etree.fromstring(doc, parser)
+
+
+def _metrics(doc: bytes) -> List[Dict[str, str | None]]:
+    """The <metric> elements of a document as dicts."""
+    return [
+        {
+            "type": m.get("type"),
+            "context": m.get("context"),
+            "id": m.get("id"),
+            "uuid": m.get("uuid"),
+            "unit": m.get("unit"),
+            "name": m.findtext("name"),
+            "value": m.findtext("value"),
+        }
+        for m in _parse(doc).findall("metric")
+    ]
+
+
+def _results(console: Path) -> Dict[str, Any]:
+    """The E2E-RESULT records a guest printed on its serial console."""
+    out: Dict[str, Any] = {}
+    # The serial line discipline turns \n into \r\n.
+    for line in console.read_bytes().decode(errors="replace").splitlines():
+        line = line.strip("\r")
+        if not line.startswith("E2E-RESULT "):
+            continue
+        _, tag, data = line.split(" ", 2)
+        raw = base64.b64decode(data, validate=True)
+        out[tag] = raw if tag.startswith("mini-") else json.loads(raw)
+    return out
+
+
+def _stdout(rec: Dict[str, Any]) -> bytes:
+    """A tool run's stdout bytes."""
+    return base64.b64decode(rec["stdout_b64"])
+
+
+def _leftover_processes(out: Path) -> List[str]:
+    """What the run writing to OUT started and still runs: QEMU, our daemon, libvirtd, virtlogd."""
+    left = []
+    started = out / "started-pids"
+    pids = started.read_text().split() if started.exists() else []
+    names = dict(zip(pids[1::2], pids[0::2]))  # pid -> what
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # Other runs (another pytest session) use other OUT directories; a
+        # recorded pid counts only while it still runs the same program.
+        what = names.get(pid)
+        if str(out) in cmd or (what is not None and what in cmd):
+            left.append(f"{pid}: {cmd[:200]}")
+    return left
+
+
+def _out_dir(workdir: Path, tag: str) -> Path:
+    """A results directory for this pytest process; those of finished sessions are removed."""
+    for old in workdir.glob("pytest-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    out = workdir / f"pytest-{os.getpid()}-{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
+    """Run scripts/e2e-guest once; its output dir, the domains it ran, its timings."""
+    workdir = Path(os.environ.get("VHOSTMD_E2E_WORKDIR", "/var/tmp/vhostmd-e2e"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = _out_dir(workdir, "run")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(repo_root / "scripts" / "e2e-guest"),
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+            "--python",
+            sys.executable,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, not SIGKILL: the script's trap destroys the guests and
+        # stops the daemons it started.
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=120)
+        pytest.fail(f"scripts/e2e-guest did not finish in {SCRIPT_TIMEOUT_S} s:\n{stderr[-6000:]}")
+    wall = time.monotonic() - t0
+    if proc.returncode == 77:
+        skips = [ln.split("SKIP: ", 1)[1] for ln in stderr.splitlines() if "SKIP: " in ln]
+        reason = skips[-1] if skips else "no reason given"
+        pytest.skip(f"QEMU/libvirt cannot be installed here: {reason}")
+    assert proc.returncode == 0, f"scripts/e2e-guest failed ({proc.returncode}):\n{stderr[-6000:]}"
+    left = _leftover_processes(out)
+    assert not left, f"left running after the script: {left}"
+    timings = {}
+    for line in (out / "timings.txt").read_text().splitlines():
+        step, seconds = line.split()
+        timings[step] = float(seconds)
+    timings["pytest-wall"] = wall
+    sys.stderr.write(f"\ne2e timings (s): {json.dumps(timings)}\n")
+    domains = json.loads((out / "domains.json").read_text())
+    return out, domains, timings
+
+
+@pytest.fixture(scope="module")
+def full(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> Dict[str, Any]:
+    """The full guest's records."""
+    return _results(e2e_run[0] / f"{FULL}-console.log")
+
+
+@pytest.fixture(scope="module")
+def mini(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> Dict[str, Any]:
+    """The minimal guest's records."""
+    return _results(e2e_run[0] / f"{MINI}-console.log")
+
+
+def _ident(domains: Dict[str, Any], name: str) -> str:
+    """What `echo NAME-VMID-UUID` must give for a domain."""
+    d = domains[name]
+    return f"{name}-{d['id']}-{d['uuid']}"
+
+
+def _assert_host_metrics(doc: bytes) -> None:
+    """Every deterministic host metric is there with its type and value."""
+    host = {m["name"]: m for m in _metrics(doc) if m["context"] == "host"}
+    for name, (typ, value) in HOST_VALUES.items():
+        assert name in host, f"host metric {name} missing"
+        assert (host[name]["type"], host[name]["value"]) == (typ, value)
+    assert host["TotalPhyMem"]["unit"] == "MiB"
+    assert host["TotalCPUTime"]["unit"] == "s"
+
+
+def _assert_vm_block(doc: bytes, domains: Dict[str, Any], name: str, vcpus: int) -> None:
+    """This domain's vm metrics are there, tagged with its id and UUID, with real values."""
+    d = domains[name]
+    vm = {m["name"]: m for m in _metrics(doc) if m["context"] == "vm" and m["uuid"] == d["uuid"]}
+    assert set(vm) == {"E2EIdent", "NumCPUs", "TotalCPUTime"}, vm
+    for m in vm.values():
+        assert m["id"] == str(d["id"])
+    assert vm["E2EIdent"]["value"] == _ident(domains, name)
+    assert vm["NumCPUs"]["type"] == "uint32"
+    assert int(vm["NumCPUs"]["value"] or "") == vcpus == d["vcpus"]
+    assert vm["TotalCPUTime"]["type"] == "real64"
+    # libvirt's CPU time of a guest that has been booting under TCG.
+    assert 0.0 < float(vm["TotalCPUTime"]["value"] or "") < 3600.0
+
+
+def test_domains_run_with_channel(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> None:
+    """libvirt ran both domains with the vhostmd channel where our daemon looks."""
+    _, domains, _ = e2e_run
+    assert domains[FULL]["vcpus"] == FULL_VCPUS and domains[MINI]["vcpus"] == MINI_VCPUS
+    for name, d in domains.items():
+        assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", d["uuid"])
+        assert d["channel"] == f"{CHANNEL_DIR}/domain-{d['id']}-{name}/org.github.vhostmd.1"
+
+
+def test_guest_runs_our_package(full: Dict[str, Any], e2e_run: Any) -> None:
+    """The guest's Debian python3 loads our package and the host-built C extension."""
+    info = full["info"]
+    assert info["python"].startswith("3."), info
+    assert info["mdisk_ext"]["ok"], info["mdisk_ext"]
+    assert info["uuid"] == e2e_run[1][FULL]["uuid"]
+    assert info["virtio_ports"] == ["org.github.vhostmd.1"]
+
+
+def test_vbd_dump_has_host_and_both_vms(full: Dict[str, Any], e2e_run: Any) -> None:
+    """vm-dump-metrics -b: the whole disk document, host metrics and every VM's own."""
+    rec = full["dump-b"]
+    assert rec["rc"] == 0, rec["stderr"]
+    doc = _stdout(rec)
+    assert doc.startswith(b"<metrics>\n") and doc.endswith(b"</metrics>\n")
+    _assert_host_metrics(doc)
+    _assert_vm_block(doc, e2e_run[1], FULL, FULL_VCPUS)
+    _assert_vm_block(doc, e2e_run[1], MINI, MINI_VCPUS)
+
+
+def test_virtio_dump_has_only_this_vm(full: Dict[str, Any], e2e_run: Any) -> None:
+    """vm-dump-metrics -i: host metrics and this VM's, never the other guest's."""
+    rec = full["dump-i"]
+    assert rec["rc"] == 0, rec["stderr"]
+    reply = _stdout(rec)
+    assert reply.startswith(b"<metrics>\n") and reply.endswith(b"</metrics>\n\n")
+    _assert_host_metrics(reply)
+    _assert_vm_block(reply, e2e_run[1], FULL, FULL_VCPUS)
+    assert e2e_run[1][MINI]["uuid"].encode() not in reply
+    assert {m["uuid"] for m in _metrics(reply) if m["context"] == "vm"} == {
+        e2e_run[1][FULL]["uuid"]
+    }
+
+
+def test_minimal_guest_virtio_isolation(mini: Dict[str, Any], e2e_run: Any) -> None:
+    """The busybox guest's virtio reply has its own metrics only, while the disk shows both VMs."""
+    domains = e2e_run[1]
+    reply = mini["mini-virtio"]
+    assert reply.startswith(b"<metrics>\n") and reply.endswith(b"</metrics>\n")
+    _assert_host_metrics(reply)
+    _assert_vm_block(reply, domains, MINI, MINI_VCPUS)
+    assert domains[FULL]["uuid"].encode() not in reply
+    disk = mini["mini-disk"]
+    _assert_vm_block(disk, domains, FULL, FULL_VCPUS)
+    _assert_vm_block(disk, domains, MINI, MINI_VCPUS)
+
+
+def test_default_source_and_dest_file(full: Dict[str, Any], e2e_run: Any) -> None:
+    """No source flag reads the disk; -d writes the document to the file, not stdout."""
+    auto = full["dump-auto"]
+    assert auto["rc"] == 0, auto["stderr"]
+    _assert_vm_block(_stdout(auto), e2e_run[1], MINI, MINI_VCPUS)
+    dest = full["dump-dest"]
+    assert dest["rc"] == 0 and dest["stdout_b64"] == "", dest
+    doc = base64.b64decode(dest["dest_b64"])
+    _assert_host_metrics(doc)
+    _assert_vm_block(doc, e2e_run[1], FULL, FULL_VCPUS)
+    assert full["dump-help"]["rc"] == 2
+
+
+def test_libmetrics_api(full: Dict[str, Any], e2e_run: Any) -> None:
+    """get_metric and the record fillers give typed values, this VM's over disk and virtio."""
+    api = full["libmetrics"]
+    assert api["import"]["ok"], api["import"]
+    me = e2e_run[1][FULL]
+    for src in ("disk", "virtio"):
+        got = {k.split(":", 1)[1]: v for k, v in api.items() if k.startswith(src + ":")}
+        assert got["E2EAnswer:host"]["value"]["value"] == 42
+        assert got["E2EAnswer:host"]["value"]["value_type"] == "int"
+        assert got["E2EHostTag:host"]["value"]["value"] == "e2e-host"
+        assert got["TotalCPUTime:host"]["value"]["value"] == 1234.5
+        ident = got["E2EIdent:vm"]["value"]
+        # The disk holds two VMs: the lookup must pick this one by its UUID.
+        assert ident["value"] == _ident(e2e_run[1], FULL)
+        assert ident["vm_uuid"] == me["uuid"] and ident["vm_id"] == me["id"]
+        assert got["NumCPUs:vm"]["value"]["value"] == FULL_VCPUS
+        assert isinstance(got["TotalCPUTime:vm"]["value"]["value"], float)
+        assert got["TotalCPUTime:vm"]["value"]["value"] > 0
+        assert not got["NoSuchMetric:host"]["ok"]
+        assert "NotFound" in got["NoSuchMetric:host"]["error"]
+        vm_cpu = got["get_vm_cpu_metrics"]["value"]
+        assert vm_cpu["num_phys_cpus_utilized"] == FULL_VCPUS
+        assert vm_cpu["total_cpu_time"] > 0
+    assert api["disk:get_host_cpu_metrics"]["value"] == {
+        "total_phys_cpus": 8,
+        "num_phys_cpus_utilized": 7,
+        "total_cpu_time": 1234.5,
+    }
+    assert api["disk:get_host_memory_metrics"]["value"] == {
+        "total_physical_memory": 4096,
+        "used_physical_memory": 1000,
+        "free_physical_memory": 3000,
+        "paged_out_memory": 12,
+        "paged_in_memory": 11,
+        "page_in_rate": None,
+        "page_fault_rate": None,
+    }
+    dumped = base64.b64decode(api["dump_metrics"]["value"]["bytes_b64"])
+    assert base64.b64decode(api["file:/tmp/api-dump.xml"]) == dumped
+    _assert_vm_block(dumped, e2e_run[1], MINI, MINI_VCPUS)
+    vreply = base64.b64decode(api["file:/tmp/api-virtio.xml"])
+    _assert_vm_block(vreply, e2e_run[1], FULL, FULL_VCPUS)
+    assert e2e_run[1][MINI]["uuid"].encode() not in vreply
+
+
+def test_daemon_stopped_cleanly(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> None:
+    """Our daemon ran against qemu:///system without errors and exited 0 on SIGTERM."""
+    out = e2e_run[0]
+    assert (out / "daemon.exit").read_text().strip() == "0"
+    log = (out / "daemon.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "Activating virtio" in log
+
+
+def test_interrupted_run_leaves_nothing(
+    repo_root: Path, e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """SIGTERM while the guests run: the trap destroys them and stops everything it started."""
+    workdir = e2e_run[0].parent  # caches are warm after the first run
+    out = _out_dir(workdir, "interrupted")
+    proc = subprocess.Popen(
+        [
+            "bash",
+            str(repo_root / "scripts" / "e2e-guest"),
+            "--workdir",
+            str(workdir),
+            "--out",
+            str(out),
+            "--python",
+            sys.executable,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        # domains.json is written once both guests run.
+        while not (out / "domains.json").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the guests never started"
+            time.sleep(0.2)
+        running = _leftover_processes(out)
+        assert any(FULL in p for p in running) and any(MINI in p for p in running), running
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "cleanup done" in stderr
+    left = _leftover_processes(out)
+    assert not left, f"left running after SIGTERM: {left}"
+    assert not Path("/dev/shm/vhostmd-e2e").exists()
