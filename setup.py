@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build_mdisk.py:ffibuilder"])
+setup(cffi_modules=["csrc/build_mdisk.py:ffibuilder", "csrc/build_runner.py:ffibuilder"])

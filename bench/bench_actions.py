@@ -1,30 +1,32 @@
-"""Micro-benchmark of action spawning: how cheaply can we run N `sh -c 'echo ...'`?
+"""Benchmark of the action hot path: how cheaply can we run N `sh -c 'echo ...'`?
 
 Compares, on the same N actions (default 3000 = perf-echo3 x 1000 domains):
 - asyncio: asyncio.create_subprocess_exec + communicate() (the obvious way);
-- inline:  ActionRunner(spawn_threads=0): os.posix_spawn on the loop thread;
-- threads: ActionRunner() default: glibc posix_spawn via ctypes in worker threads
-           (releases the GIL, so several execs overlap with the event loop);
-- serial:  ActionRunner(max_concurrency=1), one after another like upstream.
-Rounds are interleaved so machine noise hits every variant alike; the table
-gives medians over rounds of wall time, our process's CPU and the children's
-CPU. Optionally (--cycle) also one collect() of perf-echo3 x node-1000 and
-perf-virsh1 x node-100 (the daemon's targets: 1.5 s and 4.5 s).
+- C batch: ActionRunner as shipped (csrc/runner.c: posix_spawn + one poll()
+           loop per batch in a worker thread, GIL released), default concurrency;
+- C serial: the same with max_concurrency=1, one after another like upstream;
+- with --old FILE: a previous vhostmd_py/actions.py (e.g. the asyncio + ctypes
+           runner, `git show <rev>:vhostmd_py/actions.py > /tmp/old_actions.py`),
+           loaded beside the package, default concurrency and serial.
+Rounds are interleaved so machine noise hits every variant alike; the tables
+give medians over rounds of wall time, our process's CPU and the children's
+CPU. --cycle also measures collect() of perf-echo3 x node-1000 (target 1.5 s,
+upstream 3.09 s) and perf-virsh1 x node-100 (upstream 7.61 s) per variant.
 
-Run: .venv/bin/python bench/bench_actions.py [-n 3000] [--rounds 3] [--cycle]
+Run: .venv/bin/python bench/bench_actions.py [-n 3000] [--rounds 3] [--cycle] [--old FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
+import importlib.util
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Awaitable, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -32,10 +34,28 @@ sys.path.insert(0, str(REPO))
 from vhostmd_py.actions import ActionRunner  # noqa: E402
 
 PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
+NODES = REPO.parent / "shared/golden/upstream/nodes"
+CONFIGS = REPO.parent / "shared/golden/upstream/configs"
+CYCLES = (
+    ("perf-echo3.xml", "node-1000.xml", 3.09),
+    ("perf-virsh1.xml", "node-100.xml", 7.61),
+)
+
+Measure = Tuple[float, float, float]  # wall, our CPU, children CPU
 
 
-async def _asyncio_variant(n: int, concurrency: int) -> None:
-    sem = asyncio.Semaphore(concurrency)
+def _load_old(path: Path) -> Any:
+    """A previous actions.py as module vhostmd_py._bench_old_actions (same package)."""
+    spec = importlib.util.spec_from_file_location("vhostmd_py._bench_old_actions", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def _asyncio_variant(n: int) -> None:
+    sem = asyncio.Semaphore(ActionRunner().max_concurrency)
     env = dict(os.environ, PATH=PATH)
 
     async def one(i: int) -> bytes:
@@ -57,24 +77,7 @@ async def _asyncio_variant(n: int, concurrency: int) -> None:
     assert outs[7] == b"vm7-7\n"
 
 
-def _runner_variant(**kwargs: int) -> Callable[[int, int], Awaitable[None]]:
-    async def run(n: int, concurrency: int) -> None:
-        opts = {"max_concurrency": concurrency, **kwargs}
-        runner = ActionRunner(path=PATH, **opts)  # type: ignore[arg-type]
-        try:
-            results = await asyncio.gather(*(runner.run(f"echo vm{i}-{i}") for i in range(n)))
-        finally:
-            runner.close()
-        assert results[7].ok and results[7].stdout == b"vm7-7\n"
-
-    return run
-
-
-def _drive(fn: Callable[[int, int], Awaitable[None]], n: int, concurrency: int) -> None:
-    asyncio.run(fn(n, concurrency))  # type: ignore[arg-type]
-
-
-def _measure(fn: Callable[[], None]) -> Tuple[float, float, float]:
+def _measure(fn: Callable[[], object]) -> Measure:
     t0, c0 = time.perf_counter(), os.times()
     fn()
     t1, c1 = time.perf_counter(), os.times()
@@ -83,58 +86,57 @@ def _measure(fn: Callable[[], None]) -> Tuple[float, float, float]:
     return t1 - t0, own, children
 
 
-def _cycle(node: Path, config_name: str) -> Tuple[float, float, float, int]:
+def _echo(factory: Callable[[], Any], n: int) -> Callable[[], None]:
+    def go() -> None:
+        runner = factory()
+
+        async def main() -> None:
+            results = await asyncio.gather(*(runner.run(f"echo vm{i}-{i}") for i in range(n)))
+            assert results[7].ok and results[7].stdout == b"vm7-7\n"
+
+        try:
+            asyncio.run(main())
+        finally:
+            runner.close()
+
+    return go
+
+
+def _vms(node: Path) -> List[Any]:
     import libvirt
 
-    from vhostmd_py.collector import collect
-    from vhostmd_py.config import load_config
     from vhostmd_py.model import VM
 
+    conn = libvirt.open(f"test://{node}")
+    try:
+        return [
+            VM(d.ID(), d.name(), d.UUIDString())
+            for d in (conn.lookupByID(i) for i in conn.listDomainsID())
+        ]
+    finally:
+        conn.close()
+
+
+def _cycle(factory: Callable[..., Any], config_name: str, node: Path) -> Callable[[], int]:
+    from vhostmd_py.collector import collect
+    from vhostmd_py.config import load_config
+
+    config = load_config(CONFIGS / config_name)
+    vms = _vms(node)
     uri = f"test://{node}"
-    conn = libvirt.open(uri)
-    vms = [
-        VM(d.ID(), d.name(), d.UUIDString())
-        for d in (conn.lookupByID(i) for i in conn.listDomainsID())
-    ]
-    config = load_config(REPO.parent / "shared/golden/upstream/configs" / config_name)
-    runner = ActionRunner(path=config.path, uri=uri)
-    size = 0
 
-    def run() -> None:
-        nonlocal size
-        size = len(asyncio.run(collect(config, vms, runner)).document())
+    def go() -> int:
+        runner = factory(path=config.path, uri=uri)
+        try:
+            return len(asyncio.run(collect(config, vms, runner)).document())
+        finally:
+            runner.close()
 
-    wall, own, children = _measure(run)
-    runner.close()
-    return wall, own, children, size
+    return go
 
 
-def main() -> None:
-    """Entry point."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-n", type=int, default=3000, help="actions per round")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, default=None, help="default: the runner's")
-    ap.add_argument("--serial", action="store_true", help="also run the serial variant")
-    ap.add_argument("--cycle", action="store_true", help="also one collect() per perf config")
-    args = ap.parse_args()
-    concurrency = args.concurrency or ActionRunner().max_concurrency
-    variants: Dict[str, Callable[[int, int], Awaitable[None]]] = {
-        "asyncio subprocess": _asyncio_variant,
-        "ActionRunner inline os.posix_spawn": _runner_variant(spawn_threads=0),
-        "ActionRunner threads (default)": _runner_variant(),
-    }
-    if args.serial:
-        variants["ActionRunner serial (max_concurrency=1)"] = _runner_variant()
-    results: Dict[str, List[Tuple[float, float, float]]] = {k: [] for k in variants}
-    for _ in range(args.rounds):
-        for name, fn in variants.items():
-            conc = 1 if "serial" in name else concurrency
-            results[name].append(_measure(functools.partial(_drive, fn, args.n, conc)))
-    print(
-        f"{args.n} actions `sh -c 'echo ...'`, concurrency {concurrency}, "
-        f"{os.cpu_count()} CPUs, median of {args.rounds} interleaved rounds\n"
-    )
+def _table(title: str, results: Dict[str, List[Measure]], per: int) -> Dict[str, float]:
+    print(f"\n{title}\n")
     print("| variant | wall (s) | our CPU (s) | children CPU (s) | our CPU per action (us) |")
     print("|---|---|---|---|---|")
     med: Dict[str, float] = {}
@@ -143,24 +145,80 @@ def main() -> None:
         own = statistics.median(r[1] for r in rows)
         kids = statistics.median(r[2] for r in rows)
         med[name] = wall
-        print(f"| {name} | {wall:.3f} | {own:.3f} | {kids:.3f} | {own / args.n * 1e6:.0f} |")
-    base = med["asyncio subprocess"]
+        print(f"| {name} | {wall:.3f} | {own:.3f} | {kids:.3f} | {own / per * 1e6:.0f} |")
+    return med
+
+
+def main() -> None:
+    """Entry point."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("-n", type=int, default=3000, help="actions per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cycle", action="store_true", help="also collect() of the perf configs")
+    ap.add_argument("--old", type=Path, default=None, help="a previous actions.py to compare")
+    args = ap.parse_args()
+
+    def make(cls: Any, **fixed: Any) -> Callable[..., Any]:
+        return lambda **kw: cls(**{"path": PATH, **fixed, **kw})
+
+    factories: Dict[str, Callable[..., Any]] = {
+        "C batch (default concurrency)": make(ActionRunner),
+        "C serial (max_concurrency=1)": make(ActionRunner, max_concurrency=1),
+    }
+    old: Any | None = _load_old(args.old) if args.old else None
+    if old is not None:
+        factories["old asyncio+ctypes (default)"] = make(old.ActionRunner)
+        factories["old serial (max_concurrency=1)"] = make(old.ActionRunner, max_concurrency=1)
+
+    echo: Dict[str, List[Measure]] = {"asyncio subprocess": []}
+    echo.update({k: [] for k in factories})
+    cycles: Dict[str, Dict[str, List[Measure]]] = {c[0]: {k: [] for k in factories} for c in CYCLES}
+    sizes: Dict[str, int] = {}
+    for _ in range(args.rounds):
+        echo["asyncio subprocess"].append(_measure(lambda: asyncio.run(_asyncio_variant(args.n))))
+        for name, factory in factories.items():
+            echo[name].append(_measure(_echo(factory, args.n)))
+        if args.cycle:
+            for config_name, node, _up in CYCLES:
+                for name, factory in factories.items():
+                    go = _cycle(factory, config_name, NODES / node)
+                    size = 0
+
+                    def run(go: Callable[[], int] = go) -> None:
+                        nonlocal size
+                        size = go()
+
+                    cycles[config_name][name].append(_measure(run))
+                    if sizes.setdefault(config_name, size) != size:
+                        raise SystemExit(f"{name}: {config_name} document size differs")
+
+    load = os.getloadavg()
+    print(
+        f"{args.n} actions `sh -c 'echo ...'`, default concurrency "
+        f"{ActionRunner().max_concurrency}, {os.cpu_count()} CPUs, median of {args.rounds} "
+        f"interleaved rounds, load average at the end {load[0]:.2f} {load[1]:.2f}"
+    )
+    med = _table("N echo actions", echo, args.n)
+    base = med["C batch (default concurrency)"]
     print("\n| ratio (same run) | value |\n|---|---|")
     for name, wall in med.items():
-        if name != "asyncio subprocess":
-            print(f"| asyncio wall / {name} wall | {base / wall:.2f} |")
+        if name != "C batch (default concurrency)":
+            print(f"| {name} wall / C batch wall | {wall / base:.2f} |")
     if args.cycle:
-        nodes = REPO.parent / "shared/golden/upstream/nodes"
-        for config_name, node, upstream in (
-            ("perf-echo3.xml", "node-1000.xml", 3.09),
-            ("perf-virsh1.xml", "node-100.xml", 7.61),
-        ):
-            wall, own, kids, size = _cycle(nodes / node, config_name)
-            print(
-                f"\ncollect() {config_name} x {node}: wall {wall:.3f} s, our CPU {own:.3f} s, "
-                f"children CPU {kids:.3f} s, document {size} bytes "
-                f"(upstream median cycle {upstream} s, FACTS section 6)"
+        for config_name, node, upstream in CYCLES:
+            actions = 3000 if node == "node-1000.xml" else 100
+            cmed = _table(
+                f"collect() {config_name} x {node} ({actions} actions, document "
+                f"{sizes[config_name]} bytes; upstream median cycle {upstream} s)",
+                cycles[config_name],
+                actions,
             )
+            cbase = cmed["C batch (default concurrency)"]
+            print("\n| ratio (same run) | value |\n|---|---|")
+            print(f"| upstream {upstream} s / C batch wall | {upstream / cbase:.2f} |")
+            for name, wall in cmed.items():
+                if name != "C batch (default concurrency)":
+                    print(f"| {name} wall / C batch wall | {wall / cbase:.2f} |")
 
 
 if __name__ == "__main__":

@@ -13,22 +13,26 @@ in (found by a small lexer of the action text); when the lexer cannot be sure
 of the context (command substitution, backticks, here-documents, comments,
 after a backslash, unbalanced quotes) the metric is refused for that VM.
 
-Running: each action is ``posix_spawn("/bin/sh", ["sh", "-c", cmd])`` in its
-own session (so a timeout or a stop kills the whole process tree with one
-``killpg``), stdin ``/dev/null``, stdout and stderr raw non-blocking pipes
-watched by the event loop; the spawn itself runs in a few worker threads
-(see _LibcSpawner). bench/bench_actions.py, 3000 `echo` actions on 2 cores:
-asyncio's subprocess machinery took 3.1x the wall time and 1.8x our CPU per
-action. The environment is the daemon's with PATH replaced by the config's
-``<path>`` (upstream setenv()s PATH in its own environment before popen()).
+Running (csrc/runner.c, through the cffi module vhostmd_py._runner, imported
+only here): each action is ``posix_spawn("/bin/sh", ["sh", "-c", cmd])`` in
+its own session (so a timeout or a stop kills the whole process tree with one
+``killpg``), SIGPIPE/SIGXFSZ at their defaults, stdin ``/dev/null``, stdout and
+stderr pipes watched by one poll() loop per batch in a worker thread, the GIL
+released. WHY: with one real shell per metric per VM (3000 per cycle for
+perf-echo3 x 1000 domains) the children alone need most of 2 cores; the
+earlier asyncio + ctypes path spent ~450 us of our CPU per action on top and
+missed the 1.5 s cycle target (bench/README.md, Actions). The environment is
+the daemon's with PATH replaced by the config's ``<path>`` (upstream
+setenv()s PATH in its own environment before popen()).
 
 Done when: both pipes are closed and the shell is reaped. Failures (exit
 status != 0, signal, timeout, output over ``max_output``, cancellation) make
 the metric absent for the cycle (upstream leaves out a metric whose action
-fails). Bounds: ``timeout`` per action (then SIGKILL to the process group;
-after ``KILL_GRACE`` more seconds we stop waiting for the pipes), only the
-first ``cap`` bytes of stdout and ``stderr_cap`` bytes of stderr are kept, and
-at most ``max_output`` bytes are read from either before the action is killed.
+fails). Bounds: ``timeout`` per action from its spawn (then SIGKILL to the
+process group; after ``kill_grace`` more seconds we stop waiting for the
+pipes), only the first ``cap`` bytes of stdout and ``stderr_cap`` bytes of
+stderr are kept, and at most ``max_output`` bytes are read from either before
+the action is killed; at most ``max_concurrency`` actions run at once.
 """
 
 from __future__ import annotations
@@ -36,18 +40,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
 import logging
+import math
 import os
 import re
 import shlex
 import signal
+import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Set, Tuple
+from typing import Any, Dict, List, Mapping, Set, Tuple
 
+from ._runner import ffi, lib
 from .errors import ActionError
 from .model import VM
 
@@ -65,9 +71,14 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 DEFAULT_STDERR_CAP = 4096
 # After SIGKILL, how long we wait for the pipes to close before giving up.
 KILL_GRACE = 2.0
+# A cancelled run() waits at most this long for its child to be killed and
+# reaped (the daemon allows a cancelled cycle 1.2 s: daemon.CANCEL_GRACE).
+CANCEL_WAIT = 1.0
+# ... of which at most this long blocking the loop, for all the actions one
+# cancellation burst ends together (the stop path only).
+CANCEL_SPIN = 0.05
 DEFAULT_SHELL = "/bin/sh"
 DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
-_READ_CHUNK = 65536
 
 
 def default_concurrency() -> int:
@@ -320,293 +331,138 @@ class ActionResult:
         return None
 
 
-class _Proc:
-    """Book-keeping for one running child (callbacks run on the loop)."""
-
-    __slots__ = (
-        "cancelled",
-        "cap",
-        "err",
-        "err_fd",
-        "err_len",
-        "future",
-        "killed",
-        "open_fds",
-        "out",
-        "out_fd",
-        "out_len",
-        "overflow",
-        "pid",
-        "pidfd",
-        "runner",
-        "timed_out",
-    )
-
-    def __init__(self, runner: ActionRunner, pid: int, out_fd: int, err_fd: int, cap: int) -> None:
-        self.runner = runner
-        self.pid = pid
-        self.out_fd = out_fd
-        self.err_fd = err_fd
-        self.cap = cap
-        self.out: List[bytes] = []
-        self.err: List[bytes] = []
-        self.out_len = 0
-        self.err_len = 0
-        self.open_fds = 2
-        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.timed_out = False
-        self.overflow = False
-        self.cancelled = False
-        self.killed = False
-        self.pidfd = -1
-
-    def on_readable(self, fd: int) -> None:
-        try:
-            data = os.read(fd, _READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(fd)
-            self.open_fds -= 1
-            if self.open_fds == 0:
-                self._outputs_closed()
-            return
-        if fd == self.out_fd:
-            if self.out_len < self.cap:
-                self.out.append(data)
-            self.out_len += len(data)
-            total = self.out_len
-        else:
-            if self.err_len < self.runner.stderr_cap:
-                self.err.append(data)
-            self.err_len += len(data)
-            total = self.err_len
-        if total > self.runner.max_output and not self.killed:
-            self.overflow = True
-            self.kill()
-
-    def _outputs_closed(self) -> None:
-        # Both pipes closed: the shell has (almost always) exited.
-        if self.runner._reap(self):
-            self._finish()
-            return
-        pidfd_open = getattr(os, "pidfd_open", None)
-        loop = asyncio.get_running_loop()
-        if pidfd_open is not None:
-            try:
-                self.pidfd = pidfd_open(self.pid)
-            except OSError:
-                self.pidfd = -1
-            if self.pidfd >= 0:
-                loop.add_reader(self.pidfd, self._on_exit)
-                return
-        loop.call_later(0.01, self._outputs_closed)
-
-    def _on_exit(self) -> None:
-        asyncio.get_running_loop().remove_reader(self.pidfd)
-        os.close(self.pidfd)
-        self.pidfd = -1
-        self.runner._reap(self)
-        self._finish()
-
-    def _give_up(self) -> None:
-        if self.future.done():
-            return
-        log.warning(
-            "child %d still holds its output %.0f s after SIGKILL; abandoning it",
-            self.pid,
-            KILL_GRACE,
-        )
-        if not self.runner._reap(self):
-            self.runner._unreaped.add(self.pid)
-        self._finish()
-
-    def _finish(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-    def on_timeout(self) -> None:
-        if not self.future.done():
-            self.timed_out = True
-            self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL the child's whole process group (it runs in its own session)."""
-        loop = self.future.get_loop()
-        if not self.killed and not loop.is_closed():
-            # A process in uninterruptible sleep, or a grandchild that left the
-            # session holding our pipe, would otherwise keep the cycle waiting
-            # for an EOF that never comes.
-            loop.call_later(KILL_GRACE, self._give_up)
-        self.killed = True
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError as err:  # EPERM: a setuid child; kill what we can
-            log.debug("killpg(%d) failed: %s", self.pid, err)
-            with contextlib.suppress(OSError):
-                os.kill(self.pid, signal.SIGKILL)
-
-    def cleanup(self) -> None:
-        loop = asyncio.get_running_loop()
-        for fd in (self.out_fd, self.err_fd):
-            loop.remove_reader(fd)
-            os.close(fd)
-        if self.pidfd >= 0:
-            loop.remove_reader(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
+# Runs ONE batch of actions in C (csrc/runner.c) in a worker thread; the
+# constants below are its struct vh_result flags.
+_F_REAPED = lib.VH_REAPED
+_F_TIMEOUT = lib.VH_TIMEOUT
+_F_OVERFLOW = lib.VH_OVERFLOW
+_F_ABORTED = lib.VH_ABORTED
+_F_SPAWN_ERROR = lib.VH_SPAWN_ERROR
+_F_UNREAPED = lib.VH_UNREAPED
+_ABORT_ALL = struct.pack("=I", lib.VH_ABORT_ALL)
+_INT_MAX = 2**31 - 1  # C int milliseconds: ~24 days
+# Output buffers are written by C before they are read: no need to zero the
+# (mostly untouched) stderr_cap bytes per action.
+_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
-# Children get the default action for these although Python ignores SIGPIPE
-# (and SIGXFSZ): a pipeline like `virsh ... | head -1` must end the way it does
-# from a shell (upstream's commands died of SIGPIPE, FACTS section 2).
-_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
-
-
-def default_spawn_threads() -> int:
-    """Threads that call posix_spawn: two per CPU (they mostly wait for exec), 2..8."""
+def default_batch_threads() -> int:
+    """Threads running batches at once: two per CPU (they mostly wait for exec), 2..8."""
     return max(2, min(8, 2 * (os.cpu_count() or 1)))
 
 
-class _LibcSpawner:
-    """glibc posix_spawn through ctypes, called from worker threads.
+class _Job:
+    """One run() call waiting for its batch."""
 
-    WHY: os.posix_spawn holds the GIL, and glibc's posix_spawn (vfork
-    semantics) returns only once the child has exec'ed; with a 1 ms exec
-    that serialises every spawn with the event loop (measured: the loop spent
-    ~87% of an echo3 x 1000 cycle blocked in os.posix_spawn). A ctypes call
-    releases the GIL, so a few threads overlap several execs with the loop.
+    __slots__ = ("batch", "cap", "command", "future", "index", "path")
+
+    def __init__(self, command: bytes, cap: int, path: str, future: asyncio.Future[ActionResult]):
+        self.command = command
+        self.cap = cap
+        self.path = path
+        self.future = future
+        self.batch: _Batch | None = None
+        self.index = 0
+
+
+class _Batch:
+    """The jobs of one vh_run_batch() call, its C buffers and its abort pipe.
+
+    The pipe is per batch so that an index written for a job of an ended
+    batch can never kill a job of the next one; writes and the close are
+    under one lock because they come from the loop and the worker thread.
     """
 
-    # <spawn.h> flags (glibc, all architectures).
-    SETSIGDEF = 0x04
-    SETSIGMASK = 0x08
-    SETSID = 0x80
-    _BUF = 1024  # opaque posix_spawn*_t / sigset_t are < 400 bytes on glibc
+    __slots__ = (
+        "abort_r",
+        "abort_w",
+        "cjobs",
+        "closed",
+        "errcap",
+        "errs",
+        "jobs",
+        "keep",
+        "lock",
+        "outs",
+        "results",
+        "share",
+    )
 
-    def __init__(self, libc: ctypes.CDLL) -> None:
-        # Only posix_spawn itself (which waits for the child's exec) needs to
-        # release the GIL; the cheap setup calls keep it (PyDLL), which avoids
-        # a GIL hand-off per call between the spawner threads and the loop.
-        self._libc = libc
-        self._fast = ctypes.PyDLL(None)
-        self._sigdef = ctypes.create_string_buffer(self._BUF)
-        self._sigmask = ctypes.create_string_buffer(self._BUF)
-        libc.sigemptyset(self._sigdef)
-        for sig in _DEFAULT_SIGNALS:
-            libc.sigaddset(self._sigdef, int(sig))
-        libc.sigemptyset(self._sigmask)
-        self._devnull = os.fsencode(os.devnull)
-        # The attributes are the same for every child and posix_spawn only
-        # reads them: build them once, share them between threads.
-        self._attr = ctypes.create_string_buffer(self._BUF)
-        _check(libc.posix_spawnattr_init(self._attr))
-        _check(libc.posix_spawnattr_setsigdefault(self._attr, self._sigdef))
-        _check(libc.posix_spawnattr_setsigmask(self._attr, self._sigmask))
-        flags = ctypes.c_short(self.SETSID | self.SETSIGDEF | self.SETSIGMASK)
-        _check(libc.posix_spawnattr_setflags(self._attr, flags))
-
-    @classmethod
-    def load(cls) -> _LibcSpawner | None:
-        """The spawner, or None where libc is not glibc (fall back to os.posix_spawn)."""
-        try:
-            if not os.confstr("CS_GNU_LIBC_VERSION"):
-                return None
-            return cls(ctypes.CDLL(None, use_errno=True))
-        except (OSError, ValueError, AttributeError):
-            return None
-
-    def spawn(
-        self,
-        shell: bytes,
-        command: bytes,
-        envp: ctypes.Array[ctypes.c_char_p],
-        out_w: int,
-        err_w: int,
-    ) -> int:
-        """posix_spawn(shell, ["sh", "-c", command]) in a new session; the pid."""
-        fast = self._fast
-        actions = ctypes.create_string_buffer(self._BUF)
-        _check(fast.posix_spawn_file_actions_init(actions))
-        try:
-            _check(fast.posix_spawn_file_actions_addopen(actions, 0, self._devnull, os.O_RDONLY, 0))
-            _check(fast.posix_spawn_file_actions_adddup2(actions, out_w, 1))
-            _check(fast.posix_spawn_file_actions_adddup2(actions, err_w, 2))
-            argv = (ctypes.c_char_p * 4)(b"sh", b"-c", command, None)
-            pid = ctypes.c_int(0)
-            rc = self._libc.posix_spawn(ctypes.byref(pid), shell, actions, self._attr, argv, envp)
-            _check(rc)
-            return pid.value
-        finally:
-            fast.posix_spawn_file_actions_destroy(actions)
-
-
-def _check(rc: int) -> None:
-    # posix_spawn* return the error number instead of setting errno.
-    if rc != 0:
-        raise OSError(rc, os.strerror(rc))
-
-
-class _SpawnJob:
-    """One spawn in a worker thread, and who cleans up after it.
-
-    A cancelled caller cannot interrupt posix_spawn; whichever side sees the
-    other finished (the thread, or the cancelled caller) closes the pipes'
-    write ends and kills what was started, exactly once, even when the event
-    loop is already gone.
-    """
-
-    __slots__ = ("abandoned", "done", "err_w", "lock", "out_w", "pid", "runner")
-
-    def __init__(self, runner: ActionRunner, out_w: int, err_w: int) -> None:
-        self.runner = runner
-        self.out_w = out_w
-        self.err_w = err_w
+    def __init__(self, runner: ActionRunner, jobs: List[_Job], share: int) -> None:
+        self.jobs = jobs
+        self.share = share
+        n = len(jobs)
+        errcap = self.errcap = runner.stderr_cap
+        self.cjobs = cjobs = ffi.new("struct vh_job[]", n)
+        self.outs = outs = _new_uncleared("unsigned char[]", max(1, sum(j.cap for j in jobs)))
+        self.errs = errs = _new_uncleared("unsigned char[]", max(1, n * errcap))
+        self.results = ffi.new("struct vh_result[]", n)
+        self.keep = keep = [ffi.new("char[]", j.command) for j in jobs]
+        envps: Dict[str, Any] = {}
+        offset = 0
+        for i, job in enumerate(jobs):
+            job.batch = self
+            job.index = i
+            c = cjobs[i]
+            c.command = keep[i]
+            envp = envps.get(job.path)
+            if envp is None:
+                envp = envps[job.path] = runner._envp(job.path)
+            c.envp = envp
+            c.out = outs + offset
+            c.out_cap = job.cap
+            offset += job.cap
+            c.err = errs + i * errcap
+            c.err_cap = errcap
+        # Non-blocking both ends: C drains its end; the loop never blocks writing.
+        self.abort_r, self.abort_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.Lock()
-        self.done = False
-        self.abandoned = False
-        self.pid: int | None = None
+        self.closed = False
 
-    def run(
-        self,
-        libc: _LibcSpawner,
-        shell: bytes,
-        command: bytes,
-        envp: ctypes.Array[ctypes.c_char_p],
-    ) -> int:
-        """Worker thread: spawn; clean up at once if the caller is gone."""
+    def ended(self, index: int) -> bool:
+        """True once C is done with job INDEX (its child killed and reaped, or never run)."""
+        return self.closed or bool(self.results[index].end_ns)
+
+    def kill_now(self, index: int, until: float) -> None:
+        """SIGKILL job INDEX's group from this thread; wait until UNTIL for C to reap it.
+
+        While end_ns is 0 the pid is our child, alive or a zombie, so it
+        cannot have been reused: C stores end_ns right after reaping it (the
+        window between is a few instructions, and Linux hands out pids in
+        sequence up to pid_max before reusing one).
+        """
+        result = self.results[index]
+        pid = result.pid
+        if not pid or self.ended(index):
+            return
         try:
-            pid = libc.spawn(shell, command, envp, self.out_w, self.err_w)
-            self.pid = pid
-            return pid
-        finally:
-            with self.lock:
-                self.done = True
-                if self.abandoned:
-                    self._cleanup()
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except OSError:  # EPERM: a setuid child in the group; C kills the shell
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        while not self.ended(index) and time.monotonic() < until:
+            time.sleep(0.0002)
 
-    def abandon(self) -> None:
-        """Loop side, on cancellation."""
+    def abort(self, index: int | None) -> None:
+        """Ask C to kill job INDEX (None: all of them); no-op once the batch ended."""
+        data = _ABORT_ALL if index is None else struct.pack("=I", index)
         with self.lock:
-            self.abandoned = True
-            if self.done:
-                self._cleanup()
+            if self.closed:
+                return
+            try:
+                os.write(self.abort_w, data)
+            except BlockingIOError:
+                # 16384 requests not yet read: the job still ends at its timeout.
+                log.warning("abort pipe full; action %s left to its timeout", index)
 
-    def release(self) -> None:
-        """Loop side, spawn finished (or failed) normally: close the write ends."""
-        os.close(self.out_w)
-        os.close(self.err_w)
-
-    def _cleanup(self) -> None:
-        os.close(self.out_w)
-        os.close(self.err_w)
-        if self.pid is not None:
-            self.runner._kill_abandoned(self.pid)
+    def close(self) -> None:
+        """Worker side, after C returned."""
+        with self.lock:
+            self.closed = True
+            os.close(self.abort_r)
+            os.close(self.abort_w)
 
 
 class ActionRunner:
@@ -614,6 +470,13 @@ class ActionRunner:
 
     ``path`` is the actions' PATH (the config's ``<path>``), ``uri`` the libvirt
     URI that ``CONNECT`` stands for (None: CONNECT becomes empty).
+
+    Batching: run() queues its job; the run() calls made in one event loop
+    iteration (a cycle's asyncio.gather of every metric of every VM) are split
+    into up to ``batch_threads`` interleaved batches, each run by
+    csrc/runner.c in its own worker thread with the GIL released;
+    ``max_concurrency`` bounds the actions running across all of them (a
+    counter shared with C).
     """
 
     def __init__(
@@ -627,14 +490,19 @@ class ActionRunner:
         stderr_cap: int = DEFAULT_STDERR_CAP,
         shell: str = DEFAULT_SHELL,
         environ: Mapping[str, str] | None = None,
-        clock: Callable[[], float] | None = None,
-        spawn_threads: int | None = None,
+        kill_grace: float = KILL_GRACE,
+        batch_threads: int | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         concurrency = default_concurrency() if max_concurrency is None else max_concurrency
         if concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
+        threads = default_batch_threads() if batch_threads is None else batch_threads
+        if threads < 1:
+            raise ValueError("batch_threads must be at least 1")
+        if max_output < 0 or stderr_cap < 0 or kill_grace < 0:
+            raise ValueError("max_output, stderr_cap and kill_grace must not be negative")
         self.path = path
         self.uri = uri
         self.timeout = timeout
@@ -642,183 +510,176 @@ class ActionRunner:
         self.max_output = max_output
         self.stderr_cap = stderr_cap
         self.shell = shell
+        self.kill_grace = kill_grace
+        self.batch_threads = threads
+        self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)
-        self._envs: Dict[str, Dict[str, str]] = {}
-        self._clock = clock or time.monotonic
-        self._sem: asyncio.Semaphore | None = None
-        self._sem_loop: asyncio.AbstractEventLoop | None = None
-        self._running: Set[_Proc] = set()
+        self._envps: Dict[str, Tuple[Any, List[Any]]] = {}
+        self._shared = ffi.new("struct vh_shared *")
+        self._shared.slots = concurrency
+        self._pending: Dict[asyncio.AbstractEventLoop, List[_Job]] = {}
+        self._batches: Set[_Batch] = set()
         self._unreaped: Set[int] = set()
-        self._status: Dict[int, int] = {}
-        self.spawn_threads = default_spawn_threads() if spawn_threads is None else spawn_threads
-        self._libc: _LibcSpawner | None = None
-        self._libc_loaded = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._envps: Dict[str, ctypes.Array[ctypes.c_char_p]] = {}
+        self._spin_until = 0.0
 
     @property
     def running(self) -> int:
         """Number of children running now."""
-        return len(self._running)
-
-    def _env(self, path: str) -> Dict[str, str]:
-        env = self._envs.get(path)
-        if env is None:
-            env = dict(self._environ)
-            env["PATH"] = path
-            self._envs[path] = env
-        return env
-
-    def _semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._sem is None or self._sem_loop is not loop:
-            self._sem = asyncio.Semaphore(self.max_concurrency)
-            self._sem_loop = loop
-        return self._sem
+        return int(self._shared.running)
 
     async def run(
         self, command: str, *, cap: int = VALUE_CAP, path: str | None = None
     ) -> ActionResult:
         """Run COMMAND with ``/bin/sh -c``; keep the first CAP bytes of its stdout."""
-        async with self._semaphore():
-            return await self._run(command, cap, self.path if path is None else path)
-
-    async def _run(self, command: str, cap: int, path: str) -> ActionResult:
-        self._reap_orphans()
-        start = self._clock()
         if "\x00" in command:
             return ActionResult(None, b"", 0, b"", 0.0, spawn_error="NUL character in command")
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
         try:
-            pid = await self._spawn(command, path, out_w, err_w)
-        except (OSError, ValueError) as err:
-            os.close(out_r)
-            os.close(err_r)
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            return ActionResult(None, b"", 0, b"", 0.0, spawn_error=reason)
-        except BaseException:
-            os.close(out_r)
-            os.close(err_r)
-            raise
-        os.set_blocking(out_r, False)
-        os.set_blocking(err_r, False)
+            raw = os.fsencode(command)
+        except UnicodeEncodeError as err:  # lone surrogates: no bytes to exec
+            return ActionResult(None, b"", 0, b"", 0.0, spawn_error=f"command not encodable: {err}")
         loop = asyncio.get_running_loop()
-        proc = _Proc(self, pid, out_r, err_r, cap)
-        self._running.add(proc)
-        status: int | None = None
-        loop.add_reader(out_r, proc.on_readable, out_r)
-        loop.add_reader(err_r, proc.on_readable, err_r)
-        timer = loop.call_later(self.timeout, proc.on_timeout)
+        job = _Job(raw, cap, self.path if path is None else path, loop.create_future())
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            # Every run() of this loop iteration joins the batch (FIFO: the
+            # tasks a gather() created all run before this callback).
+            loop.call_soon(self._flush, loop)
+        pending.append(job)
         try:
-            await proc.future
-            status = self._status.pop(pid, None)
+            return await job.future
         except asyncio.CancelledError:
             # The daemon is stopping: the child must not outlive the cycle.
-            proc.cancelled = True
-            proc.kill()
-            if not self._reap(proc):
-                self._unreaped.add(pid)
-            self._status.pop(pid, None)
+            # Wait (briefly, polling: this is the stop path only) until C has
+            # killed and reaped it, as the asyncio runner did synchronously.
+            # asyncio.gather() ends at the FIRST cancelled child, so what must
+            # be true when the cycle's cancellation completes is done here
+            # synchronously: kill now and wait briefly for C to reap (a killed
+            # shell is gone in well under a millisecond); only a child stuck
+            # past that is waited for without blocking the loop.
+            batch = job.batch
+            if batch is not None:
+                batch.abort(job.index)
+                now = time.monotonic()
+                if now >= self._spin_until:
+                    # One budget per burst: a stopping cycle cancels every
+                    # action in the same loop iteration.
+                    self._spin_until = now + CANCEL_SPIN
+                batch.kill_now(job.index, self._spin_until)
+                deadline = time.monotonic() + CANCEL_WAIT
+                while not batch.ended(job.index) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.005)
             raise
-        finally:
-            timer.cancel()
-            proc.cleanup()
-            self._running.discard(proc)
-        return ActionResult(
-            returncode=status,
-            stdout=b"".join(proc.out)[:cap],
-            stdout_size=proc.out_len,
-            stderr=b"".join(proc.err)[: self.stderr_cap],
-            duration=self._clock() - start,
-            timed_out=proc.timed_out,
-            overflow=proc.overflow,
-            cancelled=proc.cancelled,
-        )
 
-    async def _spawn(self, command: str, path: str, out_w: int, err_w: int) -> int:
-        """Start ``sh -c COMMAND``; closes the write ends of the pipes in every case."""
-        libc = self._libc_spawner()
-        if libc is None:
-            try:
-                return os.posix_spawn(
-                    self.shell,
-                    ["sh", "-c", command],
-                    self._env(path),
-                    file_actions=[
-                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                        (os.POSIX_SPAWN_DUP2, out_w, 1),
-                        (os.POSIX_SPAWN_DUP2, err_w, 2),
-                    ],
-                    setsid=True,
-                    setsigdef=_DEFAULT_SIGNALS,
-                    setsigmask=(),
-                )
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-        job = _SpawnJob(self, out_w, err_w)
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._executor(),
-            job.run,
-            libc,
-            os.fsencode(self.shell),
-            os.fsencode(command),
-            self._envp(path),
-        )
-        try:
-            # No shield needed: a cancelled wait leaves the thread running and
-            # the job object decides who cleans up.
-            pid = await fut
-        except asyncio.CancelledError:
-            job.abandon()
-            raise
-        except BaseException:
-            job.release()
-            raise
-        job.release()
-        return pid
-
-    def _kill_abandoned(self, pid: int) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(pid, signal.SIGKILL)
-        self._unreaped.add(pid)  # reaped by the next run or close()
-
-    def _libc_spawner(self) -> _LibcSpawner | None:
-        if not self._libc_loaded:
-            self._libc_loaded = True
-            self._libc = _LibcSpawner.load() if self.spawn_threads > 0 else None
-        return self._libc
-
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        jobs = [j for j in self._pending.pop(loop, ()) if not j.future.done()]
+        if not jobs:
+            return
+        self._reap_orphans()
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.spawn_threads, thread_name_prefix="vhostmd-spawn"
+                max_workers=self.batch_threads, thread_name_prefix="vhostmd-actions"
             )
-        return self._pool
+        # WHY split: glibc's posix_spawn returns only once the child has
+        # exec'ed (vfork semantics, ~1 ms of the child's CPU here), so one
+        # thread starts at most ~1000 shells a second however high the
+        # concurrency. K threads overlap K execs; the shared counter keeps
+        # the total at max_concurrency. Interleaved, so starts follow order.
+        k = min(self.batch_threads, self.max_concurrency, len(jobs))
+        share = -(-self.max_concurrency // k)
+        for part in range(k):
+            self._submit(loop, _Batch(self, jobs[part::k], share))
 
-    def _envp(self, path: str) -> ctypes.Array[ctypes.c_char_p]:
-        envp = self._envps.get(path)
-        if envp is None:
-            items = [os.fsencode(f"{k}={v}") for k, v in self._env(path).items()]
-            envp = (ctypes.c_char_p * (len(items) + 1))(*items, None)
-            self._envps[path] = envp
-        return envp
-
-    def _reap(self, proc: _Proc) -> bool:
-        """Collect the child's exit status if it has exited; True when reaped."""
+    def _submit(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+        assert self._pool is not None
+        self._batches.add(batch)
         try:
-            pid, raw = os.waitpid(proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            return True  # reaped elsewhere; status unknown
-        if pid == 0:
-            return False
-        self._status[proc.pid] = os.waitstatus_to_exitcode(raw)
-        return True
+            done = self._pool.submit(self._execute, batch)
+        except BaseException:
+            self._batches.discard(batch)
+            batch.close()
+            raise
+
+        def deliver(fut: concurrent.futures.Future[List[ActionResult]]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(self._deliver, batch, fut)
+
+        done.add_done_callback(deliver)
+
+    def _deliver(self, batch: _Batch, fut: concurrent.futures.Future[List[ActionResult]]) -> None:
+        self._batches.discard(batch)
+        error = fut.exception()
+        for index, job in enumerate(batch.jobs):
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(fut.result()[index])
+
+    def _envp(self, path: str) -> Any:
+        entry = self._envps.get(path)
+        if entry is None:
+            env = dict(self._environ)
+            env["PATH"] = path
+            keep = [ffi.new("char[]", os.fsencode(f"{k}={v}")) for k, v in env.items()]
+            entry = (ffi.new("char *[]", [*keep, ffi.NULL]), keep)
+            self._envps[path] = entry
+        return entry[0]
+
+    def _execute(self, batch: _Batch) -> List[ActionResult]:
+        """Worker thread: run the batch in C, turn its results into ActionResults."""
+        jobs = batch.jobs
+        n = len(jobs)
+        outs, errs, errcap, results = batch.outs, batch.errs, batch.errcap, batch.results
+        try:
+            limits = ffi.new("struct vh_limits *")
+            limits.timeout_ms = min(_INT_MAX, max(1, math.ceil(self.timeout * 1000)))
+            limits.kill_grace_ms = min(_INT_MAX, math.ceil(self.kill_grace * 1000))
+            limits.max_output = self.max_output
+            limits.max_running = batch.share
+            rc = lib.vh_run_batch(
+                self._shell, batch.cjobs, n, self._shared, limits, batch.abort_r, results
+            )
+        finally:
+            batch.close()
+        if rc != 0:
+            raise ActionError("(batch)", f"cannot run actions: {os.strerror(-rc)}")
+        out: List[ActionResult] = []
+        buffer = ffi.buffer
+        offset = 0
+        for i in range(n):
+            r = results[i]
+            flags = r.flags
+            if flags & _F_SPAWN_ERROR:
+                result = ActionResult(None, b"", 0, b"", 0.0, spawn_error=os.strerror(r.error))
+            else:
+                if flags & _F_UNREAPED:
+                    self._unreaped.add(r.pid)
+                result = ActionResult(
+                    returncode=os.waitstatus_to_exitcode(r.status) if flags & _F_REAPED else None,
+                    stdout=buffer(outs + offset, r.out_len)[:],
+                    stdout_size=r.out_total,
+                    stderr=buffer(errs + i * errcap, r.err_len)[:] if r.err_len else b"",
+                    duration=(r.end_ns - r.start_ns) / 1e9,
+                    timed_out=bool(flags & _F_TIMEOUT),
+                    overflow=bool(flags & _F_OVERFLOW),
+                    cancelled=bool(flags & _F_ABORTED),
+                )
+                if flags & _F_UNREAPED:
+                    log.warning(
+                        "child %d still holds its output %.0f s after SIGKILL; abandoning it",
+                        r.pid,
+                        self.kill_grace,
+                    )
+            offset += jobs[i].cap
+            out.append(result)
+        return out
 
     def _reap_orphans(self) -> None:
-        # Children killed on cancellation that had not died yet: reap them now
-        # so they do not stay zombies.
+        # Shells given up on after the kill grace: reap them now so they do
+        # not stay zombies.
         for pid in list(self._unreaped):
             try:
                 done, _ = os.waitpid(pid, os.WNOHANG)
@@ -829,9 +690,8 @@ class ActionRunner:
 
     def cancel_all(self) -> None:
         """Kill every running action now (their metrics fail as cancelled); call on the loop."""
-        for proc in list(self._running):
-            proc.cancelled = True
-            proc.kill()
+        for batch in list(self._batches):
+            batch.abort(None)
 
     def close(self) -> None:
         """Kill running actions and reap what was left (blocking briefly)."""
@@ -839,6 +699,8 @@ class ActionRunner:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._batches.clear()
+        self._pending.clear()  # jobs of a loop that ended before its flush
         deadline = time.monotonic() + 2.0
         while self._unreaped and time.monotonic() < deadline:
             self._reap_orphans()

@@ -1,8 +1,8 @@
 """The daemon's life: fixed-rate cycles, publishing, signals, reload.
 
 One asyncio loop runs everything (docs/DESIGN.md). Blocking libvirt calls go
-to one worker thread; actions are asyncio subprocesses owned by the runner;
-the vbd publish is a few pwrite() calls done inline, so a signal can never
+to one worker thread; actions run in the runner's C batch spawner
+(csrc/runner.c) on worker threads with the GIL released; the vbd publish is a few pwrite() calls done inline, so a signal can never
 interleave with it and the disk is never left half written.
 
 Upstream differences (SPEC section 7, FACTS section 5), all deliberate:
