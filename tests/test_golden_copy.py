@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import _LOCAL_GOLDEN, _SHARED_GOLDEN
+_LOCAL_GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+_SHARED_GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
 
 
 def _manifest(root: Path) -> dict[str, str]:
@@ -27,7 +28,9 @@ def test_local_copy_matches_manifest() -> None:
         assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
 
 
-@pytest.mark.skipif(not (_SHARED_GOLDEN / "upstream").is_dir(), reason="../shared not beside the checkout")
+@pytest.mark.skipif(
+    not (_SHARED_GOLDEN / "upstream").is_dir(), reason="../shared not beside the checkout"
+)
 def test_local_copy_is_current() -> None:
     """tests/data holds the same golden data as ../shared (re-copy when shared changes)."""
     shared = _manifest(_SHARED_GOLDEN / "upstream")

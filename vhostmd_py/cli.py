@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Callable, List, NoReturn, Sequence
 import click
 
 from vhostmd_py.errors import VhostmdError
+from vhostmd_py.getopt_wording import getopt_message
 
 if TYPE_CHECKING:
     from vhostmd_py.actions import ActionRunner
@@ -93,8 +94,9 @@ def _help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 
 
 @click.command(context_settings={"help_option_names": []}, add_help_option=False)
-@click.option("-h", "--help", "show_help", is_flag=True, expose_value=False, is_eager=True,
-              callback=_help)
+@click.option(
+    "-h", "--help", "show_help", is_flag=True, expose_value=False, is_eager=True, callback=_help
+)
 @click.option("-v", "--verbose", count=True)
 @click.option("-d", "--no-daemonize", "no_daemonize", is_flag=True)
 @click.option("-f", "--config", "config", default=DEFAULT_CONFIG, metavar="FILE")
@@ -104,8 +106,9 @@ def _help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
 @click.option("--once", is_flag=True)
 @click.option("--dump", is_flag=True)
 @click.option("--jobs", type=click.IntRange(min=1), default=None)
-@click.option("--action-timeout", "action_timeout", type=click.FloatRange(min=0, min_open=True),
-              default=None)
+@click.option(
+    "--action-timeout", "action_timeout", type=click.FloatRange(min=0, min_open=True), default=None
+)
 def command(
     verbose: int,
     no_daemonize: bool,
@@ -330,21 +333,6 @@ def _daemonize() -> Callable[[str | None], None]:
     return notify
 
 
-def _option_error(err: click.ClickException) -> str:
-    """getopt's wording for option errors (upstream uses getopt_long)."""
-    if isinstance(err, click.NoSuchOption):
-        name = err.option_name
-        if name.startswith("--"):
-            return f"{PROG}: unrecognized option '{name}'"
-        return f"{PROG}: invalid option -- '{name.lstrip('-')}'"
-    if isinstance(err, click.BadOptionUsage) and "requires an argument" in err.message:
-        name = err.option_name
-        if name.startswith("--"):
-            return f"{PROG}: option '{name}' requires an argument"
-        return f"{PROG}: option requires an argument -- '{name.lstrip('-')}'"
-    return f"{PROG}: {err.format_message()}"
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of `vhostmd`: parse, run, exit with upstream's codes."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -355,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(EXIT_USAGE)
     except click.ClickException as err:
         # Upstream exits 1 (not getopt's usual 2) on a bad option.
-        sys.stderr.write(_option_error(err) + "\n" + USAGE)
+        sys.stderr.write(getopt_message(PROG, err) + "\n" + USAGE)
         sys.exit(EXIT_FAILURE)
     except click.exceptions.Abort:
         sys.exit(EXIT_FAILURE)

@@ -38,6 +38,7 @@ from .actions import ActionRunner
 from .config import Config, MetricSpec
 from .document import render_metric, value_problem
 from .model import VM, Snapshot, VmBlock
+from .safexml import safe_parser
 from .sources import MetricSource, ShellActionSource, SourceRegistry, describe
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ class XmlMetricValidator:
         path = dtd_path or default_metric_dtd_path()
         with open(path, "rb") as fh:
             self._dtd = etree.DTD(fh)
-        self._parser = etree.XMLParser(
-            resolve_entities=False, load_dtd=False, no_network=True, huge_tree=False
-        )
+        self._parser = safe_parser()
 
     def problem(self, output: bytes) -> str | None:
         """Why OUTPUT is not a sequence of valid <metric> elements, or None."""

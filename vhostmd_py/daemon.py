@@ -2,8 +2,9 @@
 
 One asyncio loop runs everything (docs/DESIGN.md). Blocking libvirt calls go
 to one worker thread; actions run in the runner's C batch spawner
-(csrc/runner.c) on worker threads with the GIL released; the vbd publish is a few pwrite() calls done inline, so a signal can never
-interleave with it and the disk is never left half written.
+(csrc/runner.c) on worker threads with the GIL released; the vbd publish
+is a few pwrite() calls done inline, so a signal can never interleave with
+it and the disk is never left half written.
 
 Upstream differences (SPEC section 7, FACTS section 5), all deliberate:
 - upstream never sleeps with update_period 1 and sleeps whole seconds

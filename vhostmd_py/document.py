@@ -26,6 +26,7 @@ import re
 from lxml import etree
 
 from .model import VM
+from .safexml import safe_parser
 
 _TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;"}
 _ATTR_ESCAPES = {**_TEXT_ESCAPES, ord("'"): "&apos;"}
@@ -105,7 +106,4 @@ def render_metric(mtype: str, name: str, value: bytes, vm: VM | None, unit: str 
 
 def parse_document(content: bytes) -> etree._Element:
     """Parse a rendered document safely (used to check that ours always parses)."""
-    parser = etree.XMLParser(
-        resolve_entities=False, load_dtd=False, no_network=True, huge_tree=False
-    )
-    return etree.fromstring(content, parser)
+    return etree.fromstring(content, safe_parser())

@@ -7,7 +7,7 @@ can say exactly what failed without parsing messages.
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Union
 
 StrPath = Union[str, "os.PathLike[str]"]
 
@@ -22,7 +22,7 @@ class VhostmdError(Exception):
 class ConfigError(VhostmdError):
     """A configuration file that cannot be used; names the file and line."""
 
-    def __init__(self, file: StrPath, reason: str, line: Optional[int] = None) -> None:
+    def __init__(self, file: StrPath, reason: str, line: int | None = None) -> None:
         self.file = os.fspath(file)
         self.line = line
         self.reason = reason
@@ -47,7 +47,9 @@ class DiskSizeError(DiskError):
 
     def __init__(self, path: StrPath, size: int) -> None:
         self.size = size
-        super().__init__(path, f"metrics disk size {size} not within supported range 1024 - 268435456")
+        super().__init__(
+            path, f"metrics disk size {size} not within supported range 1024 - 268435456"
+        )
 
 
 class ContentTooLargeError(DiskError):
@@ -71,7 +73,10 @@ class ChecksumError(DiskFormatError):
     def __init__(self, path: StrPath, expected: int, actual: int) -> None:
         self.expected = expected
         self.actual = actual
-        super().__init__(path, f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}")
+        super().__init__(
+            path,
+            f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}",
+        )
 
 
 class DiskBusyError(DiskError):
@@ -85,7 +90,7 @@ class DiskBusyError(DiskError):
 class DiskIOError(DiskError):
     """An OS-level failure opening, reading or writing a disk (see __cause__)."""
 
-    def __init__(self, path: StrPath, reason: str, errno: Optional[int] = None) -> None:
+    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
         self.errno = errno
         super().__init__(path, reason)
 
@@ -96,7 +101,7 @@ class DiskIOError(DiskError):
 class ActionError(VhostmdError):
     """A metric's action failed (exit status, timeout, bad output)."""
 
-    def __init__(self, metric: str, reason: str, vm: Optional[str] = None) -> None:
+    def __init__(self, metric: str, reason: str, vm: str | None = None) -> None:
         self.metric = metric
         self.vm = vm
         self.reason = reason
@@ -107,7 +112,7 @@ class ActionError(VhostmdError):
 class LibvirtError(VhostmdError):
     """libvirt cannot be reached or answered with an error."""
 
-    def __init__(self, uri: Optional[str], reason: str) -> None:
+    def __init__(self, uri: str | None, reason: str) -> None:
         self.uri = uri
         self.reason = reason
         super().__init__(f"libvirt {uri or '(default URI)'}: {reason}")

@@ -32,19 +32,11 @@ from typing import Any, Dict, List, Tuple
 from lxml import etree
 
 from vhostmd_py.model import VM
+from vhostmd_py.safexml import safe_parser
 
 log = logging.getLogger(__name__)
 
 CHANNEL_NAME = "org.github.vhostmd.1"
-
-# Parse libvirt's domain XML without network access or entity expansion: it is
-# produced by libvirt, but domain names and metadata come from users.
-_XML_PARSER_KW: Dict[str, Any] = {
-    "resolve_entities": False,
-    "no_network": True,
-    "huge_tree": False,
-    "remove_comments": True,
-}
 
 _handler_lock = threading.Lock()
 _handler_installed = False
@@ -62,7 +54,7 @@ def _silence_default_handler(libvirt: Any) -> None:
 def channel_path_from_xml(xml: str) -> str | None:
     """The UNIX socket path of the org.github.vhostmd.1 channel in a domain XML, if any."""
     try:
-        root = etree.fromstring(xml.encode("utf-8"), etree.XMLParser(**_XML_PARSER_KW))
+        root = etree.fromstring(xml.encode("utf-8"), safe_parser())
     except etree.XMLSyntaxError:
         return None
     for channel in root.iterfind("devices/channel"):

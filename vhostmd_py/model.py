@@ -8,7 +8,7 @@ rendering never depend on how it is published.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 # Upstream writes this, with no newline after it, in a virtio reply whose
 # host part is empty (FACTS.md section 4, virtio/vmonly/get_xml_lf.bin).
@@ -27,7 +27,7 @@ class VM:
     uuid: str
     # Path of the org.github.vhostmd.1 socket from the live domain XML,
     # when libvirt told us; None means "discover it in channel_path".
-    channel_path: Optional[str] = None
+    channel_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Snapshot:
         """The metrics document as written to the vbd disk."""
         return b"".join((DOC_HEAD, self.host, *(b.xml for b in self.vms), DOC_TAIL))
 
-    def block_for(self, vm_id: int) -> Optional[VmBlock]:
+    def block_for(self, vm_id: int) -> VmBlock | None:
         """This cycle's block of the VM with that id, if it is running."""
         for block in self.vms:
             if block.vm.id == vm_id:

@@ -18,6 +18,8 @@ from typing import Callable, List, Sequence
 
 import click
 
+from vhostmd_py.getopt_wording import getopt_message
+
 from .errors import (
     DestinationError,
     DocumentError,
@@ -261,21 +263,6 @@ def _setup_logging(prog: str, verbose: bool) -> None:
     root.propagate = False
 
 
-def _usage_error(prog: str, err: click.UsageError) -> str:
-    """getopt's wording for the errors upstream's getopt_long reports."""
-    if isinstance(err, click.NoSuchOption):
-        name = err.option_name
-        if name.startswith("--"):
-            return f"{prog}: unrecognized option '{name}'"
-        return f"{prog}: invalid option -- '{name.lstrip('-')[:1]}'"
-    if isinstance(err, click.BadOptionUsage) and "requires an argument" in err.message:
-        name = err.option_name
-        if name.startswith("--"):
-            return f"{prog}: option '{name}' requires an argument"
-        return f"{prog}: option requires an argument -- '{name.lstrip('-')[:1]}'"
-    return f"{prog}: {err.format_message()}"
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point of vm_dump_metrics / vm-dump-metrics."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "vm-dump-metrics"
@@ -285,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         status = command.main(args=args, prog_name=prog, standalone_mode=False)
     except click.UsageError as err:
-        sys.stderr.write(_usage_error(prog, err) + "\n" + usage_text(prog))
+        sys.stderr.write(getopt_message(prog, err) + "\n" + usage_text(prog))
         status = EXIT_USAGE
     except click.Abort:
         sys.stderr.write(f"{prog}: interrupted\n")

@@ -19,6 +19,8 @@ from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 from lxml import etree
 
+from vhostmd_py.safexml import safe_parser
+
 from .errors import DocumentError, MetricNotFoundError, MetricValueError, VmIdentityError
 
 log = logging.getLogger(__name__)
@@ -157,21 +159,6 @@ def _refuse_declarations(data: bytes, source: str) -> None:
             )
 
 
-def _parser() -> etree.XMLParser:
-    # A parser per call: lxml parsers are not safe to share between threads.
-    return etree.XMLParser(
-        resolve_entities=False,
-        no_network=True,
-        load_dtd=False,
-        dtd_validation=False,
-        huge_tree=False,
-        remove_blank_text=False,
-        remove_comments=False,
-        remove_pis=False,
-        collect_ids=False,
-    )
-
-
 def check_document(
     data: bytes, *, source: str, max_size: int = MAX_DISK_DOCUMENT
 ) -> etree._Element:
@@ -185,7 +172,7 @@ def check_document(
         # Upstream: libxml's "Document is empty" (len-zero case).
         raise DocumentError(source, "document is empty")
     try:
-        root = etree.fromstring(data, _parser())
+        root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as err:
         raise DocumentError(source, f"not well-formed XML: {err}") from err
     except ValueError as err:  # lxml refuses some inputs (e.g. with an encoding) this way
