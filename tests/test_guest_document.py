@@ -334,3 +334,20 @@ def test_fuzz_structured_documents(items: list[tuple[str, str, str, str, bool]])
             assert err.name == m.name
             continue
         assert isinstance(value, (int, float, str))
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("host", MetricContext.HOST), ("VM", MetricContext.VM), (1, MetricContext.VM),
+     (MetricContext.HOST, MetricContext.HOST)],
+)
+def test_context_parse_accepts_spellings(given: object, expected: MetricContext) -> None:
+    """Contexts may be given as members, upstream's numbers or "host"/"vm"."""
+    assert MetricContext.parse(given) is expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("given", ["guest", "", 7])
+def test_context_parse_refuses_others(given: object) -> None:
+    """Anything else is a ValueError naming the value."""
+    with pytest.raises(ValueError):
+        MetricContext.parse(given)  # type: ignore[arg-type]

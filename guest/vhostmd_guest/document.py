@@ -69,6 +69,16 @@ class MetricContext(enum.IntEnum):
         """The attribute spelling: host or vm."""
         return self.name.lower()
 
+    @classmethod
+    def parse(cls, value: MetricContext | int | str) -> MetricContext:
+        """A context from a member, upstream's number, or the spelling "host"/"vm"."""
+        if isinstance(value, str):
+            try:
+                return cls[value.upper()]
+            except KeyError:
+                raise ValueError(f"{value!r} is not a metric context (host or vm)") from None
+        return cls(value)
+
 
 _INT_RANGES: Dict[MetricType, Tuple[int, int]] = {
     MetricType.INT32: (-(2**31), 2**31 - 1),
@@ -310,13 +320,13 @@ class MetricsDocument:
     def get(
         self,
         name: str,
-        context: MetricContext = MetricContext.HOST,
+        context: MetricContext | str = MetricContext.HOST,
         *,
         uuid: str | None = None,
         strict_uuid: bool = True,
     ) -> Metric:
         """The metric ``name`` in ``context`` (for vm: of the VM chosen by resolve_vm)."""
-        context = MetricContext(context)
+        context = MetricContext.parse(context)
         if context is MetricContext.HOST:
             found = self._index.get((context, None, name))
             if found is None:

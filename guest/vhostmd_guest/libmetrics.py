@@ -99,7 +99,7 @@ def default_reader() -> MetricsReader:
 
 def get_metric(
     name: str,
-    context: MetricContext = MetricContext.HOST,
+    context: MetricContext | str = MetricContext.HOST,
     *,
     reader: MetricsReader | None = None,
 ) -> Metric:

@@ -283,14 +283,14 @@ class MetricsReader:
     def get(
         self,
         name: str,
-        context: MetricContext = MetricContext.HOST,
+        context: MetricContext | str = MetricContext.HOST,
         *,
         uuid: str | None = None,
         document: MetricsDocument | None = None,
     ) -> Metric:
         """The metric ``name`` in ``context``; in vm context, of this VM (see resolve_vm)."""
         doc = document if document is not None else self.read()
-        context = MetricContext(context)
+        context = MetricContext.parse(context)
         if context is MetricContext.HOST:
             return doc.get(name, context)
         if uuid is not None:
