@@ -142,6 +142,8 @@ unsigned char *mdisk_buf_alloc(size_t size)
 
     if (size == 0)
         size = MDISK_ALIGN;
+    if (size > SIZE_MAX - (MDISK_ALIGN - 1))
+        return NULL; /* round_up() would wrap to 0 */
     if (posix_memalign(&p, MDISK_ALIGN, round_up(size)) != 0)
         return NULL;
     return p;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -114,14 +115,47 @@ def test_plain_text_replacement_kept() -> None:
     assert substitute("echo HOSTNAME", _vm("vm1"), None) == "echo HOSTvm1"
 
 
-def test_unsafe_value_quoted_per_context() -> None:
-    """Unsafe values are quoted for their context; safe ones are not."""
+def test_unsafe_value_quoted_unquoted_refused_in_quotes() -> None:
+    """Unsafe values: shell-quoted when unquoted, refused inside quotes; safe ones verbatim."""
     vm = _vm("it's")
     assert substitute("echo NAME", vm, None) == "echo 'it'\"'\"'s'"
-    # Inside '...': close the quote, the value quoted on its own, reopen.
-    assert substitute("echo 'NAME'", vm, None) == "echo '" + "'" + "'it'\"'\"'s'" + "'" + "'"
-    # Inside "...": a backslash before each of $ ` " and backslash.
-    assert substitute('echo "NAME"', _vm('a"$b`c\\'), None) == 'echo "a\\"\\$b\\`c\\\\"'
+    for action in ("echo 'NAME'", 'echo "NAME"', "echo 'pre NAME post'"):
+        with pytest.raises(ActionError, match="quoted text may be code"):
+            substitute(action, vm, None, metric="M")
+    assert substitute("echo 'NAME'", _vm("vm0001"), None) == "echo 'vm0001'"
+
+
+@pytest.mark.parametrize(
+    ("action", "why"),
+    [
+        ("sh -c 'virsh dominfo NAME'", "single-quoted"),
+        ('bash -c "virsh dominfo NAME"', "double-quoted"),
+        ("awk '/NAME/ {print}' /etc/hosts", "single-quoted"),
+        ("ssh host \"virsh dominfo NAME\"", "double-quoted"),
+        ("eval virsh dominfo NAME", "'eval'"),
+        ("ssh host virsh dominfo NAME", "'ssh'"),
+        ("sudo -u qemu virsh dominfo NAME", "'sudo'"),
+        ("echo NAME | xargs virsh dominfo", "'xargs'"),
+        ("/bin/sh -ec \"true\" NAME", "'/bin/sh"),
+    ],
+)
+def test_second_interpreter_never_gets_an_unsafe_value(
+    action: str, why: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quoted text and eval/ssh/sh -c re-read values as code: unsafe names are refused there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ActionError) as info:
+        substitute(action, _vm("a;touch INJECTED"), None, metric="M")
+    assert why in info.value.reason
+    # The same action with a plain name is upstream's command, unchanged.
+    assert substitute(action, _vm("vm0001"), None) == action.replace("NAME", "vm0001")
+
+
+def test_eval_with_quoting_would_have_run_code(tmp_path: Path) -> None:
+    """Why eval is refused: quoting for our sh alone does not stop eval from running the name."""
+    quoted = "eval echo " + shlex.quote(f"a;touch {tmp_path}/INJECTED")
+    assert _run(quoted).ok
+    assert os.listdir(tmp_path) == ["INJECTED"]
 
 
 def test_unsafe_uri_quoted() -> None:
@@ -130,9 +164,8 @@ def test_unsafe_uri_quoted() -> None:
     assert substitute("virsh CONNECT list", None, uri) == (
         "virsh --connect 'qemu+ssh://root@h/system?x=1;touch Q' list"
     )
-    assert substitute('echo "CONNECT"', None, uri) == (
-        "echo \"--connect 'qemu+ssh://root@h/system?x=1;touch Q'\""
-    )
+    with pytest.raises(ActionError, match="double-quoted"):
+        substitute('echo "CONNECT"', None, uri)
 
 
 @pytest.mark.parametrize(
@@ -176,20 +209,27 @@ def test_nul_in_value_refused() -> None:
 def test_nasty_names_echo_exactly(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Real sh: every quoting context prints the name exactly and runs nothing."""
+    """Real sh: unquoted a name prints exactly; in quotes it prints or is refused; nothing runs."""
     monkeypatch.chdir(tmp_path)
     vm = _vm(name)
     runner = ActionRunner(path=PATH, timeout=10, uri="test:///default")
-    actions = [
-        "printf '%s|' NAME",
+    unquoted = ["printf '%s|' NAME", "printf '%s|' x-NAME-y", "(printf '%s|' NAME)"]
+    quoted = [
         "printf '%s|' 'NAME'",
         "printf '%s|' \"NAME\"",
-        "printf '%s|' x-NAME-y",
         "printf '%s|' 'pre NAME post'",
         "printf '%s|' \"pre NAME post\"",
-        "(printf '%s|' NAME)",
     ]
-    expected = [name, name, name, f"x-{name}-y", f"pre {name} post", f"pre {name} post", name]
+    actions = list(unquoted)
+    expected = [name, f"x-{name}-y", name]
+    safe = substitute("NAME", vm, None) == name  # inserted verbatim, as upstream
+    for action, want in zip(quoted, [name, name, f"pre {name} post", f"pre {name} post"]):
+        if safe:
+            actions.append(action)
+            expected.append(want)
+        else:
+            with pytest.raises(ActionError, match="quoted text may be code"):
+                substitute(action, vm, runner.uri)
 
     async def main() -> List[ActionResult]:
         return list(
@@ -438,16 +478,24 @@ def test_invalid_parameters() -> None:
     )
 )
 def test_any_name_is_data_never_code(name: str, tmp_path: Path) -> None:
-    """Property: whatever the name, each quoting context prints it exactly, nothing runs."""
+    """Property: whatever the name, unquoted it prints exactly; quoted it prints or is refused."""
     vm = _vm(name)
-    action = "cd CWD && printf '%s|' NAME 'NAME' \"NAME\" x-NAME-y"
+    action = "cd CWD && printf '%s|' NAME x-NAME-y".replace("CWD", str(tmp_path))
     try:
-        command = substitute(action.replace("CWD", str(tmp_path)), vm, None)
+        command = substitute(action, vm, None)
     except ActionError:
-        pytest.fail(f"refused in a sure context: {name!r}")
+        pytest.fail(f"refused unquoted, a sure context: {name!r}")
     result = _run(command, cap=4096)
     assert result.ok, (name, result)
-    assert result.stdout.decode("utf-8") == f"{name}|{name}|{name}|x-{name}-y|"
+    assert result.stdout.decode("utf-8") == f"{name}|x-{name}-y|"
+    in_quotes = action + " 'NAME' \"NAME\""
+    try:
+        command = substitute(in_quotes, vm, None)
+    except ActionError as err:
+        assert "quoted text may be code" in err.reason
+    else:
+        result = _run(command, cap=4096)
+        assert result.stdout.decode("utf-8") == f"{name}|x-{name}-y|{name}|{name}|"
     assert os.listdir(tmp_path) == []
 
 

@@ -387,3 +387,15 @@ def test_verbose_explains_discovery(upstream: Path, tmp_path: Path) -> None:
         == (upstream / "reader" / "cases" / "good-verbose" / "stdout.bin").read_bytes()
     )
     assert "metrics disk found" in result.stderr
+
+
+@pytest.mark.parametrize("option", ["--busy-timeout", "--virtio-timeout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_timeouts_must_be_finite(option: str, value: str, tmp_path: Path) -> None:
+    """A nan/inf/negative timeout is a usage error (exit 2), never a hang."""
+    proc = subprocess.run(
+        [*_tool(), "-b", "--disk", str(tmp_path / "none"), option, value],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert option in proc.stderr

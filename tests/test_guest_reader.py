@@ -146,8 +146,8 @@ def test_single_vm_disk_needs_no_uuid(tmp_path: Path, upstream: Path) -> None:
     assert reader.get("VCpus", MetricContext.VM).value == 2
 
 
-def test_first_call_works_and_cache_follows_checksum(tmp_path: Path) -> None:
-    """The first get works; re-parse only when checksum or length changes."""
+def test_first_call_works_and_cache_follows_content(tmp_path: Path) -> None:
+    """The first get works; re-parse only when the content changes."""
     disk = mdisk.MetricsDisk.create(tmp_path / "vhostmd0", 65536)
     try:
         disk.publish(_doc(1))
@@ -165,6 +165,22 @@ def test_first_call_works_and_cache_follows_checksum(tmp_path: Path) -> None:
         disk.publish(_doc(2, 3))
         assert reader.get("V1").value == 3
         assert reader.parses == 3
+    finally:
+        disk.close()
+
+
+def test_cache_not_fooled_by_equal_checksum_and_length(tmp_path: Path) -> None:
+    """Values 19 -> 28 keep the byte-sum checksum and the length: the new value is served."""
+    disk = mdisk.MetricsDisk.create(tmp_path / "vhostmd0", 65536)
+    try:
+        disk.publish(_doc(19))
+        reader = MetricsReader(DiskSource(path=str(tmp_path / "vhostmd0")))
+        assert reader.get("V0").value == 19
+        assert mdisk.checksum(_doc(19)) == mdisk.checksum(_doc(28))
+        assert len(_doc(19)) == len(_doc(28))
+        disk.publish(_doc(28))
+        assert reader.get("V0").value == 28
+        assert reader.parses == 2
     finally:
         disk.close()
 

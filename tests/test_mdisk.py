@@ -828,3 +828,30 @@ def test_cross_implementation_read(shm_dir: Path) -> None:
         with writer.MetricsDisk.create(path, 65536) as disk:
             disk.publish(doc)
             assert reader.read_disk(path) == doc
+
+
+def test_create_refuses_a_symlink(impl: ModuleType, tmp_path: Path) -> None:
+    """A symlink at the disk path is refused and its target left untouched (root in /dev/shm)."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    link = tmp_path / "vhostmd0"
+    link.symlink_to(victim)
+    with pytest.raises(DiskIOError, match="symbolic link"):
+        impl.MetricsDisk.create(link, 4096)
+    assert victim.read_bytes() == b"precious"
+
+
+def test_recreate_over_old_disk_shows_busy_then_zeros(impl: ModuleType, tmp_path: Path) -> None:
+    """Re-creating over a published disk leaves busy=1, length 0 and zeros after the header."""
+    path = tmp_path / "vhostmd0"
+    with impl.MetricsDisk.create(path, 4096) as disk:
+        disk.publish(b"<metrics>\n</metrics>\n" * 10)
+    again = impl.MetricsDisk.create(path, 4096)
+    try:
+        raw = path.read_bytes()
+        assert len(raw) == 4096
+        header = impl.unpack_header(raw[:16])
+        assert (header.busy, header.length, header.checksum) == (1, 0, 0)
+        assert raw[16:] == bytes(4096 - 16)
+    finally:
+        again.close()

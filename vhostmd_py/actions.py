@@ -8,10 +8,15 @@ bugs). Here all tokens, plus a whole-word ``ID`` (the seed documentation's
 name for the id), are replaced in ONE pass that never re-scans inserted text.
 A value made only of characters the shell treats literally is inserted
 verbatim, so commands for normal names, ids, UUIDs and URIs are byte-identical
-to upstream's. Any other value is quoted for the quoting context the token sits
-in (found by a small lexer of the action text); when the lexer cannot be sure
-of the context (command substitution, backticks, here-documents, comments,
-after a backslash, unbalanced quotes) the metric is refused for that VM.
+to upstream's. Any other value is accepted in one position only: unquoted, as
+shlex-quoted words of a command the action runs itself. Everywhere else the
+metric is refused for that VM with a logged reason: inside '...' or "..."
+(quoted text is often code for another program: ``sh -c '... NAME'``,
+``awk '/NAME/'``, ``ssh host "... NAME"``, and quoting for the outer shell
+does not protect the inner one), in an action that hands its words to another
+interpreter (eval, sh -c, ssh, su, sudo, xargs, trap), and wherever the small
+lexer of the action text cannot be sure of the context (command substitution,
+backticks, here-documents, comments, after a backslash, unbalanced quotes).
 
 Running (csrc/runner.c, through the cffi module vhostmd_py._runner, imported
 only here): each action is ``posix_spawn("/bin/sh", ["sh", "-c", cmd])`` in
@@ -108,6 +113,17 @@ class _Template:
 
     literals: Tuple[str, ...]
     tokens: Tuple[Tuple[str, str, str], ...]  # (token, context, why-unsure)
+    # The command word that re-reads its arguments as code, if the action has one.
+    reinterpreter: str = ""
+
+
+# Commands that parse their arguments as shell (or remote shell) code again:
+# a value quoted once for our sh would be unquoted by it and run by them.
+_REINTERPRETER = re.compile(
+    r"(?<![\w./-])(?:eval|trap|xargs|ssh|su|sudo|runuser|doas)(?![\w./-])"
+    r"|(?<![\w.-])(?:[\w./-]*/)?(?:sh|bash|dash|ksh|mksh|zsh|ash|busybox)"
+    r"(?![\w.-])[^|;&\n]*?\s-[A-Za-z]*c(?![\w-])"
+)
 
 
 def _lex(text: str) -> List[Tuple[str, str]]:
@@ -228,17 +244,8 @@ def _template(action: str, vm_context: bool) -> _Template:
         tokens.append((m.group(), ctx, why))
         pos = m.end()
     literals.append(action[pos:])
-    return _Template(tuple(literals), tuple(tokens))
-
-
-def _quote_for(value: str, ctx: str) -> str:
-    if ctx == UNQUOTED:
-        return shlex.quote(value)
-    if ctx == SINGLE:
-        # Close the quote, emit the value quoted on its own, reopen.
-        return "'" + shlex.quote(value) + "'"
-    # DOUBLE: only these four are special between double quotes.
-    return re.sub(r'([$`"\\])', r"\\\1", value)
+    found = _REINTERPRETER.search(action)
+    return _Template(tuple(literals), tuple(tokens), found.group() if found else "")
 
 
 def substitute(action: str, vm: VM | None, uri: str | None, *, metric: str = "") -> str:
@@ -248,13 +255,19 @@ def substitute(action: str, vm: VM | None, uri: str | None, *, metric: str = "")
         return action
     parts = [tpl.literals[0]]
     for (token, ctx, why), literal in zip(tpl.tokens, tpl.literals[1:]):
-        parts.append(_token_value(token, ctx, why, vm, uri, metric))
+        parts.append(_token_value(token, ctx, why, tpl.reinterpreter, vm, uri, metric))
         parts.append(literal)
     return "".join(parts)
 
 
 def _token_value(
-    token: str, ctx: str, why: str, vm: VM | None, uri: str | None, metric: str
+    token: str,
+    ctx: str,
+    why: str,
+    reinterpreter: str,
+    vm: VM | None,
+    uri: str | None,
+    metric: str,
 ) -> str:
     vm_name = vm.name if vm is not None else None
     if token == "CONNECT":
@@ -262,9 +275,7 @@ def _token_value(
             return ""
         if _SAFE_VALUE.match(uri):
             return f"--connect '{uri}'"  # upstream's exact text
-        if ctx == UNQUOTED:
-            return "--connect " + shlex.quote(uri)
-        raw, what = f"--connect '{uri}'", "the libvirt URI"
+        raw, what = uri, "the libvirt URI"
     else:
         assert vm is not None
         if token == "NAME":
@@ -278,12 +289,20 @@ def _token_value(
     if "\x00" in raw:
         raise ActionError(metric, f"{what} contains a NUL character", vm_name)
     if ctx == UNSURE:
-        raise ActionError(
-            metric,
-            f"refusing to substitute {token} with {what} {raw!r}: it needs quoting and {why}",
-            vm_name,
-        )
-    return _quote_for(raw, ctx)
+        problem = why
+    elif ctx != UNQUOTED:
+        problem = f"it is {ctx} (quoted text may be code for another program)"
+    elif reinterpreter:
+        command = reinterpreter.split()[0]
+        problem = f"the action passes its words to {command!r}, which re-reads them as code"
+    else:
+        quoted = shlex.quote(raw)
+        return "--connect " + quoted if token == "CONNECT" else quoted
+    raise ActionError(
+        metric,
+        f"refusing to substitute {token} with {what} {raw!r}: it needs quoting and {problem}",
+        vm_name,
+    )
 
 
 # --- running ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ import contextlib
 import enum
 import errno as errno_mod
 import logging
+import math
 import mmap
 import os
 import platform
@@ -325,7 +326,14 @@ def _refuse_special(path: str, mode: int) -> None:
 
 
 def create_disk_file(path: StrPath, size: int, first_header: bytes) -> int:
-    """SPEC 4 creation: parent dir, truncate, mode 0644, zeros to size, header; the fd."""
+    """SPEC 4 creation: parent dir, mode 0644, busy header, old content gone, zeros; the fd.
+
+    The busy header is written BEFORE the old content is dropped (not O_TRUNC
+    first, as upstream does), so a guest reading while the daemon restarts
+    sees "busy" and waits instead of failing on an empty or zeroed disk.
+    O_NOFOLLOW: the daemon runs as root in world-writable /dev/shm, where a
+    planted symlink must not make it truncate another file.
+    """
     check_disk_size(path, size)
     spath = os.fspath(path)
     parent = os.path.dirname(os.path.abspath(spath))
@@ -346,21 +354,27 @@ def create_disk_file(path: StrPath, size: int, first_header: bytes) -> int:
     except OSError as err:
         raise DiskIOError(spath, f"cannot stat: {err.strerror}", err.errno) from err
     try:
-        fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as err:
+        if err.errno == errno_mod.ELOOP:
+            raise DiskIOError(
+                spath, "is a symbolic link: refusing to follow it", err.errno
+            ) from err
         raise DiskIOError(spath, f"cannot create: {err.strerror}", err.errno) from err
     try:
         st = os.fstat(fd)
         _refuse_special(spath, st.st_mode)  # it may have changed since the stat
         if stat.S_ISREG(st.st_mode):
             os.fchmod(fd, 0o644)  # whatever the umask or the old file's mode
-            os.ftruncate(fd, size)  # O_TRUNC emptied it: this zero-fills
+            _pwrite_all(fd, first_header, 0)
+            os.ftruncate(fd, HEADER_SIZE)  # the old content goes...
+            os.ftruncate(fd, size)  # ...and this zero-fills to the size
         else:
             have = device_size(fd, spath)
             if have < size:
                 raise DiskIOError(spath, f"block device of {have} bytes is smaller than {size}")
-            _pwrite_zeros(fd, 0, size)
-        _pwrite_all(fd, first_header, 0)
+            _pwrite_all(fd, first_header, 0)
+            _pwrite_zeros(fd, HEADER_SIZE, size)
     except OSError as err:
         os.close(fd)
         raise DiskIOError(spath, f"cannot initialise: {err.strerror}", err.errno) from err
@@ -485,6 +499,14 @@ class DiskReader:
     ) -> None:
         """Open path (O_DIRECT unless direct=False or refused)."""
         self.path = os.fspath(path)
+        for what, seconds in (
+            ("busy_timeout", busy_timeout),
+            ("retry_interval", retry_interval),
+            ("checksum_grace", checksum_grace),
+        ):
+            # A nan timeout compares false forever: a busy disk would hang us.
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError(f"{what} must be a finite number of seconds >= 0, not {seconds!r}")
         self.busy_timeout = busy_timeout
         self.checksum_grace = checksum_grace
         self.retry_interval = retry_interval

@@ -12,9 +12,10 @@ instead of hanging; a wrong checksum fails; disks under 64 KiB read fine;
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
-from typing import Callable, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 import click
 
@@ -203,6 +204,24 @@ def run(
     return EXIT_FAIL
 
 
+class _Seconds(click.FloatRange):
+    """A finite, non-negative number of seconds.
+
+    click's FloatRange lets "nan" through (every comparison with it is
+    false), and a nan timeout would make a busy disk hang the tool forever.
+    """
+
+    name = "seconds"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        seconds = float(super().convert(value, param, ctx))
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
+
+
 @click.command(add_help_option=False)
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("-d", "--dest", type=str, default=None)
@@ -211,8 +230,8 @@ def run(
 @click.option("-x", "--xenstore", is_flag=True)
 @click.option("--disk", type=str, default=None)
 @click.option("--port", type=str, default=DEFAULT_PORT)
-@click.option("--busy-timeout", type=click.FloatRange(min=0.0), default=DEFAULT_BUSY_TIMEOUT)
-@click.option("--virtio-timeout", type=click.FloatRange(min=0.0), default=DEFAULT_TIMEOUT)
+@click.option("--busy-timeout", type=_Seconds(min=0.0), default=DEFAULT_BUSY_TIMEOUT)
+@click.option("--virtio-timeout", type=_Seconds(min=0.0), default=DEFAULT_TIMEOUT)
 @click.option("--sys-root", type=str, default="/sys")
 @click.option("--dev-root", type=str, default="/dev")
 @click.option("-h", "--help", "show_help", is_flag=True)

@@ -1,9 +1,14 @@
 """Reading metrics from a source: the stable disk read, virtio, xenstore, and the cached reader.
 
 ``MetricsReader`` is the Pythonic face of libmetrics: it knows where to read
-from, parses only when the disk's checksum or length changed, is safe to
-share between threads, and picks this VM's metrics by UUID when the disk
-holds several VMs.
+from, re-parses only when the content changed, is safe to share between
+threads, and picks this VM's metrics by UUID when the disk holds several VMs.
+
+Why every lookup does a full stable read and compares the bytes, instead of
+trusting the header's checksum and length: the checksum is a plain byte sum,
+so ordinary value changes keep it (`19` -> `28`, one counter up and another
+down), and a reader keyed on it would serve stale metrics forever. The read
+is cheap (one O_DIRECT pread of the content); parsing is what costs.
 """
 
 from __future__ import annotations
@@ -193,7 +198,6 @@ class MetricsReader:
         self._sleep = sleep
         self._lock = threading.RLock()
         self._doc: MetricsDocument | None = None
-        self._key: Tuple[int, int] | None = None
         self._disk: str | None = None
         self._detected: str | None = None
         self._uuid_probed = False
@@ -230,27 +234,11 @@ class MetricsReader:
         self.parses += 1
         return doc
 
-    def _unchanged(self, path: str) -> bool:
-        if self._doc is None or self._key is None:
-            return False
-        try:
-            header = mdisk.read_header(path)
-        except (hosterrors.VhostmdError, OSError) as err:
-            log.debug("%s: header re-read failed: %s", path, err)
-            return False
-        return (
-            header.signature == mdisk.SIGNATURE
-            and header.busy == 0
-            and (header.checksum, header.length) == self._key
-        )
 
     def _read_disk(self, source: DiskSource) -> MetricsDocument:
         if self._disk is None:
             self._disk = disk_path(source)
         path = self._disk
-        if self._unchanged(path):
-            assert self._doc is not None
-            return self._doc
         try:
             content = self._stable_read(source, path)
         except (DiskFormatError, DiskIOError):
@@ -261,11 +249,10 @@ class MetricsReader:
             self._disk = None
             path = self._disk = disk_path(source)
             content = self._stable_read(source, path)
-        key = (mdisk.checksum(content), len(content))
-        if self._doc is not None and key == self._key:
+        if self._doc is not None and self._doc.raw == content:
             return self._doc
         doc = parse_document(content, source=f"metrics disk {path}", max_size=MAX_DISK_DOCUMENT)
-        self._doc, self._key = doc, key
+        self._doc = doc
         self.parses += 1
         return doc
 

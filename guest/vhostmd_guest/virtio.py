@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import select
 import time
@@ -71,6 +72,8 @@ def read_virtio_metrics(
 ) -> bytes:
     """Send the request on ``port`` and return the whole reply bytes (``...</metrics>\\n\\n``)."""
     path = os.fspath(port)
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
     deadline = clock() + timeout
     fd = _open_port(path)
     try:
