@@ -167,12 +167,17 @@ static int spawn_one(const char *shell, const struct vh_job *job,
     return 0;
 }
 
-static void kill_group(struct slot *s, int64_t now, const struct vh_limits *lim)
+/* After an abort (the daemon is stopping) we wait at most this long for the
+ * pipes of a killed action: a grandchild that escaped with setsid() may hold
+ * them for ever, and the daemon must stop within 2 s (SPEC section 7). */
+#define ABORT_GRACE_MS 100
+
+static void kill_group(struct slot *s, int64_t now, int grace_ms)
 {
     if (s->killed)
         return;
     s->killed = 1;
-    s->deadline = now + (int64_t)lim->kill_grace_ms * 1000000;
+    s->deadline = now + (int64_t)grace_ms * 1000000;
     if (killpg(s->pid, SIGKILL) != 0 && errno == EPERM) {
         /* A setuid program in the group: kill at least our shell. */
         kill(s->pid, SIGKILL);
@@ -347,10 +352,12 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
             struct vh_result *r = &results[s->job];
             if (!s->killed && (all_aborted || abort_req[s->job])) {
                 r->flags |= VH_ABORTED;
-                kill_group(s, now, lim);
+                kill_group(s, now,
+                           lim->kill_grace_ms < ABORT_GRACE_MS ? lim->kill_grace_ms
+                                                               : ABORT_GRACE_MS);
             } else if (!s->killed && now >= s->deadline) {
                 r->flags |= VH_TIMEOUT;
-                kill_group(s, now, lim);
+                kill_group(s, now, lim->kill_grace_ms);
             } else if (s->killed && now >= s->deadline) {
                 /* Grace over: stop waiting for pipes a stray process holds. */
                 if (!reap(s, r))
@@ -484,7 +491,7 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
             if (!s->killed && (r->out_total > lim->max_output
                                || r->err_total > lim->max_output)) {
                 r->flags |= VH_OVERFLOW;
-                kill_group(s, now_ns(), lim);
+                kill_group(s, now_ns(), lim->kill_grace_ms);
             }
         }
     }

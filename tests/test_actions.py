@@ -676,3 +676,10 @@ def test_shell_that_closes_its_pipes_before_exiting() -> None:
     assert result.returncode == 4
     assert result.stdout == b"early\n"
     assert result.duration >= 0.3
+
+
+def test_id_token_leaves_shell_variables_alone() -> None:
+    """Whole-word ID is substituted, but $ID and ${ID} are the user's shell variables."""
+    vm = _vm("vm5")
+    assert substitute("echo ID x-ID-y", vm, None) == "echo 5 x-5-y"
+    assert substitute("echo $ID ${ID} IDX", vm, None) == "echo $ID ${ID} IDX"

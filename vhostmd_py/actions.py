@@ -60,7 +60,7 @@ from typing import Any, Dict, List, Mapping, Set, Tuple
 
 from ._runner import ffi, lib
 from .errors import ActionError
-from .model import VM
+from .model import DEFAULT_PATH, VM
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ CANCEL_WAIT = 1.0
 # cancellation burst ends together (the stop path only).
 CANCEL_SPIN = 0.05
 DEFAULT_SHELL = "/bin/sh"
-DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
 def default_concurrency() -> int:
@@ -96,7 +95,9 @@ def default_concurrency() -> int:
 # Characters the shell never treats specially (no quoting, expansion, globbing,
 # word splitting); covers libvirt names in practice, ids, UUIDs and usual URIs.
 _SAFE_VALUE = re.compile(r"[A-Za-z0-9_.:@%+=,/-]+\Z")
-_VM_TOKENS = re.compile(r"CONNECT|VMID|UUID|NAME|\bID\b")
+# `ID` is our addition (the seed documentation's name for the id): a shell
+# variable `$ID` / `${ID}` is the user's, never ours.
+_VM_TOKENS = re.compile(r"CONNECT|VMID|UUID|NAME|(?<![$\w{])ID\b")
 # Upstream replaces only CONNECT in host context (edge-4k HostNameToken keeps
 # `NAME VMID UUID` literally).
 _HOST_TOKENS = re.compile(r"CONNECT")
@@ -571,8 +572,7 @@ class ActionRunner:
         except asyncio.CancelledError:
             # The daemon is stopping: the child must not outlive the cycle.
             # Wait (briefly, polling: this is the stop path only) until C has
-            # killed and reaped it, as the asyncio runner did synchronously.
-            # asyncio.gather() ends at the FIRST cancelled child, so what must
+            # killed and reaped it. asyncio.gather() ends at the FIRST cancelled child, so what must
             # be true when the cycle's cancellation completes is done here
             # synchronously: kill now and wait briefly for C to reap (a killed
             # shell is gone in well under a millisecond); only a child stuck
@@ -608,7 +608,20 @@ class ActionRunner:
         k = min(self.batch_threads, self.max_concurrency, len(jobs))
         share = -(-self.max_concurrency // k)
         for part in range(k):
-            self._submit(loop, _Batch(self, jobs[part::k], share))
+            group = jobs[part::k]
+            try:
+                self._submit(loop, _Batch(self, group, share))
+            except Exception as err:
+                # Called from call_soon: an exception here would only reach
+                # asyncio's handler and leave these futures pending for ever,
+                # and with them the cycle (EMFILE on pipe2 is plausible with
+                # a thousand virtio sockets open).
+                log.error("cannot start %d action(s): %s", len(group), err)
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(
+                            ActionError("(batch)", f"cannot start the action: {err}")
+                        )
 
     def _submit(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
         assert self._pool is not None

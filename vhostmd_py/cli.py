@@ -188,9 +188,6 @@ def run(opts: Options) -> int:
         config = load_config(opts.config)
     except VhostmdError as err:
         return _fail(f"{PROG}: {err}")
-    if "xenstore" in config.transports:
-        # Upstream built without xenstore says this and exits 1 (golden xenstore).
-        return _fail(f"{PROG}: {config.file}: No support for xenstore transport in this vhostmd")
     for line in describe_config(config):
         log.info("%s", line)
     ident = None

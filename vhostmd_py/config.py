@@ -24,22 +24,18 @@ from typing import Any, List, Sequence, Tuple
 from lxml import etree
 
 from .errors import ConfigError, StrPath
+from .mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE, UPSTREAM_READ_BLOCK
+from .model import DEFAULT_PATH
 from .safexml import safe_parser
 
 log = logging.getLogger(__name__)
 
-MIN_DISK_SIZE = 1024
-MAX_DISK_SIZE = 256 * 1024 * 1024
-# The upstream guest reader reads with O_DIRECT in 64 KiB blocks and needs the
-# whole block to be there (FACTS section 3, reader case small-1k.img).
-UPSTREAM_READ_BLOCK = 65536
 DEFAULT_DISK_PATH = "/dev/shm/vhostmd0"
 # libvirt creates auto-path channel sockets here (GUEST-E2E.md:
 # .../channel/target/domain-<ID>-<NAME>/org.github.vhostmd.1).
 DEFAULT_CHANNEL_PATH = "/var/lib/libvirt/qemu/channel/target"
 DEFAULT_MAX_CHANNELS = 1024
 DEFAULT_EXPIRATION_TIME = 15
-DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 TRANSPORTS = ("vbd", "virtio")
 METRIC_TYPES = ("int32", "uint32", "int64", "uint64", "real32", "real64", "string")

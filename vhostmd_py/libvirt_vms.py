@@ -31,12 +31,10 @@ from typing import Any, Dict, List, Tuple
 
 from lxml import etree
 
-from vhostmd_py.model import VM
+from vhostmd_py.model import CHANNEL_NAME, VM
 from vhostmd_py.safexml import safe_parser
 
 log = logging.getLogger(__name__)
-
-CHANNEL_NAME = "org.github.vhostmd.1"
 
 _handler_lock = threading.Lock()
 _handler_installed = False
@@ -181,9 +179,11 @@ class LibvirtVMs:
         try:
             path = channel_path_from_xml(dom.XMLDesc(0))
         except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return None  # vanished: not cached, it will not be listed again
-            raise
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                # One domain's XML must not cost every VM its metrics: no
+                # channel path for it this cycle (discovery may still find it).
+                log.warning("cannot read the XML of domain %s: %s", key[0], err)
+            return None  # not cached: asked again next cycle
         self._channels[key] = path
         return path
 

@@ -14,6 +14,12 @@ from typing import Tuple
 # host part is empty (FACTS.md section 4, virtio/vmonly/get_xml_lf.bin).
 NO_HOST_METRICS = b"<!-- host metrics not available -->"
 
+# The virtio-serial port name QEMU exposes to the guest and libvirt names
+# the host socket after.
+CHANNEL_NAME = "org.github.vhostmd.1"
+# PATH of actions when the config's <path> is empty (upstream's default config).
+DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
+
 DOC_HEAD = b"<metrics>\n"
 DOC_TAIL = b"</metrics>\n"
 
@@ -48,10 +54,3 @@ class Snapshot:
     def document(self) -> bytes:
         """The metrics document as written to the vbd disk."""
         return b"".join((DOC_HEAD, self.host, *(b.xml for b in self.vms), DOC_TAIL))
-
-    def block_for(self, vm_id: int) -> VmBlock | None:
-        """This cycle's block of the VM with that id, if it is running."""
-        for block in self.vms:
-            if block.vm.id == vm_id:
-                return block
-        return None

@@ -1,4 +1,4 @@
-"""Pluggable sources of metric values (SPEC item 7).
+"""Pluggable sources of metric values, so built-in ones can stand beside shell actions.
 
 A source turns a metric (and a VM, for vm context) into the raw value bytes,
 or None when it failed (the source logs why, naming the metric and the VM).

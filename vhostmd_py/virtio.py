@@ -49,11 +49,9 @@ import struct
 import time
 from typing import Callable, Dict, List, Protocol, Sequence, Set, Tuple
 
-from .model import DOC_HEAD, NO_HOST_METRICS, VM, Snapshot
+from .model import CHANNEL_NAME, DOC_HEAD, NO_HOST_METRICS, VM, Snapshot
 
 logger = logging.getLogger(__name__)
-
-CHANNEL_NAME = "org.github.vhostmd.1"
 
 REQUEST_LF = b"GET /metrics/XML\n\n"
 REQUEST_CRLF = b"GET /metrics/XML\r\n\r\n"
