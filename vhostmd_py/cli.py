@@ -16,12 +16,13 @@ started, which upstream's (always 0 once forked) does not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, List, NoReturn, Sequence
 
 import click
 
@@ -167,6 +168,19 @@ def _runner_factory(opts: Options) -> Callable[[Config], ActionRunner]:
     return make
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Defer SIGTERM/SIGINT/SIGQUIT until the block is done (then they act)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def run(opts: Options) -> int:
     """Start the daemon as OPTS say; the process exit status."""
     from vhostmd_py import logsetup
@@ -218,9 +232,14 @@ def run(opts: Options) -> int:
     pid_file: PidFile | None = None
     try:
         try:
+            # A stop signal inside these two would leave an empty pid file or a
+            # disk still busy from its creation, before the finally below knows
+            # about them: hold the signals until each is done.
             if opts.pid_file is not None:
-                pid_file = PidFile.create(opts.pid_file)
-            daemon.open_disk()
+                with _stop_signals_held():
+                    pid_file = PidFile.create(opts.pid_file)
+            with _stop_signals_held():
+                daemon.open_disk()
             if ident is not None:
                 _preload(config)
                 drop_privileges(ident)
