@@ -132,7 +132,7 @@ def run(base: Path, runs: int) -> Dict[str, object]:
     doc = reader.read()
     rows.append(
         _row(
-            "get_metric, cached (header re-read + lookup), 256 KiB disk",
+            "get_metric, cached (stable read + compare + lookup), 256 KiB disk",
             _samples(lambda: reader.get("Metric3", MetricContext.VM), 3000),
         )
     )
