@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build_mdisk.py:ffibuilder", "csrc/build_runner.py:ffibuilder"])
+setup(cffi_modules=["csrc/build.py:mdisk_ffi", "csrc/build.py:runner_ffi"])

@@ -2,7 +2,7 @@
  * mdisk.h - declarations of the vhostmd metrics disk ("mvbd") hot path.
  *
  * Declarations only: this file is read both by the C compiler and by
- * cffi's cdef (see build_mdisk.py), so it holds no preprocessor logic
+ * cffi's cdef (see build.py), so it holds no preprocessor logic
  * beyond integer #defines, which cffi accepts. The on-disk layout is
  * described once, in mdisk.c, where it is packed. Callers include
  * <stdint.h> and <stddef.h> first.

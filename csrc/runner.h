@@ -2,7 +2,7 @@
  * runner.h - declarations of the action batch runner (csrc/runner.c).
  *
  * Declarations only: this file is read both by the C compiler and by
- * cffi's cdef (see build_runner.py), so it holds no preprocessor logic
+ * cffi's cdef (see build.py), so it holds no preprocessor logic
  * beyond integer #defines, which cffi accepts. Callers include
  * <stdint.h> and <stddef.h> first. The behaviour is described in runner.c.
  */

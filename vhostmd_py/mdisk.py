@@ -10,7 +10,6 @@ which has the same public names; only the hot path differs.
 from __future__ import annotations
 
 import errno as errno_mod
-import time
 from typing import Any, Union
 
 from vhostmd_py._mdisk import ffi, lib
@@ -23,9 +22,7 @@ from vhostmd_py.mdisk_py import (
     SIGNATURE,
     UPSTREAM_READ_BLOCK,
     AttemptResult,
-    Clock,
     Header,
-    Sleep,
     Status,
     _header_from_block,
     check_disk_size,
@@ -150,24 +147,4 @@ def read_header(path: StrPath, *, direct: bool = True) -> Header:
     return _header_from_block(path, read_first_block(path, direct), unpack_header)
 
 
-def read_disk(
-    path: StrPath,
-    *,
-    busy_timeout: float = 10.0,
-    retry_interval: float = 0.05,
-    clock: Clock = time.monotonic,
-    sleep: Sleep = time.sleep,
-    direct: bool = True,
-    checksum_grace: float = 1.0,
-) -> bytes:
-    """The content of the metrics disk at path, read stably (guest side)."""
-    with DiskReader(
-        path,
-        busy_timeout=busy_timeout,
-        retry_interval=retry_interval,
-        clock=clock,
-        sleep=sleep,
-        direct=direct,
-        checksum_grace=checksum_grace,
-    ) as reader:
-        return reader.read()
+read_disk = DiskReader.read_once

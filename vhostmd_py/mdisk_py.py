@@ -625,25 +625,31 @@ class DiskReader:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @classmethod
+    def read_once(
+        cls,
+        path: StrPath,
+        *,
+        busy_timeout: float = 10.0,
+        retry_interval: float = 0.05,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = time.sleep,
+        direct: bool = True,
+        checksum_grace: float = 1.0,
+    ) -> bytes:
+        """The content of the metrics disk at path, read stably (guest side)."""
+        with cls(
+            path,
+            busy_timeout=busy_timeout,
+            retry_interval=retry_interval,
+            clock=clock,
+            sleep=sleep,
+            direct=direct,
+            checksum_grace=checksum_grace,
+        ) as reader:
+            return reader.read()
 
-def read_disk(
-    path: StrPath,
-    *,
-    busy_timeout: float = 10.0,
-    retry_interval: float = 0.05,
-    clock: Clock = time.monotonic,
-    sleep: Sleep = time.sleep,
-    direct: bool = True,
-    checksum_grace: float = 1.0,
-) -> bytes:
-    """The content of the metrics disk at path, read stably (guest side)."""
-    with DiskReader(
-        path,
-        busy_timeout=busy_timeout,
-        retry_interval=retry_interval,
-        clock=clock,
-        sleep=sleep,
-        direct=direct,
-        checksum_grace=checksum_grace,
-    ) as reader:
-        return reader.read()
+
+# One definition for both implementations: vhostmd_py.mdisk binds the same
+# classmethod to its C-backed DiskReader.
+read_disk = DiskReader.read_once
