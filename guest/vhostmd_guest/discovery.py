@@ -9,53 +9,30 @@ devices and regular files are opened, and the open is non-blocking.
 
 from __future__ import annotations
 
-import errno
 import logging
-import mmap
 import os
 import stat
 from typing import List
 
+from vhostmd_py import errors as hosterrors
 from vhostmd_py import mdisk
 
 from .errors import DiskNotFoundError, StrPath
 
 log = logging.getLogger(__name__)
 
-# One page: the alignment and size O_DIRECT needs on every block device
-# (logical block sizes are 512 or 4096) and more than the 16-byte header.
-_PROBE_SIZE = 4096
-
-
-def _read_probe(path: str) -> bytes:
-    """The first bytes of ``path``, read with O_DIRECT when the filesystem allows it."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | os.O_DIRECT)
-    except OSError as err:
-        # tmpfs and a few other filesystems refuse O_DIRECT; the signature
-        # does not go stale in the page cache, so a buffered probe is enough.
-        if err.errno != errno.EINVAL:
-            raise
-        fd = os.open(path, flags)
-    try:
-        buf = mmap.mmap(-1, _PROBE_SIZE)  # page-aligned, as O_DIRECT requires
-        try:
-            n = os.preadv(fd, [buf], 0)
-            return bytes(buf[: max(n, 0)])
-        finally:
-            buf.close()
-    finally:
-        os.close(fd)
-
-
 def probe(path: StrPath) -> mdisk.Header | None:
-    """The mvbd header of ``path`` if it carries the signature, else None (OSError on failure)."""
-    raw = _read_probe(os.fspath(path))
-    if len(raw) < mdisk.HEADER_SIZE:
-        return None
-    header = mdisk.unpack_header(raw[: mdisk.HEADER_SIZE])
-    return header if header.signature == mdisk.SIGNATURE else None
+    """The mvbd header of ``path`` if it carries the signature, else None.
+
+    The read is the disk format's own first-block read (non-blocking open,
+    O_DIRECT with an aligned buffer where the filesystem allows it);
+    vhostmd_py.errors.DiskIOError when the device cannot be opened or read.
+    """
+    try:
+        header = mdisk.read_header(path)
+    except hosterrors.DiskFormatError:
+        return None  # shorter than a header: not a metrics disk
+    return header if header.has_signature else None
 
 
 def _sys_size(sys_block: str, entry: str) -> int | None:
@@ -98,9 +75,9 @@ def find_metrics_disk(sys_root: StrPath = "/sys", dev_root: StrPath = "/dev") ->
             continue
         try:
             header = probe(path)
-        except OSError as err:
-            log.debug("%s: %s, skipped", path, err.strerror)
-            probed.append(f"{entry} ({err.strerror})")
+        except hosterrors.DiskError as err:
+            log.debug("%s: %s, skipped", path, err.reason)
+            probed.append(f"{entry} ({err.reason})")
             continue
         if header is not None:
             log.debug("metrics disk found: %s", path)
