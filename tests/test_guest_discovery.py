@@ -11,9 +11,7 @@ from typing import List
 
 import pytest
 from vhostmd_guest.discovery import find_metrics_disk, probe
-from vhostmd_guest.errors import DiskNotFoundError, MetricsDiskError
-
-from vhostmd_py.errors import DiskIOError
+from vhostmd_guest.errors import DiskIOError, DiskNotFoundError, MetricsDiskError
 
 
 def _device(root: Path, name: str, sectors: int | None) -> Path:

@@ -17,7 +17,7 @@ from typing import List
 from vhostmd_py import errors as hosterrors
 from vhostmd_py import mdisk
 
-from .errors import DiskNotFoundError, StrPath
+from .errors import DiskIOError, DiskNotFoundError, StrPath
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +26,14 @@ def probe(path: StrPath) -> mdisk.Header | None:
 
     The read is the disk format's own first-block read (non-blocking open,
     O_DIRECT with an aligned buffer where the filesystem allows it);
-    vhostmd_py.errors.DiskIOError when the device cannot be opened or read.
+    DiskIOError when the device cannot be opened or read.
     """
     try:
         header = mdisk.read_header(path)
     except hosterrors.DiskFormatError:
         return None  # shorter than a header: not a metrics disk
+    except hosterrors.DiskIOError as err:
+        raise DiskIOError(err.path, err.reason, err.errno) from err
     return header if header.has_signature else None
 
 
@@ -75,7 +77,7 @@ def find_metrics_disk(sys_root: StrPath = "/sys", dev_root: StrPath = "/dev") ->
             continue
         try:
             header = probe(path)
-        except hosterrors.DiskError as err:
+        except DiskIOError as err:
             log.debug("%s: %s, skipped", path, err.reason)
             probed.append(f"{entry} ({err.reason})")
             continue

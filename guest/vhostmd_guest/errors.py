@@ -9,9 +9,9 @@ program only ever has to catch MetricsError.
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Tuple
 
-StrPath = Union[str, "os.PathLike[str]"]
+from vhostmd_py.errors import StrPath as StrPath  # re-exported for this package
 
 
 class MetricsError(Exception):
