@@ -1,37 +1,66 @@
 /*
- * runner.c - run a batch of metric actions (`/bin/sh -c CMD`) with bounds.
+ * runner.c - run a batch of metric actions through /bin/sh, with bounds.
  *
- * WHY C: every cycle runs one shell per metric per VM (3000 for perf-echo3
- * x 1000 domains). Each child costs ~0.7 ms of CPU (exec + dash); the
- * asyncio/ctypes path cost ~450 us more per action in our own process, so
- * parent + children overran 2 cores' budget (bench/README.md, Actions).
- * Here one thread spawns, watches and reaps a whole batch with poll(), and
- * Python only packs the jobs and unpacks the results (~tens of us each).
- * The caller releases the GIL (cffi does) and runs this in a worker thread,
- * so the daemon's event loop (virtio shares it) stays responsive.
+ * WHY C: every cycle runs one shell command per metric per VM (3000 for
+ * perf-echo3 x 1000 domains). One thread dispatches, watches and finishes a
+ * whole batch with poll(); Python only packs the jobs and unpacks the
+ * results (~tens of us each). The caller releases the GIL (cffi does) and
+ * runs this in a worker thread, so the daemon's event loop (virtio shares
+ * it) stays responsive.
+ *
+ * WHY WORKER SHELLS: upstream runs each action with popen(), i.e. a fresh
+ * `/bin/sh -c CMD`. On the 2-core VMs this daemon is measured on, an exec
+ * costs ~0.75 ms of CPU before the shell reads a byte (a static no-op
+ * binary already takes ~0.5 ms: glibc's start-up executes dozens of CPUID
+ * instructions and each one traps to the hypervisor), so 3000 execs alone
+ * overran the cycle budget (bench/README.md, Cycle). A fork of a running
+ * shell skips exec and libc start-up (~0.3 ms). So each batch starts up to
+ * max_running workers, `SHELL -s` reading commands from a pipe, and runs
+ * every action in a subshell of one of them:
+ *
+ *     ( eval ' CMD' ) 2>'PREFIXNe' >'PREFIXNo' </dev/null; echo $?
+ *
+ * The same /bin/sh parses and runs CMD exactly once (eval of one quoted
+ * word is what `sh -c CMD` does with its argument), with the same
+ * environment (the worker's, PATH from the config), no positional
+ * parameters, $0 "sh", $PPID the daemon, and no state left by an earlier
+ * action (each runs in its own subshell; the worker itself only ever runs
+ * the line above). What differs from `sh -c`: $$ is the worker's pid (POSIX:
+ * a subshell's $$ is its parent shell's), an exit status above 128 cannot
+ * be told from death by signal 128+N, and an action that kills $$ kills its
+ * worker (reported with the worker's wait status, a new worker takes over).
  *
  * Per action (the contract ActionRunner documents):
- *  - posix_spawn(shell, {"sh", "-c", cmd}, envp) in a NEW SESSION, so one
- *    killpg() reaches every process it started (upstream's popen() left
+ *  - its worker leads a NEW SESSION (posix_spawn SETSID), so one killpg()
+ *    reaches every process of the action (upstream's popen() left
  *    grandchildren running); SIGPIPE and SIGXFSZ back to default although
  *    Python ignores them (`virsh ... | head -1` must end as from a shell);
- *    empty signal mask; stdin /dev/null; stdout/stderr pipes. Every fd we
- *    create is O_CLOEXEC, so no child inherits another action's pipes (a
- *    leaked write end would hold that action's EOF back).
+ *    empty signal mask; stdin /dev/null; stdout and stderr two fifos of our
+ *    own, fresh per action (a straggler of an earlier action can never write
+ *    into a later one's output) in the caller's private directory. Every fd
+ *    we create is O_CLOEXEC: no worker inherits another one's pipes.
  *  - the first out_cap bytes of stdout and err_cap of stderr are kept; more
  *    is read and counted; past max_output on either, the group is killed
  *    (upstream read once and closed the pipe: such a command died of
  *    SIGPIPE and the metric was left out, as here).
- *  - timeout_ms after the spawn, SIGKILL to the process group.
- *  - done when both pipes are at EOF and the shell is reaped; after a kill,
- *    at most kill_grace_ms more (a grandchild that called setsid() keeps the
- *    pipe open forever): then the pipes are closed, the shell reaped if it
- *    can be, else reported VH_UNREAPED for the caller to reap later.
+ *  - timeout_ms after its start, SIGKILL to the worker's process group (the
+ *    worker goes with it; the next action gets a new one).
+ *  - done when both fifos are at EOF and the worker reported the status (or
+ *    died and was reaped); after a kill, at most kill_grace_ms more (a
+ *    grandchild that called setsid() keeps a fifo open forever): then the
+ *    fifos are closed, the worker reaped if it can be, else reported
+ *    VH_UNREAPED for the caller to reap later.
  *  - the abort pipe: an index kills that job (or cancels it before start),
  *    VH_ABORT_ALL every job: the daemon stops within its 2 s budget.
  * Reaping uses waitpid(pid) on our own pids only (never -1), and a pidfd
- * (Linux >= 5.3) for the rare shell that closed its pipes before exiting;
- * without pidfd_open we poll for it every millisecond.
+ * (Linux >= 5.3) for a worker that died with its fifos already closed;
+ * without pidfd_open we poll for it every millisecond. At the end of the
+ * batch each worker gets EOF on its command pipe, exits, and is reaped.
+ *
+ * EOF on a fifo: poll() reports POLLHUP only once a writer has come and
+ * gone, so a fifo whose writer never opened it (the subshell failed before
+ * its redirections, or was killed first) is probed with one read() when the
+ * status arrives or the worker dies: with no writer left, read() returns 0.
  */
 
 #include <errno.h>
@@ -41,8 +70,10 @@
 #include <spawn.h>
 #include <stdint.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -52,20 +83,35 @@
 #include "runner.h"
 
 #define READ_CHUNK 65536
-#define STARVED_TICK_MS 2   /* other batches hold every slot: look again    */
-#define PIDFD_TICK_MS 1     /* no pidfd_open: how often to retry waitpid    */
+#define STARVED_TICK_MS 2   /* other batches hold every slot: look again     */
+#define PIDFD_TICK_MS 1     /* no pidfd_open: how often to retry waitpid     */
+#define RETIRE_WAIT_MS 1000 /* a worker given EOF this long to exit, then KILL */
+/* After an abort (the daemon is stopping) we wait at most this long for the
+ * fifos of a killed action: a grandchild that escaped with setsid() may hold
+ * them for ever, and the daemon must stop within 2 s (SPEC section 7). */
+#define ABORT_GRACE_MS 100
 
 enum { ST_PENDING = 0, ST_RUNNING = 1, ST_DONE = 2 };
 
-struct slot {
+struct worker {
+    pid_t pid;            /* 0: no worker in this slot                      */
+    char *const *envp;    /* the environment it was started with            */
+    int in_fd;            /* its stdin: commands, ours non-blocking         */
+    int st_fd;            /* its stdout: one exit status line per action    */
+    int pid_fd;           /* -1 until needed (died with its fifos closed)   */
+    char *wbuf;           /* command text not yet written to in_fd          */
+    size_t wlen, woff;
+    char line[16];        /* status line being read                         */
+    size_t line_len;
+    int gone;             /* st_fd at EOF: the worker exited or is exiting  */
+    int has_job;
     size_t job;
-    pid_t pid;
-    int out_fd;
-    int err_fd;
-    int pid_fd;        /* -1 until the pipes closed before the shell exited */
-    int p_out, p_err;  /* their index in this round's pollfd array, or -1  */
+    int out_fd, err_fd;   /* the job's fifos (read ends)                    */
+    int have_status;      /* the worker reported the job's exit status      */
+    int status;
     int killed;
-    int64_t deadline;  /* timeout, then (killed) end of the grace          */
+    int64_t deadline;     /* timeout, then (killed) end of the grace        */
+    int p_in, p_st, p_out, p_err, p_pid;  /* this round's pollfd indexes    */
 };
 
 static int64_t now_ns(void)
@@ -116,75 +162,204 @@ static int open_pidfd(pid_t pid)
     return -1;
 }
 
-/* Returns 0 or an errno value; on success out_r and err_r hold the read ends. */
-static int spawn_one(const char *shell, const struct vh_job *job,
-                     const posix_spawnattr_t *attr, int devnull, pid_t *pid,
-                     int *out_r, int *err_r)
+/* Moves fd above 2 (our own stdio may be closed): the worker's dup2()s onto
+ * 0, 1 and 2 must not clobber one another's source. Returns fd or -1. */
+static int above_stdio(int fd)
 {
-    int out[2], err[2];
-    posix_spawn_file_actions_t fa;
-    char *argv[4];
-    int rc;
+    int moved;
+    if (fd > 2)
+        return fd;
+    moved = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    close(fd);
+    return moved;
+}
 
-    if (pipe2(out, O_CLOEXEC) != 0)
+/* Appends s to out as one single-quoted shell word (with a blank before s
+ * inside the quotes when blank is set); returns the new end. */
+static char *put_quoted(char *out, const char *s, int blank)
+{
+    *out++ = '\'';
+    if (blank)
+        *out++ = ' ';
+    for (; *s; s++) {
+        if (*s == '\'') {
+            memcpy(out, "'\\''", 4);
+            out += 4;
+        } else {
+            *out++ = *s;
+        }
+    }
+    *out++ = '\'';
+    return out;
+}
+
+static size_t quoted_len(const char *s)
+{
+    size_t n = 2;
+    for (; *s; s++)
+        n += *s == '\'' ? 4 : 1;
+    return n;
+}
+
+static void fifo_path(char *buf, size_t size, const char *prefix, size_t job, char kind)
+{
+    snprintf(buf, size, "%s%zu%c", prefix, job, kind);
+}
+
+/* Starts a worker for envp; returns 0 or an errno value. */
+static int spawn_worker(struct worker *w, const char *shell, char *const *envp,
+                        const posix_spawnattr_t *attr, int devnull)
+{
+    int cmd[2], st[2], rc;
+    posix_spawn_file_actions_t fa;
+    char *argv[3];
+
+    if (pipe2(cmd, O_CLOEXEC) != 0)
         return errno;
-    if (pipe2(err, O_CLOEXEC) != 0) {
+    if (pipe2(st, O_CLOEXEC) != 0) {
         rc = errno;
-        close(out[0]);
-        close(out[1]);
+        close(cmd[0]);
+        close(cmd[1]);
         return rc;
+    }
+    cmd[0] = above_stdio(cmd[0]);
+    st[1] = above_stdio(st[1]);
+    if (cmd[0] < 0 || st[1] < 0) {
+        rc = errno ? errno : EMFILE;
+        goto fail;
     }
     rc = posix_spawn_file_actions_init(&fa);
+    if (rc != 0)
+        goto fail;
+    rc = posix_spawn_file_actions_adddup2(&fa, cmd[0], 0);
+    if (rc == 0)
+        rc = posix_spawn_file_actions_adddup2(&fa, st[1], 1);
+    /* One /dev/null per batch (above 2, see vh_run_batch): saves an open(). */
+    if (rc == 0 && devnull >= 0)
+        rc = posix_spawn_file_actions_adddup2(&fa, devnull, 2);
+    else if (rc == 0)
+        rc = posix_spawn_file_actions_addopen(&fa, 2, "/dev/null", O_WRONLY, 0);
     if (rc == 0) {
-        /* dup2s before the open of fd 0: if our own fd 0 was closed, a pipe
-         * end may be fd 0 and must be moved before /dev/null replaces it. */
-        rc = posix_spawn_file_actions_adddup2(&fa, out[1], 1);
-        if (rc == 0)
-            rc = posix_spawn_file_actions_adddup2(&fa, err[1], 2);
-        /* One /dev/null per batch, dup'ed: saves every child an open(). */
-        if (rc == 0 && devnull >= 0)
-            rc = posix_spawn_file_actions_adddup2(&fa, devnull, 0);
-        else if (rc == 0)
-            rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-        if (rc == 0) {
-            argv[0] = (char *)"sh";
-            argv[1] = (char *)"-c";
-            argv[2] = (char *)job->command;
-            argv[3] = NULL;
-            rc = posix_spawn(pid, shell, &fa, attr, argv, job->envp);
-        }
-        posix_spawn_file_actions_destroy(&fa);
+        argv[0] = (char *)"sh";
+        argv[1] = (char *)"-s";
+        argv[2] = NULL;
+        rc = posix_spawn(&w->pid, shell, &fa, attr, argv, envp);
     }
-    close(out[1]);
-    close(err[1]);
-    if (rc != 0) {
-        close(out[0]);
-        close(err[0]);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0)
+        goto fail;
+    close(cmd[0]);
+    close(st[1]);
+    /* Ours non-blocking: a long command is written as the worker reads it,
+     * a status line read as it comes; the worker's ends stay blocking. */
+    fcntl(cmd[1], F_SETFL, O_NONBLOCK);
+    fcntl(st[0], F_SETFL, O_NONBLOCK);
+    w->in_fd = cmd[1];
+    w->st_fd = st[0];
+    w->pid_fd = -1;
+    w->envp = envp;
+    w->gone = 0;
+    w->line_len = 0;
+    return 0;
+fail:
+    w->pid = 0;
+    if (cmd[0] >= 0)
+        close(cmd[0]);
+    close(cmd[1]);
+    close(st[0]);
+    if (st[1] >= 0)
+        close(st[1]);
+    return rc;
+}
+
+/* Writes what the worker's pipe takes of the pending command. */
+static void push_command(struct worker *w)
+{
+    while (w->wbuf && w->woff < w->wlen) {
+        ssize_t n = write(w->in_fd, w->wbuf + w->woff, w->wlen - w->woff);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return;
+            break;  /* EPIPE: the worker is gone; its st_fd says so */
+        }
+        w->woff += (size_t)n;
+    }
+    free(w->wbuf);
+    w->wbuf = NULL;
+}
+
+/* Gives job (already holding a slot) to worker w: fifos, then the command.
+ * Returns 0 or an errno value (nothing left behind). */
+static int start_job(struct worker *w, size_t job, const struct vh_job *j,
+                     const char *prefix, char *path_o, char *path_e, size_t path_size)
+{
+    size_t len;
+    char *p;
+    int rc;
+
+    fifo_path(path_o, path_size, prefix, job, 'o');
+    fifo_path(path_e, path_size, prefix, job, 'e');
+    if (mkfifo(path_o, 0600) != 0)
+        return errno;
+    if (mkfifo(path_e, 0600) != 0) {
+        rc = errno;
+        unlink(path_o);
         return rc;
     }
-    *out_r = out[0];
-    *err_r = err[0];
+    /* Read ends first, non-blocking: the subshell's open for writing then
+     * succeeds at once instead of waiting for us. */
+    w->out_fd = open(path_o, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    w->err_fd = w->out_fd < 0 ? -1 : open(path_e, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    len = quoted_len(j->command) + 1 + quoted_len(path_o) + quoted_len(path_e) + 64;
+    w->wbuf = w->err_fd < 0 ? NULL : malloc(len);
+    if (!w->wbuf) {
+        rc = w->err_fd < 0 ? errno : ENOMEM;
+        close_fd(&w->out_fd);
+        close_fd(&w->err_fd);
+        unlink(path_o);
+        unlink(path_e);
+        return rc;
+    }
+    p = w->wbuf;
+    /* The blank: an action starting with '-' must not be an option of
+     * eval (bash's eval takes options); leading blanks mean nothing. */
+    memcpy(p, "( eval ", 7);
+    p = put_quoted(p + 7, j->command, 1);
+    memcpy(p, " ) 2>", 5);
+    p = put_quoted(p + 5, path_e, 0);
+    *p++ = '>';
+    p = put_quoted(p, path_o, 0);
+    memcpy(p, " </dev/null; echo $?\n", 21);
+    w->wlen = (size_t)(p + 21 - w->wbuf);
+    w->woff = 0;
+    w->has_job = 1;
+    w->job = job;
+    w->have_status = 0;
+    w->status = 0;
+    w->killed = 0;
+    push_command(w);
     return 0;
 }
 
-/* After an abort (the daemon is stopping) we wait at most this long for the
- * pipes of a killed action: a grandchild that escaped with setsid() may hold
- * them for ever, and the daemon must stop within 2 s (SPEC section 7). */
-#define ABORT_GRACE_MS 100
-
-static void kill_group(struct slot *s, int64_t now, int grace_ms)
+/* Kills the worker's process group: the action, its children, the worker. */
+static void kill_worker(struct worker *w, int64_t now, int grace_ms)
 {
-    if (s->killed)
+    if (w->killed)
         return;
-    s->killed = 1;
-    s->deadline = now + (int64_t)grace_ms * 1000000;
-    if (killpg(s->pid, SIGKILL) != 0 && errno == EPERM) {
-        /* A setuid program in the group: kill at least our shell. */
-        kill(s->pid, SIGKILL);
+    w->killed = 1;
+    w->deadline = now + (int64_t)grace_ms * 1000000;
+    free(w->wbuf);
+    w->wbuf = NULL;
+    close_fd(&w->in_fd);
+    if (killpg(w->pid, SIGKILL) != 0 && errno == EPERM) {
+        /* A setuid program in the group: kill at least our shells. */
+        kill(w->pid, SIGKILL);
     }
 }
 
-/* One read from a readable pipe; closes it at EOF or error. */
+/* One read from a readable fifo/pipe; closes it at EOF or error. */
 static void drain(int *fd, unsigned char *scratch, unsigned char *keep, size_t cap,
                   size_t *kept, uint64_t *total)
 {
@@ -208,38 +383,99 @@ static void drain(int *fd, unsigned char *scratch, unsigned char *keep, size_t c
     *total += (uint64_t)n;
 }
 
-/* Try to reap the shell; 1 when it is gone (status recorded if we got it). */
-static int reap(struct slot *s, struct vh_result *r)
+static void drain_job(struct worker *w, const struct vh_job *j, struct vh_result *r,
+                      unsigned char *scratch)
+{
+    if (w->out_fd >= 0)
+        drain(&w->out_fd, scratch, j->out, j->out_cap, &r->out_len, &r->out_total);
+    if (w->err_fd >= 0)
+        drain(&w->err_fd, scratch, j->err, j->err_cap, &r->err_len, &r->err_total);
+}
+
+/* Reads status lines; at EOF marks the worker gone. */
+static void read_status(struct worker *w)
+{
+    char buf[64];
+    for (;;) {
+        ssize_t n = read(w->st_fd, buf, sizeof buf);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN)
+                return;
+            n = 0;
+        }
+        if (n == 0) {
+            close_fd(&w->st_fd);
+            w->gone = 1;
+            return;
+        }
+        for (ssize_t k = 0; k < n; k++) {
+            if (buf[k] != '\n') {
+                if (w->line_len < sizeof w->line - 1)
+                    w->line[w->line_len++] = buf[k];
+                continue;
+            }
+            w->line[w->line_len] = '\0';
+            w->line_len = 0;
+            if (w->has_job && !w->have_status) {
+                w->have_status = 1;
+                w->status = atoi(w->line) & 0xff;
+            }
+        }
+    }
+}
+
+/* Try to reap the worker; 1 when it is gone (status recorded if we got it). */
+static int reap(struct worker *w, struct vh_result *r)
 {
     int status;
     pid_t got;
     do {
-        got = waitpid(s->pid, &status, WNOHANG);
+        got = waitpid(w->pid, &status, WNOHANG);
     } while (got < 0 && errno == EINTR);
-    if (got == s->pid) {
-        r->status = status;
-        r->flags |= VH_REAPED;
+    if (got == w->pid) {
+        if (r) {
+            r->status = status;
+            r->flags |= VH_REAPED;
+        }
         return 1;
     }
-    /* ECHILD: reaped by someone else; the status is lost, the job is over. */
+    /* ECHILD: reaped by someone else; the status is lost, the worker is over. */
     return got < 0;
 }
 
-static void finish(struct slot *slots, unsigned *nrun, unsigned i,
-                   struct vh_result *results, unsigned char *state,
-                   struct vh_shared *sh, int64_t now)
+/* Forgets a dead (or abandoned) worker: its slot can start a new one. */
+static void drop_worker(struct worker *w)
 {
-    struct slot *s = &slots[i];
-    close_fd(&s->out_fd);
-    close_fd(&s->err_fd);
-    close_fd(&s->pid_fd);
-    state[s->job] = ST_DONE;
+    free(w->wbuf);
+    w->wbuf = NULL;
+    close_fd(&w->in_fd);
+    close_fd(&w->st_fd);
+    close_fd(&w->pid_fd);
+    w->pid = 0;
+}
+
+/* Ends w's job: fifos removed and closed, result published. */
+static void finish_job(struct worker *w, struct vh_result *results, unsigned char *state,
+                       struct vh_shared *sh, const char *prefix, char *path,
+                       size_t path_size, int64_t now)
+{
+    /* Unlink before closing: a late opener then fails (ENOENT) instead of
+     * blocking for ever on a fifo nobody reads. */
+    fifo_path(path, path_size, prefix, w->job, 'o');
+    unlink(path);
+    fifo_path(path, path_size, prefix, w->job, 'e');
+    unlink(path);
+    close_fd(&w->out_fd);
+    close_fd(&w->err_fd);
+    w->has_job = 0;
+    state[w->job] = ST_DONE;
     give_slot(sh);
     /* Last, and atomically: a cancelled caller polls end_ns != 0 to know
-     * that the child is dead and reaped (and the gauge already down). */
-    __atomic_store_n(&results[s->job].end_ns, now, __ATOMIC_RELEASE);
-    slots[i] = slots[*nrun - 1];
-    (*nrun)--;
+     * that the action is over (its worker killed and reaped if it was
+     * killed) and the gauge already down. */
+    __atomic_store_n(&results[w->job].end_ns, now, __ATOMIC_RELEASE);
 }
 
 static int setup_attr(posix_spawnattr_t *attr)
@@ -292,15 +528,78 @@ static int read_aborts(int *abort_fd, const unsigned char *state, size_t njobs,
     return all;
 }
 
-int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
+/* End of the batch: every worker gets EOF on its commands and is reaped. */
+static void retire_workers(struct worker *ws, unsigned n)
+{
+    int64_t give_up = now_ns() + (int64_t)RETIRE_WAIT_MS * 1000000;
+    unsigned left;
+
+    for (unsigned i = 0; i < n; i++) {
+        close_fd(&ws[i].in_fd);
+        close_fd(&ws[i].st_fd);
+    }
+    do {
+        left = 0;
+        for (unsigned i = 0; i < n; i++) {
+            if (ws[i].pid && reap(&ws[i], NULL))
+                drop_worker(&ws[i]);
+            if (ws[i].pid)
+                left++;
+        }
+        if (left) {
+            struct timespec ms = {0, 1000000};
+            nanosleep(&ms, NULL);
+        }
+    } while (left && now_ns() < give_up);
+    for (unsigned i = 0; i < n; i++) {
+        if (!ws[i].pid)
+            continue;
+        /* Stopped or wedged: it holds no job, take it and its group down. */
+        killpg(ws[i].pid, SIGKILL);
+        kill(ws[i].pid, SIGKILL);
+        while (waitpid(ws[i].pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+        drop_worker(&ws[i]);
+    }
+}
+
+/* The idle worker for envp, else a free slot, else an idle worker with
+ * another environment (retired: the jobs of one batch rarely differ). */
+static struct worker *pick_worker(struct worker *ws, unsigned n, char *const *envp)
+{
+    struct worker *empty = NULL, *other = NULL;
+    for (unsigned i = 0; i < n; i++) {
+        struct worker *w = &ws[i];
+        if (w->pid && w->gone && !w->has_job && reap(w, NULL))
+            drop_worker(w);  /* died between actions (killed from outside) */
+        if (!w->pid) {
+            if (!empty)
+                empty = w;
+        } else if (!w->has_job && !w->gone && !w->wbuf) {
+            if (w->envp == envp)
+                return w;
+            if (!other)
+                other = w;
+        }
+    }
+    if (empty)
+        return empty;
+    if (other)
+        retire_workers(other, 1);
+    return other;
+}
+
+int vh_run_batch(const char *shell, const char *fifo_prefix,
+                 const struct vh_job *jobs, size_t njobs,
                  struct vh_shared *shared, const struct vh_limits *lim,
                  int abort_fd, struct vh_result *results)
 {
-    unsigned max_local, nrun = 0;
-    size_t next = 0, ndone = 0;
-    struct slot *slots;
+    unsigned max_local, nbusy = 0;
+    size_t next = 0, ndone = 0, path_size;
+    struct worker *ws;
     struct pollfd *pfds;
     unsigned char *scratch, *state, *abort_req;
+    char *path_o, *path_e;
     posix_spawnattr_t attr;
     int rc, all_aborted = 0, abort_ready = 1, devnull;
 
@@ -313,22 +612,29 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
     rc = setup_attr(&attr);
     if (rc != 0)
         return -rc;
-    slots = calloc(max_local, sizeof *slots);
-    pfds = calloc(3 * (size_t)max_local + 1, sizeof *pfds);
+    path_size = strlen(fifo_prefix) + 32;
+    ws = calloc(max_local, sizeof *ws);
+    pfds = calloc(5 * (size_t)max_local + 1, sizeof *pfds);
     scratch = malloc(READ_CHUNK);
     state = calloc(njobs, 2);
-    if (!slots || !pfds || !scratch || !state) {
-        free(slots);
+    path_o = malloc(2 * path_size);
+    if (!ws || !pfds || !scratch || !state || !path_o) {
+        free(ws);
         free(pfds);
         free(scratch);
         free(state);
+        free(path_o);
         posix_spawnattr_destroy(&attr);
         return -ENOMEM;
     }
+    path_e = path_o + path_size;
     abort_req = state + njobs;
-    /* -1: each child opens it. Below 3 (our own stdio was closed) the
-     * child's dup2 onto 1 or 2 would clobber it first: do not use it. */
-    devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    for (unsigned i = 0; i < max_local; i++) {
+        ws[i].in_fd = ws[i].st_fd = ws[i].pid_fd = ws[i].out_fd = ws[i].err_fd = -1;
+    }
+    /* -1: each worker opens it. Below 3 (our own stdio was closed) the
+     * worker's dup2 onto 0 or 1 would clobber it first: do not use it. */
+    devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (devnull >= 0 && devnull < 3) {
         close(devnull);
         devnull = -1;
@@ -336,43 +642,46 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
 
     while (ndone < njobs) {
         int64_t now, wake;
-        int timeout_ms, starved = 0, tick = 0, reaped, abort_at;
+        int timeout_ms, starved = 0, tick = 0, finished, abort_at;
         nfds_t np = 0;
 
         /* Only when poll() said so (or first round): saves a failing read
-         * per wake-up, ~3 per action. */
+         * per wake-up. */
         if (abort_fd >= 0 && abort_ready && read_aborts(&abort_fd, state, njobs, abort_req))
             all_aborted = 1;
         abort_ready = 0;
         now = now_ns();
 
         /* Aborts, timeouts, and the end of kill graces. */
-        for (unsigned i = 0; i < nrun;) {
-            struct slot *s = &slots[i];
-            struct vh_result *r = &results[s->job];
-            if (!s->killed && (all_aborted || abort_req[s->job])) {
-                r->flags |= VH_ABORTED;
-                kill_group(s, now,
-                           lim->kill_grace_ms < ABORT_GRACE_MS ? lim->kill_grace_ms
-                                                               : ABORT_GRACE_MS);
-            } else if (!s->killed && now >= s->deadline) {
-                r->flags |= VH_TIMEOUT;
-                kill_group(s, now, lim->kill_grace_ms);
-            } else if (s->killed && now >= s->deadline) {
-                /* Grace over: stop waiting for pipes a stray process holds. */
-                if (!reap(s, r))
-                    r->flags |= VH_UNREAPED;
-                finish(slots, &nrun, i, results, state, shared, now);
-                ndone++;
+        for (unsigned i = 0; i < max_local; i++) {
+            struct worker *w = &ws[i];
+            struct vh_result *r;
+            if (!w->has_job)
                 continue;
+            r = &results[w->job];
+            if (!w->killed && (all_aborted || abort_req[w->job])) {
+                r->flags |= VH_ABORTED;
+                kill_worker(w, now,
+                            lim->kill_grace_ms < ABORT_GRACE_MS ? lim->kill_grace_ms
+                                                                : ABORT_GRACE_MS);
+            } else if (!w->killed && now >= w->deadline) {
+                r->flags |= VH_TIMEOUT;
+                kill_worker(w, now, lim->kill_grace_ms);
+            } else if (w->killed && now >= w->deadline) {
+                /* Grace over: stop waiting for fifos a stray process holds. */
+                if (!reap(w, r))
+                    r->flags |= VH_UNREAPED;
+                finish_job(w, results, state, shared, fifo_prefix, path_o, path_size, now);
+                drop_worker(w);
+                nbusy--;
+                ndone++;
             }
-            i++;
         }
 
         /* Start what the bounds allow. */
-        while (next < njobs && nrun < max_local) {
+        while (next < njobs && nbusy < max_local) {
             struct vh_result *r = &results[next];
-            struct slot *s;
+            struct worker *w;
             if (all_aborted || abort_req[next]) {
                 r->flags |= VH_ABORTED;
                 r->start_ns = r->end_ns = now;
@@ -380,17 +689,21 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
                 ndone++;
                 continue;
             }
+            w = pick_worker(ws, max_local, jobs[next].envp);
+            if (!w) {
+                /* The free slot's worker died and is not reaped yet: look
+                 * again shortly. */
+                starved = 1;
+                break;
+            }
             if (!take_slot(shared)) {
                 starved = 1;
                 break;
             }
-            s = &slots[nrun];
-            memset(s, 0, sizeof *s);
-            s->job = next;
-            s->pid_fd = -1;
             r->start_ns = now_ns();
-            rc = spawn_one(shell, &jobs[next], &attr, devnull, &s->pid, &s->out_fd,
-                           &s->err_fd);
+            rc = w->pid ? 0 : spawn_worker(w, shell, jobs[next].envp, &attr, devnull);
+            if (rc == 0)
+                rc = start_job(w, next, &jobs[next], fifo_prefix, path_o, path_e, path_size);
             if (rc != 0) {
                 r->flags |= VH_SPAWN_ERROR;
                 r->error = rc;
@@ -400,57 +713,82 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
                 ndone++;
                 continue;
             }
-            r->pid = s->pid;
+            r->pid = w->pid;
             r->flags |= VH_STARTED;
-            s->deadline = r->start_ns + (int64_t)lim->timeout_ms * 1000000;
+            w->deadline = r->start_ns + (int64_t)lim->timeout_ms * 1000000;
             state[next++] = ST_RUNNING;
-            nrun++;
+            nbusy++;
         }
 
-        /* Pipes at EOF: reap, or wait for the exit on a pidfd. */
+        /* Jobs whose fifos are at EOF: done once the status is in, or once
+         * the worker (dead, or killed) is reaped. */
         now = now_ns();
-        reaped = 0;
-        for (unsigned i = 0; i < nrun;) {
-            struct slot *s = &slots[i];
-            if (s->out_fd < 0 && s->err_fd < 0) {
-                if (reap(s, &results[s->job])) {
-                    finish(slots, &nrun, i, results, state, shared, now);
-                    ndone++;
-                    reaped = 1;
+        finished = 0;
+        for (unsigned i = 0; i < max_local; i++) {
+            struct worker *w = &ws[i];
+            struct vh_result *r;
+            if (!w->has_job || w->out_fd >= 0 || w->err_fd >= 0)
+                continue;
+            r = &results[w->job];
+            if (w->have_status && !w->killed) {
+                /* The same wait status `sh -c` exiting with $? would give. */
+                r->status = w->status << 8;
+                r->flags |= VH_REAPED;
+            } else if (w->gone || w->killed) {
+                if (!reap(w, r)) {
+                    if (w->pid_fd < 0)
+                        w->pid_fd = open_pidfd(w->pid);
+                    if (w->pid_fd < 0)
+                        tick = 1;
                     continue;
                 }
-                if (s->pid_fd < 0)
-                    s->pid_fd = open_pidfd(s->pid);
-                if (s->pid_fd < 0)
-                    tick = 1;
+                drop_worker(w);
+            } else {
+                continue;
             }
-            i++;
+            finish_job(w, results, state, shared, fifo_prefix, path_o, path_size, now);
+            nbusy--;
+            ndone++;
+            finished = 1;
         }
         if (ndone >= njobs)
             break;
-        if (reaped && next < njobs)
-            continue;  /* slots were freed: start the next jobs first */
+        if (finished && next < njobs)
+            continue;  /* workers were freed: start the next jobs first */
 
-        /* Sleep until output, an exit, an abort or the next deadline. */
+        /* Sleep until output, a status, an exit, an abort or a deadline. */
         wake = INT64_MAX;
-        for (unsigned i = 0; i < nrun; i++) {
-            struct slot *s = &slots[i];
-            if (s->deadline < wake)
-                wake = s->deadline;
-            s->p_out = s->p_err = -1;
-            if (s->out_fd >= 0) {
-                s->p_out = (int)np;
-                pfds[np].fd = s->out_fd;
+        for (unsigned i = 0; i < max_local; i++) {
+            struct worker *w = &ws[i];
+            w->p_in = w->p_st = w->p_out = w->p_err = w->p_pid = -1;
+            if (!w->pid)
+                continue;
+            if (w->has_job && w->deadline < wake)
+                wake = w->deadline;
+            if (w->wbuf && w->in_fd >= 0) {
+                w->p_in = (int)np;
+                pfds[np].fd = w->in_fd;
+                pfds[np++].events = POLLOUT;
+            }
+            if (w->st_fd >= 0) {
+                w->p_st = (int)np;
+                pfds[np].fd = w->st_fd;
                 pfds[np++].events = POLLIN;
             }
-            if (s->err_fd >= 0) {
-                s->p_err = (int)np;
-                pfds[np].fd = s->err_fd;
+            if (w->out_fd >= 0) {
+                w->p_out = (int)np;
+                pfds[np].fd = w->out_fd;
                 pfds[np++].events = POLLIN;
             }
-            if (s->pid_fd >= 0) {
-                /* Readable = exited: the reap pass collects it next round. */
-                pfds[np].fd = s->pid_fd;
+            if (w->err_fd >= 0) {
+                w->p_err = (int)np;
+                pfds[np].fd = w->err_fd;
+                pfds[np++].events = POLLIN;
+            }
+            if (w->pid_fd >= 0) {
+                /* Readable = exited: the pass above reaps it next round. */
+                w->p_pid = (int)np;
+                pfds[np].fd = w->pid_fd;
                 pfds[np++].events = POLLIN;
             }
         }
@@ -479,29 +817,50 @@ int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
         if (abort_at >= 0 && pfds[abort_at].revents)
             abort_ready = 1;
 
-        /* Read what is ready. */
-        for (unsigned i = 0; i < nrun; i++) {
-            struct slot *s = &slots[i];
-            const struct vh_job *j = &jobs[s->job];
-            struct vh_result *r = &results[s->job];
-            if (s->p_out >= 0 && pfds[s->p_out].revents)
-                drain(&s->out_fd, scratch, j->out, j->out_cap, &r->out_len, &r->out_total);
-            if (s->p_err >= 0 && pfds[s->p_err].revents)
-                drain(&s->err_fd, scratch, j->err, j->err_cap, &r->err_len, &r->err_total);
-            if (!s->killed && (r->out_total > lim->max_output
+        for (unsigned i = 0; i < max_local; i++) {
+            struct worker *w = &ws[i];
+            const struct vh_job *j;
+            struct vh_result *r;
+            int probe = 0;
+            if (!w->pid)
+                continue;
+            if (w->p_in >= 0 && pfds[w->p_in].revents)
+                push_command(w);
+            if (w->p_st >= 0 && pfds[w->p_st].revents) {
+                int had = w->have_status, was_gone = w->gone;
+                read_status(w);
+                /* The subshell has ended (status) or the worker has: a fifo
+                 * it never opened will never report EOF by itself. */
+                probe = (w->have_status && !had) || (w->gone && !was_gone);
+            }
+            if (!w->has_job)
+                continue;
+            j = &jobs[w->job];
+            r = &results[w->job];
+            if (probe) {
+                drain_job(w, j, r, scratch);
+            } else {
+                if (w->p_out >= 0 && pfds[w->p_out].revents)
+                    drain(&w->out_fd, scratch, j->out, j->out_cap, &r->out_len, &r->out_total);
+                if (w->p_err >= 0 && pfds[w->p_err].revents)
+                    drain(&w->err_fd, scratch, j->err, j->err_cap, &r->err_len, &r->err_total);
+            }
+            if (!w->killed && (r->out_total > lim->max_output
                                || r->err_total > lim->max_output)) {
                 r->flags |= VH_OVERFLOW;
-                kill_group(s, now_ns(), lim->kill_grace_ms);
+                kill_worker(w, now_ns(), lim->kill_grace_ms);
             }
         }
     }
 
+    retire_workers(ws, max_local);
     if (devnull >= 0)
         close(devnull);
-    free(slots);
+    free(ws);
     free(pfds);
     free(scratch);
     free(state);
+    free(path_o);
     posix_spawnattr_destroy(&attr);
     return 0;
 }

@@ -7,8 +7,10 @@
  * <stdint.h> and <stddef.h> first. The behaviour is described in runner.c.
  */
 
-/* One action: `shell -c command` with envp, stdout kept up to out_cap bytes
- * in out, stderr up to err_cap bytes in err (buffers owned by the caller). */
+/* One action: COMMAND run by a `shell -s` worker started with envp (as
+ * `shell -c command` would run it, see runner.c), stdout kept up to out_cap
+ * bytes in out, stderr up to err_cap bytes in err (buffers owned by the
+ * caller). */
 struct vh_job {
     const char *command;
     char *const *envp;
@@ -20,8 +22,9 @@ struct vh_job {
 
 /* What one action did; filled for every job of a batch. */
 struct vh_result {
-    int pid;             /* 0 when never started                          */
-    int status;          /* raw wait status, valid with VH_REAPED         */
+    int pid;             /* the worker shell's pid (its process group); 0 when
+                            never started                                 */
+    int status;          /* wait status, valid with VH_REAPED             */
     int flags;           /* VH_* below                                    */
     int error;           /* errno of a VH_SPAWN_ERROR                     */
     size_t out_len;      /* bytes kept in out (<= out_cap)                */
@@ -50,7 +53,7 @@ struct vh_limits {
 #define VH_TIMEOUT     2    /* killed at the timeout                            */
 #define VH_OVERFLOW    4    /* killed: output beyond max_output                 */
 #define VH_ABORTED     8    /* killed or never started: abort requested         */
-#define VH_SPAWN_ERROR 16   /* posix_spawn or pipe failed: see error            */
+#define VH_SPAWN_ERROR 16   /* worker spawn, fifo or pipe failed: see error     */
 #define VH_UNREAPED    32   /* gave up waiting after the kill grace: pid lives  */
 #define VH_STARTED     64   /* the child was spawned                            */
 
@@ -58,9 +61,13 @@ struct vh_limits {
 #define VH_ABORT_ALL   4294967295
 
 /* Runs njobs actions, at most lim->max_running (and shared->slots) at a
- * time, until every job has a result. abort_fd: read end of a pipe the
- * caller writes job indexes (or VH_ABORT_ALL) to; -1 for none. Returns 0,
- * or -errno when the batch could not be set up (no result is then valid). */
-int vh_run_batch(const char *shell, const struct vh_job *jobs, size_t njobs,
+ * time, until every job has a result. fifo_prefix: a path prefix in a
+ * private directory, unique to this batch, where the actions' output fifos
+ * are made (PREFIX<job>o, PREFIX<job>e) and removed. abort_fd: read end of a
+ * pipe the caller writes job indexes (or VH_ABORT_ALL) to; -1 for none.
+ * Returns 0, or -errno when the batch could not be set up (no result is
+ * then valid). */
+int vh_run_batch(const char *shell, const char *fifo_prefix,
+                 const struct vh_job *jobs, size_t njobs,
                  struct vh_shared *shared, const struct vh_limits *lim,
                  int abort_fd, struct vh_result *results);

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import List
@@ -683,3 +685,186 @@ def test_id_token_leaves_shell_variables_alone() -> None:
     vm = _vm("vm5")
     assert substitute("echo ID x-ID-y", vm, None) == "echo 5 x-5-y"
     assert substitute("echo $ID ${ID} IDX", vm, None) == "echo $ID ${ID} IDX"
+
+
+# --- worker shells: each action as `sh -c` would run it --------------------------
+
+# Not here: a command starting with '-', which dash's `sh -c` (popen) takes as
+# its own options ("-c requires an argument"); ours runs it as a command.
+SH_EQUIVALENT = [
+    "echo 42",
+    "echo 'single' \"double $HOME\" back\\\\slash",
+    "echo \"it's\"; echo 'a'\\''b'",
+    "printf '%s|' $0 $#; echo",
+    "echo a\necho b\n\n",
+    "exit 7",
+    "exit 200",
+    "(",
+    "if true; then echo yes; fi # comment ) ; echo no",
+    "cat <<EOF\nhere $PATH\nEOF",
+    "f() { echo fn \"$@\"; }; f 1 2",
+    "",
+    "   ",
+    "echo $(echo nested) `echo tick`",
+    "set -- a b; echo $# $1",
+    "false | true; echo $?",
+    "echo x >&2",
+]
+
+
+@pytest.mark.parametrize("command", SH_EQUIVALENT)
+def test_same_as_sh_dash_c(command: str) -> None:
+    """Output and status match a fresh `/bin/sh -c` for quoting, syntax errors, here-docs."""
+    expected = subprocess.run(  # as popen(3) runs it: argv[0] "sh"
+        ["sh", "-c", command],
+        executable="/bin/sh",
+        capture_output=True,
+        env={"PATH": PATH, "HOME": "/home/x"},
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    runner = ActionRunner(path=PATH, timeout=10, environ={"HOME": "/home/x"})
+    result = _run(command, runner, cap=4096)
+    runner.close()
+    assert result.returncode == expected.returncode
+    assert result.stdout == expected.stdout
+    # dash names eval in its messages: `sh: 1: eval: Syntax error` for `sh: 1: Syntax error`.
+    assert result.stderr.replace(b"eval: ", b"") == expected.stderr
+
+
+def test_no_state_leaks_between_actions(tmp_path: Path) -> None:
+    """Variables, cwd, umask, traps and exports of one action never reach the next."""
+    runner = ActionRunner(path=PATH, timeout=10, max_concurrency=1, batch_threads=1)
+    first = f"X=1; export Y=2; cd {tmp_path}; umask 077; trap 'echo trapped' EXIT; alias e=echo"
+    second = "echo ${X-unset} ${Y-unset} $(pwd) $(umask); e 2>/dev/null || echo no-alias; echo $$"
+
+    async def main() -> List[ActionResult]:
+        return list(await asyncio.gather(runner.run("echo $$"), runner.run(first),
+                                         runner.run(second)))
+
+    mask = os.umask(0)
+    os.umask(mask)
+    pid, one, two = asyncio.run(main())
+    runner.close()
+    assert one.ok and one.stdout == b"trapped\n"
+    lines = two.stdout.decode().splitlines()
+    assert lines[0] == f"unset unset {os.getcwd()} {mask:04o}"
+    assert lines[1] == "no-alias"
+    # One worker ran all three (max_concurrency 1): a subshell each, not a new shell.
+    assert lines[2] == pid.stdout.decode().strip()
+
+
+def test_worker_killed_by_its_action_is_replaced() -> None:
+    """An action that kills $$ (its worker) fails; the next action gets a new worker."""
+    runner = ActionRunner(path=PATH, timeout=10, max_concurrency=1, batch_threads=1)
+
+    async def main() -> List[ActionResult]:
+        return list(await asyncio.gather(
+            runner.run("echo $$"), runner.run("kill -9 $$; echo survived"), runner.run("echo $$")
+        ))
+
+    before, killed, after = asyncio.run(main())
+    runner.close()
+    assert killed.returncode == -signal.SIGKILL and not killed.ok
+    assert after.ok and before.stdout != after.stdout
+
+
+def test_each_job_gets_its_own_path() -> None:
+    """Jobs of one batch with different PATHs each run with their own."""
+    runner = ActionRunner(path=PATH, timeout=10, max_concurrency=1, batch_threads=1)
+
+    async def main() -> List[ActionResult]:
+        return list(await asyncio.gather(
+            *(runner.run("echo $PATH", path=f"/p{i}:{PATH}") for i in (1, 2, 1))
+        ))
+
+    results = asyncio.run(main())
+    runner.close()
+    assert [r.stdout for r in results] == [f"/p{i}:{PATH}\n".encode() for i in (1, 2, 1)]
+
+
+def test_command_longer_than_the_pipe_buffer() -> None:
+    """A 300 KB action (sh -c would hit E2BIG at 128 KiB) is written as the worker reads it."""
+    payload = "x" * 300_000
+    result = _run(f": '{payload}'; echo ok; printf %s '{payload}' | wc -c")
+    assert result.ok and result.stdout == b"ok\n300000\n"
+
+
+def test_escaped_writer_never_reaches_the_next_action(tmp_path: Path) -> None:
+    """A setsid() grandchild still writing after its action is given up on cannot touch
+    a later action's output (fifos are per action) and dies of SIGPIPE once we stop reading."""
+    runner = ActionRunner(path=PATH, timeout=0.5, kill_grace=0.3, max_concurrency=1,
+                          batch_threads=1)
+    pidfile = tmp_path / "writer.pid"
+    chatty = f"setsid sh -c 'echo $$ > {pidfile}; while :; do echo junk; sleep 0.02; done' & echo a"
+
+    async def main() -> List[ActionResult]:
+        return list(await asyncio.gather(runner.run(chatty), runner.run("sleep 0.3; echo b")))
+
+    first, second = asyncio.run(main())
+    runner.close()
+    writer = int(pidfile.read_text())
+    try:
+        assert first.timed_out
+        assert first.stdout.startswith(b"a\njunk\n")
+        assert second.ok and second.stdout == b"b\n"
+        assert _gone(writer, within=5)  # SIGPIPE: nobody reads its fifo any more
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(writer, signal.SIGKILL)
+
+
+def test_fifo_directory_private_and_removed(tmp_path: Path) -> None:
+    """Each batch's fifos live in a 0700 directory under runtime_dir, gone afterwards."""
+    runner = ActionRunner(path=PATH, timeout=10, runtime_dir=str(tmp_path))
+    seen = _run(f"stat -c %a {tmp_path}/vhostmd-actions.*; ls {tmp_path}/vhostmd-actions.*",
+                runner, cap=4096)
+    runner.close()
+    assert seen.ok
+    mode, *names = seen.stdout.decode().split()
+    assert mode == "700"
+    assert sorted(names) == ["0e", "0o"]  # this action's own two fifos
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unusable_runtime_dir_fails_the_actions_clearly(tmp_path: Path) -> None:
+    """No place for fifos: every action fails with the reason; nothing hangs."""
+    runner = ActionRunner(path=PATH, timeout=10, runtime_dir=str(tmp_path / "missing"))
+
+    async def main() -> BaseException | ActionResult:
+        try:
+            return await runner.run("echo 1")
+        except ActionError as err:
+            return err
+
+    outcome = asyncio.run(main())
+    runner.close()
+    assert isinstance(outcome, ActionError)
+    assert "cannot start the action" in str(outcome) and "missing" in str(outcome)
+
+
+def test_no_worker_left_after_a_batch() -> None:
+    """Every worker shell exits and is reaped when its batch ends."""
+    runner = ActionRunner(path=PATH, timeout=10, max_concurrency=8)
+
+    async def main() -> List[ActionResult]:
+        return list(await asyncio.gather(*(runner.run(f"echo {i}") for i in range(50))))
+
+    assert all(r.ok for r in asyncio.run(main()))
+    runner.close()
+    assert _children() == []
+
+
+def _children() -> List[int]:
+    """Our live or zombie children."""
+    me = str(os.getpid())
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if fh.read().rsplit(")", 1)[1].split()[1] == me:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found

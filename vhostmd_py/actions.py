@@ -19,23 +19,32 @@ lexer of the action text cannot be sure of the context (command substitution,
 backticks, here-documents, comments, after a backslash, unbalanced quotes).
 
 Running (csrc/runner.c, through the cffi module vhostmd_py._runner, imported
-only here): each action is ``posix_spawn("/bin/sh", ["sh", "-c", cmd])`` in
-its own session (so a timeout or a stop kills the whole process tree with one
-``killpg``), SIGPIPE/SIGXFSZ at their defaults, stdin ``/dev/null``, stdout and
-stderr pipes watched by one poll() loop per batch in a worker thread, the GIL
-released. WHY: with one real shell per metric per VM (3000 per cycle for
-perf-echo3 x 1000 domains) the children alone need most of 2 cores; the
-earlier asyncio + ctypes path spent ~450 us of our CPU per action on top and
-missed the 1.5 s cycle target (bench/README.md, Actions). The environment is
-the daemon's with PATH replaced by the config's ``<path>`` (upstream
-setenv()s PATH in its own environment before popen()).
+only here): each batch starts a few worker shells (``/bin/sh -s``, at most
+``max_concurrency`` across batches), each leading its own session, and runs
+every action in a subshell of one of them: ``( eval ' CMD' )`` with stdin
+``/dev/null`` and stdout/stderr on two fifos made fresh for that action in a
+private directory (``runtime_dir``). The same /bin/sh parses CMD once, as
+``sh -c CMD`` would; a timeout or a stop kills the worker's whole process
+group with one ``killpg``; SIGPIPE/SIGXFSZ are at their defaults; one poll()
+loop per batch runs in a worker thread with the GIL released. WHY: with one
+shell command per metric per VM (3000 per cycle for perf-echo3 x 1000
+domains), an exec per action cost ~0.75 ms of CPU on the measured VMs (libc
+start-up traps to the hypervisor), and the children alone needed all of 2
+cores; a fork of a running shell costs less than half (bench/README.md,
+Cycle). What differs from upstream's fresh ``sh -c`` per action: ``$$`` is
+the worker's pid, an action whose shell dies of signal N is reported with
+exit status 128+N (the worker's ``$?``), and an action that kills ``$$``
+kills its worker (reported with the worker's wait status).
+The environment is the daemon's with PATH replaced by the config's
+``<path>`` (upstream setenv()s PATH in its own environment before popen()).
 
-Done when: both pipes are closed and the shell is reaped. Failures (exit
-status != 0, signal, timeout, output over ``max_output``, cancellation) make
-the metric absent for the cycle (upstream leaves out a metric whose action
-fails). Bounds: ``timeout`` per action from its spawn (then SIGKILL to the
+Done when: both fifos are closed and the worker reported the exit status.
+Failures (exit status != 0, signal, timeout, output over ``max_output``,
+cancellation) make the metric absent for the cycle (upstream leaves out a
+metric whose action fails). Bounds: ``timeout`` per action from its start
+(then SIGKILL to the
 process group; after ``kill_grace`` more seconds we stop waiting for the
-pipes), only the first ``cap`` bytes of stdout and ``stderr_cap`` bytes of
+fifos), only the first ``cap`` bytes of stdout and ``stderr_cap`` bytes of
 stderr are kept, and at most ``max_output`` bytes are read from either before
 the action is killed; at most ``max_concurrency`` actions run at once.
 """
@@ -51,8 +60,10 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import struct
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -83,6 +94,15 @@ CANCEL_WAIT = 1.0
 # cancellation burst ends together (the stop path only).
 CANCEL_SPIN = 0.05
 DEFAULT_SHELL = "/bin/sh"
+
+
+def default_runtime_dir() -> str:
+    """Where the action fifos' private directory goes: /dev/shm (tmpfs, already
+    needed for the disk), else the temporary directory."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return tempfile.gettempdir()
 
 
 def default_concurrency() -> int:
@@ -400,10 +420,12 @@ class _Batch:
         "closed",
         "errcap",
         "errs",
+        "fifo_dir",
         "jobs",
         "keep",
         "lock",
         "outs",
+        "prefix",
         "results",
         "share",
     )
@@ -438,6 +460,17 @@ class _Batch:
         self.abort_r, self.abort_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.Lock()
         self.closed = False
+        self.fifo_dir = ""
+        # Made here, on the loop, so a failure fails this batch's jobs (see
+        # _flush); mode 0700, and made after -u dropped privileges.
+        try:
+            self.fifo_dir = tempfile.mkdtemp(
+                prefix="vhostmd-actions.", dir=runner.runtime_dir or default_runtime_dir()
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.prefix = os.fsencode(self.fifo_dir + "/")
 
     def ended(self, index: int) -> bool:
         """True once C is done with job INDEX (its child killed and reaped, or never run)."""
@@ -483,13 +516,19 @@ class _Batch:
             self.closed = True
             os.close(self.abort_r)
             os.close(self.abort_w)
+        if self.fifo_dir:
+            # C removed each fifo; only a batch cut short leaves any.
+            shutil.rmtree(self.fifo_dir, ignore_errors=True)
 
 
 class ActionRunner:
-    """Runs actions as ``/bin/sh -c`` children: bounded, timed out, killable.
+    """Runs actions as ``/bin/sh`` would with ``-c``: bounded, timed out, killable.
 
     ``path`` is the actions' PATH (the config's ``<path>``), ``uri`` the libvirt
     URI that ``CONNECT`` stands for (None: CONNECT becomes empty).
+    ``runtime_dir`` is where each batch makes the private directory of its
+    actions' output fifos (removed when the batch ends); None: /dev/shm, else
+    the temporary directory.
 
     Batching: run() queues its job; the run() calls made in one event loop
     iteration (a cycle's asyncio.gather of every metric of every VM) are split
@@ -512,6 +551,7 @@ class ActionRunner:
         environ: Mapping[str, str] | None = None,
         kill_grace: float = KILL_GRACE,
         batch_threads: int | None = None,
+        runtime_dir: str | None = None,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -542,6 +582,7 @@ class ActionRunner:
         self._unreaped: Set[int] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._spin_until = 0.0
+        self.runtime_dir = runtime_dir
 
     @property
     def running(self) -> int:
@@ -672,7 +713,14 @@ class ActionRunner:
             limits.max_output = self.max_output
             limits.max_running = batch.share
             rc = lib.vh_run_batch(
-                self._shell, batch.cjobs, n, self._shared, limits, batch.abort_r, results
+                self._shell,
+                batch.prefix,
+                batch.cjobs,
+                n,
+                self._shared,
+                limits,
+                batch.abort_r,
+                results,
             )
         finally:
             batch.close()
@@ -738,3 +786,4 @@ class ActionRunner:
             self._reap_orphans()
             if self._unreaped:
                 time.sleep(0.01)
+
