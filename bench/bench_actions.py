@@ -1,19 +1,21 @@
-"""Benchmark of the action hot path: how cheaply can we run N `sh -c 'echo ...'`?
+"""Benchmark of the action hot path: how cheaply can we run N `echo ...` actions?
 
 Compares, on the same N actions (default 3000 = perf-echo3 x 1000 domains):
-- asyncio: asyncio.create_subprocess_exec + communicate() (the obvious way);
-- C batch: ActionRunner as shipped (csrc/runner.c: posix_spawn + one poll()
-           loop per batch in a worker thread, GIL released), default concurrency;
-- C serial: the same with max_concurrency=1, one after another like upstream;
-- with --old FILE: a previous vhostmd_py/actions.py (e.g. the asyncio + ctypes
-           runner, `git show <rev>:vhostmd_py/actions.py > /tmp/old_actions.py`),
-           loaded beside the package, default concurrency and serial.
+- asyncio: asyncio.create_subprocess_exec("/bin/sh", "-c", ...) + communicate()
+           (the obvious way: one exec per action);
+- worker shells: ActionRunner as shipped (csrc/runner.c: a few `sh -s` workers
+           per batch, each action a subshell of one of them, output on fifos,
+           one poll() loop per batch in a worker thread), default concurrency;
+- worker serial: the same with max_concurrency=1, one after another like upstream;
+- with --old-rev REV: REV's vhostmd_py/actions.py with REV's csrc/runner.c
+           built beside it (e.g. adf8109~1, the posix_spawn `sh -c` per action
+           C runner), default concurrency and serial.
 Rounds are interleaved so machine noise hits every variant alike; the tables
 give medians over rounds of wall time, our process's CPU and the children's
 CPU. --cycle also measures collect() of perf-echo3 x node-1000 (target 1.5 s,
 upstream 3.09 s) and perf-virsh1 x node-100 (upstream 7.61 s) per variant.
 
-Run: .venv/bin/python bench/bench_actions.py [-n 3000] [--rounds 3] [--cycle] [--old FILE]
+Run: .venv/bin/python bench/bench_actions.py [-n 3000] [--rounds 3] [--cycle] [--old-rev REV]
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import asyncio
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
@@ -42,15 +46,46 @@ CYCLES = (
 )
 
 Measure = Tuple[float, float, float]  # wall, our CPU, children CPU
+BASE = "worker shells (default concurrency)"
 
 
-def _load_old(path: Path) -> Any:
-    """A previous actions.py as module vhostmd_py._bench_old_actions (same package)."""
-    spec = importlib.util.spec_from_file_location("vhostmd_py._bench_old_actions", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def _git_show(rev: str, path: str) -> bytes:
+    return subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True, capture_output=True
+    ).stdout
+
+
+def _load_old(rev: str) -> Any:
+    """REV's actions.py, importing REV's runner.c built now as vhostmd_py._bench_old_runner."""
+    from cffi import FFI
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-old-runner."))
+    for name in ("runner.c", "runner.h"):
+        (tmp / name).write_bytes(_git_show(rev, f"csrc/{name}"))
+    ffi = FFI()
+    ffi.cdef((tmp / "runner.h").read_text())
+    ffi.set_source(
+        "vhostmd_py._bench_old_runner",
+        '#include <stdint.h>\n#include <stddef.h>\n#include "runner.h"',
+        sources=[str(tmp / "runner.c")],
+        include_dirs=[str(tmp)],
+        extra_compile_args=["-O2", "-std=c99", "-D_GNU_SOURCE"],
+    )
+    built = ffi.compile(tmpdir=str(tmp))
+    source = _git_show(rev, "vhostmd_py/actions.py").decode()
+    (tmp / "old_actions.py").write_text(
+        source.replace("from ._runner import", "from ._bench_old_runner import")
+    )
+    module: Any = None
+    for name, path in (
+        ("vhostmd_py._bench_old_runner", built),
+        ("vhostmd_py._bench_old_actions", str(tmp / "old_actions.py")),
+    ):
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
     return module
 
 
@@ -155,20 +190,20 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=3000, help="actions per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cycle", action="store_true", help="also collect() of the perf configs")
-    ap.add_argument("--old", type=Path, default=None, help="a previous actions.py to compare")
+    ap.add_argument("--old-rev", default=None, help="a git revision whose runner to compare")
     args = ap.parse_args()
 
     def make(cls: Any, **fixed: Any) -> Callable[..., Any]:
         return lambda **kw: cls(**{"path": PATH, **fixed, **kw})
 
     factories: Dict[str, Callable[..., Any]] = {
-        "C batch (default concurrency)": make(ActionRunner),
-        "C serial (max_concurrency=1)": make(ActionRunner, max_concurrency=1),
+        BASE: make(ActionRunner),
+        "worker serial (max_concurrency=1)": make(ActionRunner, max_concurrency=1),
     }
-    old: Any | None = _load_old(args.old) if args.old else None
-    if old is not None:
-        factories["old asyncio+ctypes (default)"] = make(old.ActionRunner)
-        factories["old serial (max_concurrency=1)"] = make(old.ActionRunner, max_concurrency=1)
+    if args.old_rev:
+        old = _load_old(args.old_rev)
+        factories[f"{args.old_rev} (default)"] = make(old.ActionRunner)
+        factories[f"{args.old_rev} serial"] = make(old.ActionRunner, max_concurrency=1)
 
     echo: Dict[str, List[Measure]] = {"asyncio subprocess": []}
     echo.update({k: [] for k in factories})
@@ -194,16 +229,16 @@ def main() -> None:
 
     load = os.getloadavg()
     print(
-        f"{args.n} actions `sh -c 'echo ...'`, default concurrency "
+        f"{args.n} actions `echo ...`, default concurrency "
         f"{ActionRunner().max_concurrency}, {os.cpu_count()} CPUs, median of {args.rounds} "
         f"interleaved rounds, load average at the end {load[0]:.2f} {load[1]:.2f}"
     )
     med = _table("N echo actions", echo, args.n)
-    base = med["C batch (default concurrency)"]
+    base = med[BASE]
     print("\n| ratio (same run) | value |\n|---|---|")
     for name, wall in med.items():
-        if name != "C batch (default concurrency)":
-            print(f"| {name} wall / C batch wall | {wall / base:.2f} |")
+        if name != BASE:
+            print(f"| {name} wall / worker shells wall | {wall / base:.2f} |")
     if args.cycle:
         for config_name, node, upstream in CYCLES:
             actions = 3000 if node == "node-1000.xml" else 100
@@ -213,12 +248,12 @@ def main() -> None:
                 cycles[config_name],
                 actions,
             )
-            cbase = cmed["C batch (default concurrency)"]
+            cbase = cmed[BASE]
             print("\n| ratio (same run) | value |\n|---|---|")
-            print(f"| upstream {upstream} s / C batch wall | {upstream / cbase:.2f} |")
+            print(f"| worker shells wall / upstream {upstream} s | {cbase / upstream:.2f} |")
             for name, wall in cmed.items():
-                if name != "C batch (default concurrency)":
-                    print(f"| {name} wall / C batch wall | {wall / cbase:.2f} |")
+                if name != BASE:
+                    print(f"| {name} wall / worker shells wall | {wall / cbase:.2f} |")
 
 
 if __name__ == "__main__":

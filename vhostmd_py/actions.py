@@ -387,8 +387,8 @@ _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def default_batch_threads() -> int:
-    """Threads running batches at once: two per CPU (they mostly wait for exec), 2..8."""
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+    """Threads running batches at once: one per CPU, at most 4 (bench/README.md, Actions)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 class _Job:
@@ -641,11 +641,10 @@ class ActionRunner:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self.batch_threads, thread_name_prefix="vhostmd-actions"
             )
-        # WHY split: glibc's posix_spawn returns only once the child has
-        # exec'ed (vfork semantics, ~1 ms of the child's CPU here), so one
-        # thread starts at most ~1000 shells a second however high the
-        # concurrency. K threads overlap K execs; the shared counter keeps
-        # the total at max_concurrency. Interleaved, so starts follow order.
+        # WHY split: one poll loop per CPU shares our own per-action work
+        # (fifos, reads, a few syscalls) between cores while the workers'
+        # forks use them too; the shared counter keeps the total at
+        # max_concurrency. Interleaved, so starts follow order.
         k = min(self.batch_threads, self.max_concurrency, len(jobs))
         share = -(-self.max_concurrency // k)
         for part in range(k):
