@@ -181,6 +181,11 @@ def main() -> int:
     opts = parser.parse_args()
     golden = golden_dir()
     upstream = read_upstream(golden)
+    # Bytecode first, as pip compiles it at install time: a daemon compiling its
+    # own sources at start-up (PYTHONDONTWRITEBYTECODE, an editable checkout)
+    # keeps ~1.5 MB more RSS for the compiler's memory.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "vhostmd_py")],
+                   check=True, stdout=subprocess.DEVNULL)
     nodes = [int(x) for x in opts.nodes.split(",")]
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     results: List[Result] = []
