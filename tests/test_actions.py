@@ -830,17 +830,27 @@ def test_fifo_directory_private_and_removed(tmp_path: Path) -> None:
 def test_unusable_runtime_dir_fails_the_actions_clearly(tmp_path: Path) -> None:
     """No place for fifos: every action fails with the reason; nothing hangs."""
     runner = ActionRunner(path=PATH, timeout=10, runtime_dir=str(tmp_path / "missing"))
-
-    async def main() -> BaseException | ActionResult:
-        try:
-            return await runner.run("echo 1")
-        except ActionError as err:
-            return err
-
-    outcome = asyncio.run(main())
+    result = _run("echo 1", runner)
     runner.close()
-    assert isinstance(outcome, ActionError)
-    assert "cannot start the action" in str(outcome) and "missing" in str(outcome)
+    assert not result.ok and result.returncode is None
+    failure = result.failure() or ""
+    assert "cannot start the batch" in failure and "missing" in failure
+
+
+def test_run_many_keeps_order_and_marks_unrunnable() -> None:
+    """run_many(): one result per command, in order; an unrunnable one fails in its place."""
+    runner = ActionRunner(path=PATH, timeout=10)
+
+    async def main() -> List[ActionResult]:
+        return await runner.run_many(
+            [("echo a", 255), ("bad\x00command", 255), ("printf 12345", 3), ("exit 4", 255)]
+        )
+
+    results = asyncio.run(main())
+    runner.close()
+    assert [r.stdout for r in results] == [b"a\n", b"", b"123", b""]
+    assert results[1].failure() == "cannot run the shell: NUL character in command"
+    assert [r.returncode for r in results] == [0, None, 0, 4]
 
 
 def test_no_worker_left_after_a_batch() -> None:

@@ -19,7 +19,7 @@ from vhostmd_py.collector import XmlMetricValidator, collect, render_value
 from vhostmd_py.config import Config, MetricSpec, Variable, load_config
 from vhostmd_py.document import parse_document
 from vhostmd_py.model import VM, Snapshot
-from vhostmd_py.sources import ShellActionSource, SourceRegistry
+from vhostmd_py.sources import Request, ShellActionSource, SourceRegistry
 
 DATA = Path(__file__).resolve().parent / "data" / "configs"
 TEST_URI = "test:///default"
@@ -410,6 +410,50 @@ def test_pluggable_source_beside_shell(tmp_path: Path, caplog: pytest.LogCapture
         b"  </metric>\n"
     )
     assert any("metric Broken: the source failed" in r.getMessage() for r in caplog.records)
+
+
+class CountingShell(ShellActionSource):
+    """The shell source, counting its calls."""
+
+    def __init__(self, runner: ActionRunner, path: str) -> None:
+        super().__init__(runner, path=path)
+        self.batches: List[int] = []
+
+    async def collect_many(self, requests: Sequence[Request]) -> List[bytes | None]:
+        self.batches.append(len(requests))
+        return await super().collect_many(requests)
+
+
+class BrokenBatch:
+    """A batch source with a bug."""
+
+    async def collect(self, metric: MetricSpec, vm: VM | None) -> bytes | None:
+        raise AssertionError("the collector must use collect_many")
+
+    async def collect_many(self, requests: Sequence[Request]) -> List[bytes | None]:
+        raise RuntimeError("bug")
+
+
+def test_batch_sources_called_once_per_cycle(caplog: pytest.LogCaptureFixture) -> None:
+    """Shell actions of a whole cycle go in one call; a failing batch source costs only its own."""
+    host = MetricSpec("Host", "uint32", "host", "echo 7", None)
+    vm_metric = MetricSpec("Ident", "string", "vm", "echo NAME-VMID", None)
+    odd = MetricSpec("Odd", "string", "vm", "odd:", None)
+    config = Config(**{**load_config(DATA / "injection.xml").__dict__,
+                       "metrics": (host, vm_metric, odd)})
+    runner = ActionRunner(path=config.path)
+    shell = CountingShell(runner, config.path)
+    registry = SourceRegistry(shell, [(lambda m: m.action == "odd:", BrokenBatch())])
+    vms = [VM(i, f"vm{i}", f"00000000-0000-4000-8000-{i:012d}") for i in range(1, 6)]
+    with caplog.at_level(logging.ERROR):
+        snapshot = asyncio.run(collect(config, vms, runner, sources=registry))
+    runner.close()
+    assert shell.batches == [6]  # the host metric and 5 VMs' Ident, one call
+    assert b"<value>7</value>" in snapshot.host
+    for i, block in enumerate(snapshot.vms, start=1):
+        assert f"<value>vm{i}-{i}</value>".encode() in block.xml
+        assert b"Odd" not in block.xml
+    assert any("5 metric(s): the source failed" in r.getMessage() for r in caplog.records)
 
 
 def test_cut_utf8_sequence_trimmed(tmp_path: Path) -> None:

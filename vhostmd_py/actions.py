@@ -65,7 +65,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Set, Tuple
+from typing import Any, Dict, List, Mapping, Sequence, Set, Tuple
 
 from ._runner import ffi, lib
 from .errors import ActionError
@@ -406,6 +406,11 @@ _INT_MAX = 2**31 - 1  # C int milliseconds: ~24 days
 _new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
+def _not_run(reason: str) -> ActionResult:
+    """The result of an action that could not be started."""
+    return ActionResult(None, b"", 0, b"", 0.0, spawn_error=reason)
+
+
 def default_batch_threads() -> int:
     """Threads running batches at once: one per CPU, at most 4 (bench/README.md, Actions)."""
     return max(1, min(4, os.cpu_count() or 1))
@@ -611,45 +616,94 @@ class ActionRunner:
     async def run(
         self, command: str, *, cap: int = VALUE_CAP, path: str | None = None
     ) -> ActionResult:
-        """Run COMMAND with ``/bin/sh -c``; keep the first CAP bytes of its stdout."""
-        if "\x00" in command:
-            return ActionResult(None, b"", 0, b"", 0.0, spawn_error="NUL character in command")
-        try:
-            raw = os.fsencode(command)
-        except UnicodeEncodeError as err:  # lone surrogates: no bytes to exec
-            return ActionResult(None, b"", 0, b"", 0.0, spawn_error=f"command not encodable: {err}")
+        """Run COMMAND as ``/bin/sh -c`` would; keep the first CAP bytes of its stdout."""
+        return (await self.run_many([(command, cap)], path=path))[0]
+
+    async def run_many(
+        self, commands: Sequence[Tuple[str, int]], *, path: str | None = None
+    ) -> List[ActionResult]:
+        """Run each (COMMAND, CAP) of COMMANDS; their results, in order.
+
+        One future for all of them: a cycle of 3000 actions then costs 3000
+        small job records instead of 3000 asyncio tasks (~2.5 MB and their
+        scheduling; bench/README.md, Cycle). A batch that cannot be started
+        (EMFILE, no fifo directory) gives its actions a ``spawn_error``.
+        """
+        results: List[ActionResult | None] = [None] * len(commands)
+        jobs: List[_Job] = []
+        places: List[int] = []
         loop = asyncio.get_running_loop()
-        job = _Job(raw, cap, self.path if path is None else path, loop.create_future())
-        pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            # Every run() of this loop iteration joins the batch (FIFO: the
-            # tasks a gather() created all run before this callback).
-            loop.call_soon(self._flush, loop)
-        pending.append(job)
-        try:
-            return await job.future
-        except asyncio.CancelledError:
-            # The daemon is stopping: the child must not outlive the cycle.
-            # Wait (briefly, polling: this is the stop path only) until C has
-            # killed and reaped it. asyncio.gather() ends at the FIRST cancelled child, so what must
-            # be true when the cycle's cancellation completes is done here
-            # synchronously: kill now and wait briefly for C to reap (a killed
-            # shell is gone in well under a millisecond); only a child stuck
-            # past that is waited for without blocking the loop.
-            batch = job.batch
-            if batch is not None:
-                batch.abort(job.index)
-                now = time.monotonic()
-                if now >= self._spin_until:
-                    # One budget per burst: a stopping cycle cancels every
-                    # action in the same loop iteration.
-                    self._spin_until = now + CANCEL_SPIN
-                batch.kill_now(job.index, self._spin_until)
-                deadline = time.monotonic() + CANCEL_WAIT
-                while not batch.ended(job.index) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.005)
-            raise
+        job_path = self.path if path is None else path
+        for place, (command, cap) in enumerate(commands):
+            if "\x00" in command:
+                results[place] = _not_run("NUL character in command")
+                continue
+            try:
+                raw = os.fsencode(command)
+            except UnicodeEncodeError as err:  # lone surrogates: no bytes to exec
+                results[place] = _not_run(f"command not encodable: {err}")
+                continue
+            jobs.append(_Job(raw, cap, job_path, loop.create_future()))
+            places.append(place)
+        if jobs:
+            pending = self._pending.get(loop)
+            if pending is None:
+                pending = self._pending[loop] = []
+                # Every run_many() of this loop iteration joins the batch
+                # (FIFO: the tasks a gather() created all run before this).
+                loop.call_soon(self._flush, loop)
+            pending.extend(jobs)
+            try:
+                done = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+            except asyncio.CancelledError:
+                await self._cancel(jobs)
+                raise
+            for place, outcome in zip(places, done):
+                if isinstance(outcome, BaseException):
+                    reason = outcome.reason if isinstance(outcome, ActionError) else str(outcome)
+                    outcome = _not_run(reason)
+                results[place] = outcome
+        out: List[ActionResult] = []
+        for result in results:
+            assert result is not None  # every place is filled above
+            out.append(result)
+        return out
+
+    async def _cancel(self, jobs: List[_Job]) -> None:
+        """The daemon is stopping: no child of JOBS may outlive the cycle.
+
+        asyncio.gather() ends at the FIRST cancelled child, so what must be
+        true when the cycle's cancellation completes is done here
+        synchronously: abort, kill now and wait briefly for C to reap (a
+        killed shell is gone in well under a millisecond); only a child
+        stuck past that is waited for without blocking the loop (polling:
+        this is the stop path only).
+        """
+        started = [j for j in jobs if j.batch is not None]
+        mine: Dict[_Batch, int] = {}
+        for job in started:
+            assert job.batch is not None
+            mine[job.batch] = mine.get(job.batch, 0) + 1
+        for batch, count in mine.items():
+            if count == len(batch.jobs):
+                batch.abort(None)  # one write for the whole batch
+            else:
+                for job in started:
+                    if job.batch is batch:
+                        batch.abort(job.index)
+        now = time.monotonic()
+        if now >= self._spin_until:
+            # One budget per burst: a stopping cycle cancels every action in
+            # the same loop iteration.
+            self._spin_until = now + CANCEL_SPIN
+        for job in started:
+            assert job.batch is not None
+            job.batch.kill_now(job.index, self._spin_until)
+        deadline = time.monotonic() + CANCEL_WAIT
+        for job in started:
+            assert job.batch is not None
+            while not job.batch.ended(job.index) and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         jobs = [j for j in self._pending.pop(loop, ()) if not j.future.done()]
@@ -679,7 +733,7 @@ class ActionRunner:
                 for job in group:
                     if not job.future.done():
                         job.future.set_exception(
-                            ActionError("(batch)", f"cannot start the action: {err}")
+                            ActionError("(batch)", f"cannot start the batch: {err}")
                         )
 
     def _submit(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:

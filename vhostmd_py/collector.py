@@ -1,7 +1,9 @@
 """One metrics cycle: config + running VMs -> Snapshot.
 
 Every metric of the host and of every VM is collected concurrently (the
-runner bounds how many actions run at once), then rendered in upstream's
+runner bounds how many actions run at once; a batch source such as the shell
+actions gets all of its metrics in one call, not one task each), then
+rendered in upstream's
 order (SPEC section 3): host metrics first, then each VM in the order given
 (libvirt's listing order), and within each of them the metrics in REVERSE
 config order, because upstream prepends each parsed metric to a list.
@@ -30,7 +32,7 @@ import asyncio
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Awaitable, Dict, List, Sequence, Tuple
 
 from lxml import etree
 
@@ -39,7 +41,14 @@ from .config import Config, MetricSpec
 from .document import render_metric, value_problem
 from .model import VM, Snapshot, VmBlock
 from .safexml import safe_parser
-from .sources import MetricSource, ShellActionSource, SourceRegistry, describe
+from .sources import (
+    BatchMetricSource,
+    MetricSource,
+    Request,
+    ShellActionSource,
+    SourceRegistry,
+    describe,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +150,43 @@ def render_value(
     return render_metric(metric.type, metric.name, value, vm, metric.unit)
 
 
-async def _one(
-    source: MetricSource, metric: MetricSpec, vm: VM | None, validator: XmlMetricValidator
-) -> bytes:
+async def _single(source: MetricSource, request: Request) -> List[bytes | None]:
+    metric, vm = request
     try:
-        raw = await source.collect(metric, vm)
+        return [await source.collect(metric, vm)]
     except Exception:  # a faulty source must not cost the other metrics
         log.exception("Error retrieving %s: the source failed", describe(metric, vm))
-        return b""
-    return render_value(metric, vm, raw, validator)
+        return [None]
+
+
+async def _batch(source: BatchMetricSource, requests: List[Request]) -> List[bytes | None]:
+    try:
+        return await source.collect_many(requests)
+    except Exception:  # a faulty source must not cost the other sources' metrics
+        log.exception("Error retrieving %d metric(s): the source failed", len(requests))
+        return [None] * len(requests)
+
+
+async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List[bytes | None]:
+    """Every request's raw value: one call per batch source, one task per other request."""
+    by_source: Dict[int, Tuple[MetricSource, List[int]]] = {}
+    for place, (metric, _) in enumerate(requests):
+        source = registry.source_for(metric)
+        by_source.setdefault(id(source), (source, []))[1].append(place)
+    calls: List[Awaitable[List[bytes | None]]] = []
+    order: List[List[int]] = []
+    for source, places in by_source.values():
+        if isinstance(source, BatchMetricSource):
+            calls.append(_batch(source, [requests[p] for p in places]))
+            order.append(places)
+        else:
+            calls.extend(_single(source, requests[p]) for p in places)
+            order.extend([p] for p in places)
+    values: List[bytes | None] = [None] * len(requests)
+    for places, got in zip(order, await asyncio.gather(*calls)):
+        for place, value in zip(places, got):
+            values[place] = value
+    return values
 
 
 async def collect(
@@ -165,12 +202,11 @@ async def collect(
     # Reverse config order, as upstream (it prepends to its metric list).
     host = tuple(m for m in reversed(config.metrics) if m.context == "host")
     per_vm = tuple(m for m in reversed(config.metrics) if m.context == "vm")
-    jobs: List[Tuple[MetricSpec, VM | None]] = [(m, None) for m in host]
+    requests: List[Request] = [(m, None) for m in host]
     for vm in vms:
-        jobs.extend((m, vm) for m in per_vm)
-    rendered = await asyncio.gather(
-        *(_one(registry.source_for(m), m, vm, validator) for m, vm in jobs)
-    )
+        requests.extend((m, vm) for m in per_vm)
+    raws = await _raw_values(registry, requests)
+    rendered = [render_value(m, vm, raw, validator) for (m, vm), raw in zip(requests, raws)]
     host_xml = b"".join(rendered[: len(host)])
     blocks: List[VmBlock] = []
     pos = len(host)
