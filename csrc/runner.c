@@ -206,6 +206,17 @@ static void fifo_path(char *buf, size_t size, const char *prefix, size_t job, ch
     snprintf(buf, size, "%s%zu%c", prefix, job, kind);
 }
 
+/* Adds fd (if open) to this round's poll set; its index there, or -1. */
+static int watch(struct pollfd *pfds, nfds_t *np, int fd, short events)
+{
+    if (fd < 0)
+        return -1;
+    pfds[*np].fd = fd;
+    pfds[*np].events = events;
+    pfds[*np].revents = 0;
+    return (int)(*np)++;
+}
+
 /* Starts a worker for envp; returns 0 or an errno value. */
 static int spawn_worker(struct worker *w, const char *shell, char *const *envp,
                         const posix_spawnattr_t *attr, int devnull)
@@ -765,38 +776,14 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
                 continue;
             if (w->has_job && w->deadline < wake)
                 wake = w->deadline;
-            if (w->wbuf && w->in_fd >= 0) {
-                w->p_in = (int)np;
-                pfds[np].fd = w->in_fd;
-                pfds[np++].events = POLLOUT;
-            }
-            if (w->st_fd >= 0) {
-                w->p_st = (int)np;
-                pfds[np].fd = w->st_fd;
-                pfds[np++].events = POLLIN;
-            }
-            if (w->out_fd >= 0) {
-                w->p_out = (int)np;
-                pfds[np].fd = w->out_fd;
-                pfds[np++].events = POLLIN;
-            }
-            if (w->err_fd >= 0) {
-                w->p_err = (int)np;
-                pfds[np].fd = w->err_fd;
-                pfds[np++].events = POLLIN;
-            }
-            if (w->pid_fd >= 0) {
-                /* Readable = exited: the pass above reaps it next round. */
-                w->p_pid = (int)np;
-                pfds[np].fd = w->pid_fd;
-                pfds[np++].events = POLLIN;
-            }
+            w->p_in = w->wbuf ? watch(pfds, &np, w->in_fd, POLLOUT) : -1;
+            w->p_st = watch(pfds, &np, w->st_fd, POLLIN);
+            w->p_out = watch(pfds, &np, w->out_fd, POLLIN);
+            w->p_err = watch(pfds, &np, w->err_fd, POLLIN);
+            /* Readable = exited: the pass above reaps it next round. */
+            w->p_pid = watch(pfds, &np, w->pid_fd, POLLIN);
         }
-        if (abort_fd >= 0) {
-            pfds[np].fd = abort_fd;
-            pfds[np++].events = POLLIN;
-        }
-        abort_at = abort_fd >= 0 ? (int)np - 1 : -1;
+        abort_at = watch(pfds, &np, abort_fd, POLLIN);
         if (wake == INT64_MAX) {
             timeout_ms = -1;
         } else if (wake <= now) {
