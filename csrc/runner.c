@@ -18,7 +18,7 @@
  * max_running workers, `SHELL -s` reading commands from a pipe, and runs
  * every action in a subshell of one of them:
  *
- *     ( eval ' CMD' ) 2>'PREFIXNe' >'PREFIXNo' </dev/null; echo $?
+ *     ( eval ' CMD' ) 2>'PREFIXNe' >'PREFIXNo' </dev/null; echo "$? N"
  *
  * The same /bin/sh parses and runs CMD exactly once (eval of one quoted
  * word is what `sh -c CMD` does with its argument), with the same
@@ -27,8 +27,10 @@
  * action (each runs in its own subshell; the worker itself only ever runs
  * the line above). What differs from `sh -c`: $$ is the worker's pid (POSIX:
  * a subshell's $$ is its parent shell's), an exit status above 128 cannot
- * be told from death by signal 128+N, and an action that kills $$ kills its
- * worker (reported with the worker's wait status, a new worker takes over).
+ * be told from death by signal 128+N, an action that kills $$ kills its
+ * worker (reported with the worker's wait status, a new worker takes over),
+ * and what an action leaves running in the background stays in the worker's
+ * process group (a later action's timeout there ends it).
  *
  * Per action (the contract ActionRunner documents):
  *  - its worker leads a NEW SESSION (posix_spawn SETSID), so one killpg()
@@ -85,7 +87,8 @@
 #define READ_CHUNK 65536
 #define STARVED_TICK_MS 2   /* other batches hold every slot: look again     */
 #define PIDFD_TICK_MS 1     /* no pidfd_open: how often to retry waitpid     */
-#define RETIRE_WAIT_MS 1000 /* a worker given EOF this long to exit, then KILL */
+#define RETIRE_WAIT_MS 50   /* an idle worker given EOF this long to exit, then
+                               SIGKILL (it holds no job; stopped, say)        */
 /* After an abort (the daemon is stopping) we wait at most this long for the
  * fifos of a killed action: a grandchild that escaped with setsid() may hold
  * them for ever, and the daemon must stop within 2 s (SPEC section 7). */
@@ -101,7 +104,7 @@ struct worker {
     int pid_fd;           /* -1 until needed (died with its fifos closed)   */
     char *wbuf;           /* command text not yet written to in_fd          */
     size_t wlen, woff;
-    char line[16];        /* status line being read                         */
+    char line[48];        /* status line being read: "STATUS JOB"           */
     size_t line_len;
     int gone;             /* st_fd at EOF: the worker exited or is exiting  */
     int has_job;
@@ -323,7 +326,8 @@ static int start_job(struct worker *w, size_t job, const struct vh_job *j,
      * succeeds at once instead of waiting for us. */
     w->out_fd = open(path_o, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     w->err_fd = w->out_fd < 0 ? -1 : open(path_e, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    len = quoted_len(j->command) + 1 + quoted_len(path_o) + quoted_len(path_e) + 64;
+    /* + the fixed text (~35 bytes) and the job index (<= 20 digits). */
+    len = quoted_len(j->command) + 1 + quoted_len(path_o) + quoted_len(path_e) + 96;
     w->wbuf = w->err_fd < 0 ? NULL : malloc(len);
     if (!w->wbuf) {
         rc = w->err_fd < 0 ? errno : ENOMEM;
@@ -342,8 +346,10 @@ static int start_job(struct worker *w, size_t job, const struct vh_job *j,
     p = put_quoted(p + 5, path_e, 0);
     *p++ = '>';
     p = put_quoted(p, path_o, 0);
-    memcpy(p, " </dev/null; echo $?\n", 21);
-    w->wlen = (size_t)(p + 21 - w->wbuf);
+    /* The job index with the status: a line some action forged on the
+     * worker's stdout (/proc/$$/fd/1) cannot end another job. */
+    p += sprintf(p, " </dev/null; echo \"$? %zu\"\n", job);
+    w->wlen = (size_t)(p - w->wbuf);
     w->woff = 0;
     w->has_job = 1;
     w->job = job;
@@ -407,6 +413,8 @@ static void drain_job(struct worker *w, const struct vh_job *j, struct vh_result
 static void read_status(struct worker *w)
 {
     char buf[64];
+    int status;
+    size_t job;
     for (;;) {
         ssize_t n = read(w->st_fd, buf, sizeof buf);
         if (n < 0) {
@@ -429,9 +437,10 @@ static void read_status(struct worker *w)
             }
             w->line[w->line_len] = '\0';
             w->line_len = 0;
-            if (w->has_job && !w->have_status) {
+            if (w->has_job && !w->have_status
+                && sscanf(w->line, "%d %zu", &status, &job) == 2 && job == w->job) {
                 w->have_status = 1;
-                w->status = atoi(w->line) & 0xff;
+                w->status = status & 0xff;
             }
         }
     }
@@ -565,8 +574,9 @@ static void retire_workers(struct worker *ws, unsigned n)
     for (unsigned i = 0; i < n; i++) {
         if (!ws[i].pid)
             continue;
-        /* Stopped or wedged: it holds no job, take it and its group down. */
-        killpg(ws[i].pid, SIGKILL);
+        /* Stopped or wedged: it holds no job. The worker only, not its
+         * group: what earlier actions left running is not ours to end,
+         * as with upstream's popen(). */
         kill(ws[i].pid, SIGKILL);
         while (waitpid(ws[i].pid, NULL, 0) < 0 && errno == EINTR)
             ;
@@ -715,6 +725,14 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
             rc = w->pid ? 0 : spawn_worker(w, shell, jobs[next].envp, &attr, devnull);
             if (rc == 0)
                 rc = start_job(w, next, &jobs[next], fifo_prefix, path_o, path_e, path_size);
+            if (rc != 0 && nbusy > 0
+                && (rc == EMFILE || rc == ENFILE || rc == EAGAIN || rc == ENOMEM)) {
+                /* Out of fds or processes for now: the running actions free
+                 * some as they end. Retry then rather than fail the rest. */
+                give_slot(shared);
+                starved = 1;
+                break;
+            }
             if (rc != 0) {
                 r->flags |= VH_SPAWN_ERROR;
                 r->error = rc;

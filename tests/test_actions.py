@@ -8,6 +8,7 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import List
@@ -851,6 +852,41 @@ def test_run_many_keeps_order_and_marks_unrunnable() -> None:
     assert [r.stdout for r in results] == [b"a\n", b"", b"123", b""]
     assert results[1].failure() == "cannot run the shell: NUL character in command"
     assert [r.returncode for r in results] == [0, None, 0, 4]
+
+
+def test_forged_status_line_cannot_end_another_job() -> None:
+    """A line an action writes on its worker's status pipe is not taken as any job's status."""
+    runner = ActionRunner(path=PATH, timeout=10, max_concurrency=1, batch_threads=1)
+
+    async def main() -> List[ActionResult]:
+        # Job 0 writes what would be job 1's status line, then exits 7.
+        forger = "echo '5 1' >/proc/$$/fd/1; sleep 0.2; exit 7"
+        return list(await asyncio.gather(runner.run(forger), runner.run("echo next; exit 3")))
+
+    forged, after = asyncio.run(main())
+    runner.close()
+    assert forged.returncode == 7
+    assert after.returncode == 3 and after.stdout == b"next\n"
+
+
+def test_out_of_fds_actions_wait_for_others() -> None:
+    """With too few fds for the concurrency, actions wait for running ones instead of failing."""
+    script = f"""
+import asyncio, os, resource
+from vhostmd_py.actions import ActionRunner
+runner = ActionRunner(path={PATH!r}, timeout=10, max_concurrency=8, batch_threads=1)
+open_now = len(os.listdir("/proc/self/fd"))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 14, hard))  # ~2 of 8 slots fit
+async def main():
+    return await runner.run_many([(f"echo {{i}}", 255) for i in range(40)])
+results = asyncio.run(main())
+runner.close()
+print(sum(r.ok for r in results), sorted({{r.failure() for r in results if not r.ok}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.split(" ", 1) == ["40", "[]\n"], out.stdout + out.stderr
 
 
 def test_no_worker_left_after_a_batch() -> None:

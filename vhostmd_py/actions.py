@@ -33,8 +33,11 @@ start-up traps to the hypervisor), and the children alone needed all of 2
 cores; a fork of a running shell costs less than half (bench/README.md,
 Cycle). What differs from upstream's fresh ``sh -c`` per action: ``$$`` is
 the worker's pid, an action whose shell dies of signal N is reported with
-exit status 128+N (the worker's ``$?``), and an action that kills ``$$``
-kills its worker (reported with the worker's wait status).
+exit status 128+N (the worker's ``$?``), an action that kills ``$$`` kills
+its worker (reported with the worker's wait status), background leftovers
+share the worker's process group (a later timeout there ends them), and with
+bash as /bin/sh ``$LINENO`` counts on across a worker's actions (README,
+Deviations).
 The environment is the daemon's with PATH replaced by the config's
 ``<path>`` (upstream setenv()s PATH in its own environment before popen()).
 
@@ -503,11 +506,12 @@ class _Batch:
         """SIGKILL job INDEX's worker group from this thread; wait until UNTIL for C.
 
         While end_ns is 0 the pid (the job's worker shell) is our child,
-        alive or a zombie, so it cannot have been reused: C reaps a worker
-        only when it died or at the end of the batch. If the job ends between
-        the check and the kill, the worker may already run another job of the
-        batch, which dies too: this is the stop path, where every action of
-        the cycle is being cancelled anyway.
+        alive or a zombie, so it cannot have been reused: C reaps a killed
+        or dead worker and stores end_ns a few instructions later (and Linux
+        hands out pids in sequence up to pid_max before reusing one). If the
+        job ends between the check and the kill, the worker may already run
+        another job of the batch, which dies too: this is the stop path,
+        where every action of the cycle is being cancelled anyway.
         """
         result = self.results[index]
         pid = result.pid
@@ -609,6 +613,14 @@ class ActionRunner:
         self.runtime_dir = runtime_dir
 
     @property
+    def fd_need(self) -> int:
+        """File descriptors the runner may hold at once: per running action its
+        worker's two pipes, two fifos and a pidfd; per batch thread an abort
+        pipe and /dev/null. The daemon keeps this much free (virtio reserves
+        it beside its channels); short of it, actions wait for others to end."""
+        return 5 * self.max_concurrency + 3 * self.batch_threads
+
+    @property
     def running(self) -> int:
         """Number of children running now."""
         return int(self._shared.running)
@@ -624,9 +636,9 @@ class ActionRunner:
     ) -> List[ActionResult]:
         """Run each (COMMAND, CAP) of COMMANDS; their results, in order.
 
-        One future for all of them: a cycle of 3000 actions then costs 3000
-        small job records instead of 3000 asyncio tasks (~2.5 MB and their
-        scheduling; bench/README.md, Cycle). A batch that cannot be started
+        One gather() over the jobs' futures, no task per action: a cycle of
+        3000 actions costs 3000 small job records instead of 3000 asyncio
+        tasks (~2.5 MB and their scheduling; bench/README.md, Cycle). A batch that cannot be started
         (EMFILE, no fifo directory) gives its actions a ``spawn_error``.
         """
         results: List[ActionResult | None] = [None] * len(commands)

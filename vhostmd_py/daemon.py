@@ -386,7 +386,7 @@ class Daemon:
             return
         from vhostmd_py.virtio import VirtioServer
 
-        server = VirtioServer(config.virtio, clock=self._clock)
+        server = VirtioServer(config.virtio, clock=self._clock, reserve_fds=self._runner.fd_need)
         await server.start()
         self._virtio = server
         log.info(

@@ -90,8 +90,8 @@ MIN_HEALTHY_LIFETIME = 1.0
 # thread of its own; we share one loop, so the share must be bounded.
 IO_SHARE = 0.5
 IO_WINDOW = 0.1
-# File descriptors we keep free beyond one per channel (libvirt, pipes of
-# running actions, the disk, logging).
+# File descriptors we keep free beyond one per channel and the action
+# runner's own need (libvirt, the disk, logging, inotify).
 FD_HEADROOM = 256
 
 # Errors expected while a VM starts, stops or restarts: logged at DEBUG only.
@@ -305,7 +305,11 @@ class VirtioServer:
         clock: Callable[[], float] = time.monotonic,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         use_inotify: bool = True,
+        reserve_fds: int = 0,
     ) -> None:
+        """RESERVE_FDS: descriptors others in the process need at once (the
+        action runner's fd_need), kept free beside one per channel."""
+        self._reserve_fds = reserve_fds
         self._dir = os.fsencode(cfg.channel_path)
         self._max = int(cfg.max_channels)
         self._expiration = float(cfg.expiration_time)
@@ -345,7 +349,7 @@ class VirtioServer:
         self._loop = asyncio.get_running_loop()
         # One descriptor per channel: 1024 channels do not fit the usual
         # soft limit of 1024 (the daemon logs "Activating virtio ...").
-        raise_fd_limit(self._max + FD_HEADROOM)
+        raise_fd_limit(self._max + FD_HEADROOM + self._reserve_fds)
         if self._use_inotify:
             try:
                 self._inotify = _Inotify()
