@@ -86,6 +86,18 @@ def _load_old(rev: str) -> Any:
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
+    if not hasattr(module.ActionRunner, "run_many"):
+        # Before run_many(): today's collector calls it; give it what that
+        # revision's collector did, one run() task per action.
+        base = module.ActionRunner
+
+        class WithRunMany(base):  # type: ignore[misc, valid-type]
+            async def run_many(self, commands: Any, *, path: Any = None) -> List[Any]:
+                return list(
+                    await asyncio.gather(*(self.run(c, cap=cap, path=path) for c, cap in commands))
+                )
+
+        module.ActionRunner = WithRunMany
     return module
 
 
