@@ -1,4 +1,4 @@
-"""Metric actions: token substitution and running ``/bin/sh -c`` cheaply and safely.
+"""Metric actions: token substitution and running them through ``/bin/sh`` cheaply and safely.
 
 Substitution (SPEC section 2). Upstream replaces every plain-text occurrence
 of ``CONNECT`` (always) and ``NAME``, ``VMID``, ``UUID`` (vm context only) one
@@ -86,7 +86,7 @@ DEFAULT_TIMEOUT = 30.0
 # its one read, so such a command dies of SIGPIPE and the metric is left out too).
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 DEFAULT_STDERR_CAP = 4096
-# After SIGKILL, how long we wait for the pipes to close before giving up.
+# After SIGKILL, how long we wait for the output fifos to close before giving up.
 KILL_GRACE = 2.0
 # A cancelled run() waits at most this long for its child to be killed and
 # reaped (the daemon allows a cancelled cycle 1.2 s: daemon.CANCEL_GRACE).

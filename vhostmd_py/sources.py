@@ -66,7 +66,7 @@ def trim_partial_utf8(value: bytes) -> bytes:
 
 
 class ShellActionSource:
-    """The default source: the metric's ``<action>`` run by ``/bin/sh -c``.
+    """The default source: the metric's ``<action>`` run by ``/bin/sh`` (as ``sh -c`` would).
 
     Keeps the first 255 bytes of the output (2047 for xml metrics) as
     upstream's single read() does (FACTS section 2, edge-4k `Long`).
