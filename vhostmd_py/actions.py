@@ -555,8 +555,8 @@ class ActionRunner:
     ``path`` is the actions' PATH (the config's ``<path>``), ``uri`` the libvirt
     URI that ``CONNECT`` stands for (None: CONNECT becomes empty).
     ``runtime_dir`` is where each batch makes the private directory of its
-    actions' output fifos (removed when the batch ends); None: /dev/shm, else
-    the temporary directory.
+    actions' output fifos (removed when the batch ends); None:
+    default_runtime_dir().
 
     Batching: run() queues its job; the run() calls made in one event loop
     iteration (a cycle's asyncio.gather of every metric of every VM) are split
@@ -817,7 +817,7 @@ class ActionRunner:
             r = results[i]
             flags = r.flags
             if flags & _F_SPAWN_ERROR:
-                result = ActionResult(None, b"", 0, b"", 0.0, spawn_error=os.strerror(r.error))
+                result = _not_run(os.strerror(r.error))
             else:
                 if flags & _F_UNREAPED:
                     self._unreaped.add(r.pid)
