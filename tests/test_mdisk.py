@@ -8,11 +8,10 @@ import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, List
+from typing import List
 
 import pytest
 from hypothesis import given, settings
@@ -48,20 +47,6 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     """The implementation under test: the C binding or the pure-Python twin."""
     module: ModuleType = request.param
     return module
-
-
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A private directory on /dev/shm (where the daemon's disk lives), else tmp_path."""
-    base = Path("/dev/shm")
-    if not (base.is_dir() and os.access(base, os.W_OK)):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="vhostmd-py-test-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def signed_sum(data: bytes) -> int:

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 
@@ -107,20 +104,6 @@ while time.monotonic() < deadline:
 print(json.dumps({"impl": "naive", "reads": reads, "torn": torn}), flush=True)
 """
 )
-
-
-@pytest.fixture
-def shm_dir(tmp_path: Path) -> Iterator[Path]:
-    """A private directory on /dev/shm (where the daemon's disk lives), else tmp_path."""
-    base = Path("/dev/shm")
-    if not (base.is_dir() and os.access(base, os.W_OK)):
-        yield tmp_path
-        return
-    path = Path(tempfile.mkdtemp(prefix="vhostmd-py-torn-", dir=base))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
