@@ -67,16 +67,18 @@ class DiskFormatError(DiskError):
     """The disk does not hold a valid mvbd image (signature, length, short file)."""
 
 
+def checksum_mismatch(expected: int, actual: int) -> str:
+    """The wording of a checksum mismatch, host and guest alike."""
+    return f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}"
+
+
 class ChecksumError(DiskFormatError):
     """Header checksum does not match the content."""
 
     def __init__(self, path: StrPath, expected: int, actual: int) -> None:
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            path,
-            f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}",
-        )
+        super().__init__(path, checksum_mismatch(expected, actual))
 
 
 class DiskBusyError(DiskError):

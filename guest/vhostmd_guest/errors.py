@@ -12,6 +12,7 @@ import os
 from typing import Sequence, Tuple
 
 from vhostmd_py.errors import StrPath as StrPath  # re-exported for this package
+from vhostmd_py.errors import checksum_mismatch
 
 
 class MetricsError(Exception):
@@ -71,10 +72,7 @@ class DiskChecksumError(MetricsDiskError):
     def __init__(self, path: StrPath, expected: int, actual: int) -> None:
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            path,
-            f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}",
-        )
+        super().__init__(path, checksum_mismatch(expected, actual))
 
 
 class DiskFormatError(MetricsDiskError):
