@@ -1,0 +1,97 @@
+"""Raw statistics of one cycle, as the built-in sources read them.
+
+This is the contract between the built-in sources (libvirt bulk/per-domain
+calls, /proc and /sys) and everything that consumes counters rather than
+rendered metrics: the metric catalogue (rendering), the derived rates and the
+round-robin history, alarms and accounting. A field is None (or a device is
+absent) when the hypervisor or the kernel did not report it: consumers leave
+the value out, they never invent a zero.
+
+Units are the ones the sources report, kept integral where they are counters:
+CPU times in nanoseconds, memory in KiB (libvirt's unit), bytes and packets as
+counts. Times are taken once per cycle: ``wall`` (seconds since the epoch, for
+RRD updates and accounting periods) and ``mono`` (a monotonic clock, for rates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """One disk of a VM, named as the domain XML's <target dev=...> (vda, sdb, ...)."""
+
+    name: str
+    rd_req: Optional[int] = None
+    rd_bytes: Optional[int] = None
+    wr_req: Optional[int] = None
+    wr_bytes: Optional[int] = None
+    errors: Optional[int] = None
+    capacity: Optional[int] = None  # bytes
+    allocation: Optional[int] = None  # bytes
+
+
+@dataclass(frozen=True)
+class NetStats:
+    """One interface of a VM, named as the domain XML's <target dev=...> (vnet0, ...)."""
+
+    name: str
+    rx_bytes: Optional[int] = None
+    rx_packets: Optional[int] = None
+    rx_errs: Optional[int] = None
+    rx_drop: Optional[int] = None
+    tx_bytes: Optional[int] = None
+    tx_packets: Optional[int] = None
+    tx_errs: Optional[int] = None
+    tx_drop: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class VmStats:
+    """Everything the built-in sources know about one running VM this cycle."""
+
+    uuid: str
+    name: str
+    id: int
+    state: Optional[int] = None  # libvirt's virDomainState
+    vcpus: Optional[int] = None  # current vCPUs
+    max_vcpus: Optional[int] = None
+    cpu_time: Optional[int] = None  # ns, all vCPUs + emulator
+    cpu_user: Optional[int] = None  # ns
+    cpu_system: Optional[int] = None  # ns
+    vcpu_times: Tuple[int, ...] = ()  # ns per vCPU, by vCPU number
+    memory_max: Optional[int] = None  # KiB, maximum memory
+    memory_current: Optional[int] = None  # KiB, current balloon / memory
+    # Balloon statistics by libvirt's names (actual, unused, available,
+    # usable, rss, swap_in, swap_out, major_fault, minor_fault, ...), KiB
+    # except the fault counts.
+    balloon: Mapping[str, int] = field(default_factory=dict)
+    disks: Tuple[BlockStats, ...] = ()
+    nics: Tuple[NetStats, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostStats:
+    """The host's counters and sizes this cycle."""
+
+    hostname: Optional[str] = None
+    cpus: Optional[int] = None  # logical CPUs (nodeinfo / online CPUs)
+    # /proc/stat's aggregate "cpu" line in USER_HZ ticks by name (user, nice,
+    # system, idle, iowait, irq, softirq, steal, guest, guest_nice).
+    cpu_ticks: Mapping[str, int] = field(default_factory=dict)
+    clock_ticks: int = 100  # USER_HZ, os.sysconf("SC_CLK_TCK")
+    meminfo: Mapping[str, int] = field(default_factory=dict)  # /proc/meminfo, KiB
+    vmstat: Mapping[str, int] = field(default_factory=dict)  # /proc/vmstat counters
+    loadavg: Tuple[float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """One cycle's raw statistics: the host and every running VM, in libvirt's order."""
+
+    wall: float
+    mono: float
+    host: HostStats
+    vms: Tuple[VmStats, ...] = ()
