@@ -1,5 +1,8 @@
 """The exception hierarchy of vhostmd_py: every error we raise is a VhostmdError.
 
+VhostmdError is vhostmd_wire's root, so host and guest errors share it;
+each class passes (reason, message) to it.
+
 Fields are structured (file, line, metric, vm, path) so callers and logs
 can say exactly what failed without parsing messages.
 """
@@ -7,13 +10,43 @@ can say exactly what failed without parsing messages.
 from __future__ import annotations
 
 import os
-from typing import Union
 
-StrPath = Union[str, "os.PathLike[str]"]
+# The one root of host and guest errors (reason field; str() is the message),
+# and the metrics disk errors of the wire format, re-exported so host code
+# imports every error from here.
+from vhostmd_wire.errors import (
+    ChecksumError,
+    ContentTooLargeError,
+    DiskBusyError,
+    DiskError,
+    DiskFormatError,
+    DiskIOError,
+    DiskSizeError,
+    DocumentError,
+    StrPath,
+    VhostmdError,
+    checksum_mismatch,
+)
 
-
-class VhostmdError(Exception):
-    """Base class of every vhostmd_py error."""
+__all__ = [
+    "ActionError",
+    "ChannelError",
+    "ChecksumError",
+    "ConfigError",
+    "ContentTooLargeError",
+    "DiskBusyError",
+    "DiskError",
+    "DiskFormatError",
+    "DiskIOError",
+    "DiskSizeError",
+    "DocumentError",
+    "LibvirtError",
+    "PidFileError",
+    "PrivilegeError",
+    "StrPath",
+    "VhostmdError",
+    "checksum_mismatch",
+]
 
 
 # --- configuration -----------------------------------------------------------
@@ -25,76 +58,8 @@ class ConfigError(VhostmdError):
     def __init__(self, file: StrPath, reason: str, line: int | None = None) -> None:
         self.file = os.fspath(file)
         self.line = line
-        self.reason = reason
         where = self.file if line is None else f"{self.file}:{line}"
-        super().__init__(f"{where}: {reason}")
-
-
-# --- metrics disk ------------------------------------------------------------
-
-
-class DiskError(VhostmdError):
-    """Something is wrong with a metrics disk (host or guest side)."""
-
-    def __init__(self, path: StrPath, reason: str) -> None:
-        self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-
-class DiskSizeError(DiskError):
-    """Configured disk size outside 1024 bytes .. 256 MiB."""
-
-    def __init__(self, path: StrPath, size: int) -> None:
-        self.size = size
-        super().__init__(
-            path, f"metrics disk size {size} not within supported range 1024 - 268435456"
-        )
-
-
-class ContentTooLargeError(DiskError):
-    """The metrics document does not fit the disk; the previous one stays readable."""
-
-    def __init__(self, path: StrPath, length: int, capacity: int) -> None:
-        self.length = length
-        self.capacity = capacity
-        super().__init__(
-            path, f"metrics document of {length} bytes is larger than the disk's {capacity} bytes"
-        )
-
-
-class DiskFormatError(DiskError):
-    """The disk does not hold a valid mvbd image (signature, length, short file)."""
-
-
-def checksum_mismatch(expected: int, actual: int) -> str:
-    """The wording of a checksum mismatch, host and guest alike."""
-    return f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}"
-
-
-class ChecksumError(DiskFormatError):
-    """Header checksum does not match the content."""
-
-    def __init__(self, path: StrPath, expected: int, actual: int) -> None:
-        self.expected = expected
-        self.actual = actual
-        super().__init__(path, checksum_mismatch(expected, actual))
-
-
-class DiskBusyError(DiskError):
-    """The busy flag stayed set (or the disk kept changing) for longer than allowed."""
-
-    def __init__(self, path: StrPath, waited: float) -> None:
-        self.waited = waited
-        super().__init__(path, f"metrics disk still busy or changing after {waited:.1f} s")
-
-
-class DiskIOError(DiskError):
-    """An OS-level failure opening, reading or writing a disk (see __cause__)."""
-
-    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
-        self.errno = errno
-        super().__init__(path, reason)
+        super().__init__(reason, f"{where}: {reason}")
 
 
 # --- actions, libvirt, daemon --------------------------------------------------
@@ -106,9 +71,8 @@ class ActionError(VhostmdError):
     def __init__(self, metric: str, reason: str, vm: str | None = None) -> None:
         self.metric = metric
         self.vm = vm
-        self.reason = reason
         who = f"metric {metric}" if vm is None else f"metric {metric} of VM {vm}"
-        super().__init__(f"{who}: {reason}")
+        super().__init__(reason, f"{who}: {reason}")
 
 
 class LibvirtError(VhostmdError):
@@ -116,8 +80,7 @@ class LibvirtError(VhostmdError):
 
     def __init__(self, uri: str | None, reason: str) -> None:
         self.uri = uri
-        self.reason = reason
-        super().__init__(f"libvirt {uri or '(default URI)'}: {reason}")
+        super().__init__(reason, f"libvirt {uri or '(default URI)'}: {reason}")
 
 
 class PidFileError(VhostmdError):
@@ -125,8 +88,7 @@ class PidFileError(VhostmdError):
 
     def __init__(self, path: StrPath, reason: str) -> None:
         self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"Failed to open pid file '{self.path}' : {reason}")
+        super().__init__(reason, f"Failed to open pid file '{self.path}' : {reason}")
 
 
 class ChannelError(VhostmdError):
@@ -134,8 +96,7 @@ class ChannelError(VhostmdError):
 
     def __init__(self, path: StrPath, reason: str) -> None:
         self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"channel {self.path}: {reason}")
+        super().__init__(reason, f"channel {self.path}: {reason}")
 
 
 class PrivilegeError(VhostmdError):
@@ -143,5 +104,4 @@ class PrivilegeError(VhostmdError):
 
     def __init__(self, user: str, reason: str) -> None:
         self.user = user
-        self.reason = reason
-        super().__init__(f"cannot run as user '{user}': {reason}")
+        super().__init__(reason, f"cannot run as user '{user}': {reason}")

@@ -7,21 +7,20 @@ size is 0 (an empty CD-ROM tray) are skipped before any open, only block
 devices and regular files are opened, and the open is non-blocking.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import stat
-from typing import List
+from typing import List, Optional
 
-from vhostmd_py import errors as hosterrors
-from vhostmd_py import mdisk
+from vhostmd_wire import disk
+from vhostmd_wire.errors import DiskFormatError
 
 from .errors import DiskIOError, DiskNotFoundError, StrPath
 
 log = logging.getLogger(__name__)
 
-def probe(path: StrPath) -> mdisk.Header | None:
+
+def probe(path: StrPath) -> Optional[disk.Header]:
     """The mvbd header of ``path`` if it carries the signature, else None.
 
     The read is the disk format's own first-block read (non-blocking open,
@@ -29,15 +28,13 @@ def probe(path: StrPath) -> mdisk.Header | None:
     DiskIOError when the device cannot be opened or read.
     """
     try:
-        header = mdisk.read_header(path)
-    except hosterrors.DiskFormatError:
+        header = disk.read_header(path)
+    except DiskFormatError:
         return None  # shorter than a header: not a metrics disk
-    except hosterrors.DiskIOError as err:
-        raise DiskIOError(err.path, err.reason, err.errno) from err
     return header if header.has_signature else None
 
 
-def _sys_size(sys_block: str, entry: str) -> int | None:
+def _sys_size(sys_block: str, entry: str) -> Optional[int]:
     try:
         with open(os.path.join(sys_block, entry, "size"), "rb") as f:
             return int(f.read().strip() or b"0")

@@ -7,138 +7,74 @@ refused outright (billion-laughs and XXE documents are inert), and a size
 bound checked before the parser sees a byte.
 """
 
-from __future__ import annotations
-
-import enum
 import logging
-import math
-import re
-import struct
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-from lxml import etree
-
-from vhostmd_py.safexml import safe_parser
+from vhostmd_wire.document import (
+    INT_RE,
+    MAX_DISK_DOCUMENT,
+    MAX_VIRTIO_DOCUMENT,
+    Element,
+    MetricContext,
+    MetricType,
+    MetricValue,
+    parse_value,
+    parse_xml,
+)
 
 from .errors import DocumentError, MetricNotFoundError, MetricValueError, VmIdentityError
 
+__all__ = [
+    "MAX_DISK_DOCUMENT",
+    "MAX_VIRTIO_DOCUMENT",
+    "Metric",
+    "MetricContext",
+    "MetricType",
+    "MetricValue",
+    "MetricsDocument",
+    "check_document",
+    "convert_value",
+    "metrics_from_root",
+    "parse_document",
+]
+
 log = logging.getLogger(__name__)
-
-# SPEC 4: a disk is at most 256 MiB, so no disk document can be larger;
-# SPEC 6: virtio replies over 16 MiB are refused.
-MAX_DISK_DOCUMENT = 256 * 1024 * 1024
-MAX_VIRTIO_DOCUMENT = 16 * 1024 * 1024
-
-MetricValue = Union[int, float, str]
-
-
-class MetricType(enum.IntEnum):
-    """Value types, numbered as upstream's ``metric_type`` enum (libmetrics.h)."""
-
-    INT32 = 0
-    UINT32 = 1
-    INT64 = 2
-    UINT64 = 3
-    REAL32 = 4
-    REAL64 = 5
-    STRING = 6
-
-    @classmethod
-    def from_name(cls, name: str) -> MetricType:
-        """The type for a ``type=`` attribute; case-insensitive like upstream's strcasecmp."""
-        try:
-            return cls[name.strip().upper()]
-        except KeyError:
-            raise ValueError(f"unknown metric type {name!r}") from None
-
-    @property
-    def type_name(self) -> str:
-        """The attribute spelling: int32 ... string."""
-        return self.name.lower()
-
-
-class MetricContext(enum.IntEnum):
-    """Contexts, numbered as upstream's ``metric_context`` enum."""
-
-    HOST = 0
-    VM = 1
-
-    @property
-    def context_name(self) -> str:
-        """The attribute spelling: host or vm."""
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: MetricContext | int | str) -> MetricContext:
-        """A context from a member, upstream's number, or the spelling "host"/"vm"."""
-        if isinstance(value, str):
-            try:
-                return cls[value.upper()]
-            except KeyError:
-                raise ValueError(f"{value!r} is not a metric context (host or vm)") from None
-        return cls(value)
-
-
-_INT_RANGES: Dict[MetricType, Tuple[int, int]] = {
-    MetricType.INT32: (-(2**31), 2**31 - 1),
-    MetricType.UINT32: (0, 2**32 - 1),
-    MetricType.INT64: (-(2**63), 2**63 - 1),
-    MetricType.UINT64: (0, 2**64 - 1),
-}
-# Strict forms: Python's int()/float() also accept "1_000", which no C reader
-# would; upstream's atoi/atof silently accept "42abc" as 42, which we refuse.
-_INT_RE = re.compile(r"[+-]?[0-9]+\Z")
-_REAL_RE = re.compile(
-    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z", re.IGNORECASE
-)
-# Upstream hosts keep the action's trailing newline in the value
-# (`<value>42\n</value>`, FACTS 2); our host strips it (SPEC 2 deviation).
-# Both must read the same, so trailing whitespace is never part of a value.
-_TRAILING = " \t\r\n"
 
 
 def convert_value(name: str, type_name: str, text: str) -> MetricValue:
     """The typed value of ``text`` for a metric of type ``type_name`` (raises MetricValueError)."""
     try:
-        mtype = MetricType.from_name(type_name)
+        return parse_value(type_name, text)
     except ValueError as err:
         raise MetricValueError(name, type_name, text, str(err)) from err
-    stripped = text.rstrip(_TRAILING)
-    if mtype is MetricType.STRING:
-        return stripped
-    token = stripped.strip()
-    if mtype in _INT_RANGES:
-        if not _INT_RE.match(token):
-            raise MetricValueError(name, type_name, text, "not a decimal integer")
-        number = int(token, 10)
-        low, high = _INT_RANGES[mtype]
-        if not low <= number <= high:
-            raise MetricValueError(name, type_name, text, f"out of range {low}..{high}")
-        return number
-    if not _REAL_RE.match(token):
-        raise MetricValueError(name, type_name, text, "not a decimal number")
-    real = float(token)
-    if mtype is MetricType.REAL32 and math.isfinite(real):
-        try:
-            # Round to what a C float holds, as upstream's union member would.
-            (real,) = struct.unpack("<f", struct.pack("<f", real))
-        except OverflowError as err:
-            raise MetricValueError(name, type_name, text, "out of range for real32") from err
-    return real
 
 
-@dataclass(frozen=True)
-class Metric:
-    """One ``<metric>`` element: name, declared type, context, raw and typed value."""
-
+class _MetricFields(NamedTuple):
     name: str
     type_name: str
     context: MetricContext
     raw_value: str
-    unit: str | None = None
-    vm_id: int | None = None
-    vm_uuid: str | None = None
+    unit: Optional[str]
+    vm_id: Optional[int]
+    vm_uuid: Optional[str]
+
+
+class Metric(_MetricFields):
+    """One ``<metric>`` element: name, declared type, context, raw and typed value."""
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        name: str,
+        type_name: str,
+        context: MetricContext,
+        raw_value: str,
+        unit: Optional[str] = None,
+        vm_id: Optional[int] = None,
+        vm_uuid: Optional[str] = None,
+    ) -> "Metric":
+        return super().__new__(cls, name, type_name, context, raw_value, unit, vm_id, vm_uuid)
 
     @property
     def type(self) -> MetricType:
@@ -154,66 +90,32 @@ class Metric:
         return convert_value(self.name, self.type_name, self.raw_value)
 
 
-def _refuse_declarations(data: bytes, source: str) -> None:
-    # A metrics document never needs a DTD. Refusing the declarations before
-    # parsing makes entity bombs and external entities inert whatever the
-    # parser options; a UTF-16/32 document cannot hide one because such
-    # encodings are refused too (upstream's libxml would read them, but
-    # vhostmd only ever writes UTF-8/ASCII).
-    if data.startswith((b"\xff\xfe", b"\xfe\xff", b"\x00\x00\x00<", b"\x00<", b"<\x00")):
-        raise DocumentError(source, "document is not UTF-8 (UTF-16/32 documents are refused)")
-    for marker in (b"<!DOCTYPE", b"<!ENTITY"):
-        if marker in data:
-            raise DocumentError(
-                source, f"document contains {marker.decode()} (DTDs and entities are refused)"
-            )
-
-
-def check_document(
-    data: bytes, *, source: str, max_size: int = MAX_DISK_DOCUMENT
-) -> etree._Element:
+def check_document(data: bytes, *, source: str, max_size: int = MAX_DISK_DOCUMENT) -> Element:
     """Parse ``data`` safely and return the root element; DocumentError if not acceptable."""
-    if len(data) > max_size:
-        raise DocumentError(
-            source, f"document of {len(data)} bytes exceeds the {max_size}-byte bound"
-        )
-    _refuse_declarations(data, source)
-    if not data.strip():
-        # Upstream: libxml's "Document is empty" (len-zero case).
-        raise DocumentError(source, "document is empty")
-    try:
-        root = etree.fromstring(data, safe_parser())
-    except etree.XMLSyntaxError as err:
-        raise DocumentError(source, f"not well-formed XML: {err}") from err
-    except ValueError as err:  # lxml refuses some inputs (e.g. with an encoding) this way
-        raise DocumentError(source, f"not well-formed XML: {err}") from err
-    tree = root.getroottree()
-    if tree.docinfo.internalDTD is not None or tree.docinfo.doctype:
-        raise DocumentError(source, "document has a DOCTYPE (DTDs and entities are refused)")
-    return root
+    return parse_xml(data, source, max_size)
 
 
-def _text(element: etree._Element) -> str:
-    if len(element) == 0:  # the usual case: plain text, no child elements
-        return element.text or ""
-    return "".join(
-        t if isinstance(t, str) else t.decode("utf-8", "replace") for t in element.itertext()
-    )
+def _text(element: Element) -> str:
+    if not element.children:  # the usual case: plain text, no child elements
+        return element.text
+    return "".join(element.itertext())
 
 
-def _vm_id(text: str | None) -> int | None:
-    if text is None or not _INT_RE.match(text.strip()):
+def _vm_id(text: Optional[str]) -> Optional[int]:
+    if text is None or not INT_RE.match(text.strip()):
         return None
     return int(text.strip(), 10)
 
 
-def metrics_from_root(root: etree._Element, source: str) -> Tuple[Metric, ...]:
+def metrics_from_root(root: Element, source: str) -> Tuple[Metric, ...]:
     """The ``<metric>`` children of ``<metrics>`` as Metric records, in document order."""
     if root.tag != "metrics":
         raise DocumentError(source, f"root element is <{root.tag}>, expected <metrics>")
     out: List[Metric] = []
     host, vm = MetricContext.HOST, MetricContext.VM
-    for element in root.iterchildren("metric"):
+    for element in root:
+        if element.tag != "metric":
+            continue
         attrs = element.attrib
         context_name = (attrs.get("context") or "").strip().lower()
         name_el = value_el = None
@@ -244,19 +146,17 @@ def metrics_from_root(root: etree._Element, source: str) -> Tuple[Metric, ...]:
 _Key = Tuple[MetricContext, Optional[str], str]
 
 
-@dataclass(frozen=True)
 class MetricsDocument:
     """A parsed metrics document: the bytes it came from and its metrics in order."""
 
-    raw: bytes
-    metrics: Tuple[Metric, ...]
-    source: str = "metrics"
-    # Built once per document so a lookup costs a dict access, not a scan
-    # of every metric (a 1000-VM disk holds thousands).
-    _index: Dict[_Key, Metric] = field(init=False, repr=False, compare=False)
-    _uuids: Tuple[str, ...] = field(init=False, repr=False, compare=False)
+    __slots__ = ("_index", "_uuids", "metrics", "raw", "source")
 
-    def __post_init__(self) -> None:
+    def __init__(self, raw: bytes, metrics: Tuple[Metric, ...], source: str = "metrics") -> None:
+        self.raw = raw
+        self.metrics = metrics
+        self.source = source
+        # Built once per document so a lookup costs a dict access, not a scan
+        # of every metric (a 1000-VM disk holds thousands).
         index: Dict[_Key, Metric] = {}
         uuids: Dict[str, None] = {}
         for m in self.metrics:
@@ -265,8 +165,19 @@ class MetricsDocument:
             index.setdefault((m.context, uuid, m.name), m)
             if uuid:
                 uuids.setdefault(uuid, None)
-        object.__setattr__(self, "_index", index)
-        object.__setattr__(self, "_uuids", tuple(uuids))
+        self._index = index
+        self._uuids = tuple(uuids)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MetricsDocument):
+            return NotImplemented
+        return (self.raw, self.metrics, self.source) == (other.raw, other.metrics, other.source)
+
+    def __hash__(self) -> int:
+        return hash((self.raw, self.metrics, self.source))
+
+    def __repr__(self) -> str:
+        return f"MetricsDocument(source={self.source!r}, {len(self.metrics)} metrics)"
 
     def __iter__(self) -> Iterator[Metric]:
         return iter(self.metrics)
@@ -282,14 +193,14 @@ class MetricsDocument:
         """The host-context metrics."""
         return tuple(m for m in self.metrics if m.context is MetricContext.HOST)
 
-    def vm_metrics(self, uuid: str | None = None) -> Tuple[Metric, ...]:
+    def vm_metrics(self, uuid: Optional[str] = None) -> Tuple[Metric, ...]:
         """The vm-context metrics of one VM (see resolve_vm for how it is chosen)."""
         chosen = self.resolve_vm(uuid)
         return tuple(
             m for m in self.metrics if m.context is MetricContext.VM and m.vm_uuid == chosen
         )
 
-    def resolve_vm(self, uuid: str | None, *, strict: bool = True) -> str:
+    def resolve_vm(self, uuid: Optional[str], *, strict: bool = True) -> str:
         """The UUID whose vm metrics a lookup uses.
 
         With ``uuid`` given and present: it. Otherwise, when the document holds
@@ -320,9 +231,9 @@ class MetricsDocument:
     def get(
         self,
         name: str,
-        context: MetricContext | str = MetricContext.HOST,
+        context: Union[MetricContext, str] = MetricContext.HOST,
         *,
-        uuid: str | None = None,
+        uuid: Optional[str] = None,
         strict_uuid: bool = True,
     ) -> Metric:
         """The metric ``name`` in ``context`` (for vm: of the VM chosen by resolve_vm)."""

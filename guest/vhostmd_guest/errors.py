@@ -1,43 +1,61 @@
 """The guest side's exception hierarchy: every error vhostmd_guest raises is a MetricsError.
 
-Fields are structured (path, port, name, context, uuid, errno ...) so callers can
-act on them without parsing messages. Errors from the shared disk format
-(vhostmd_py.errors) are wrapped here with ``raise ... from err`` so a guest
-program only ever has to catch MetricsError.
+MetricsError is the wire format's root (vhostmd_wire.errors.VhostmdError),
+the root of the host's errors too; the disk and document errors are the
+wire format's own classes under their guest names, so nothing is
+translated. Fields are structured (path, port, name, context, uuid, errno
+...) so callers can act on them without parsing messages.
 """
 
-from __future__ import annotations
-
 import os
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-from vhostmd_py.errors import StrPath as StrPath  # re-exported for this package
-from vhostmd_py.errors import checksum_mismatch
+from vhostmd_wire.errors import (
+    ChecksumError,
+    DiskBusyError,
+    DiskError,
+    DiskFormatError,
+    DiskIOError,
+    DocumentError,
+    StrPath,
+    VhostmdError,
+)
+
+__all__ = [
+    "DestinationError",
+    "DiskBusyTimeoutError",
+    "DiskChecksumError",
+    "DiskFormatError",
+    "DiskIOError",
+    "DiskNotFoundError",
+    "DocumentError",
+    "InvalidReplyError",
+    "MetricNotFoundError",
+    "MetricValueError",
+    "MetricsDiskError",
+    "MetricsError",
+    "ReplyTooLargeError",
+    "StrPath",
+    "VirtioBusyError",
+    "VirtioError",
+    "VirtioOpenError",
+    "VirtioTimeoutError",
+    "VmIdentityError",
+    "XenstoreError",
+    "XenstoreUnavailableError",
+]
 
 
-class MetricsError(Exception):
-    """Base class of every vhostmd_guest error."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        super().__init__(reason)
-
-
-# --- metrics disk ------------------------------------------------------------
+# The guest's historical names for the wire format's errors: the same
+# classes, so a disk or document error raised by vhostmd_wire is caught as
+# what guest programs have always caught.
+MetricsError = VhostmdError
+MetricsDiskError = DiskError
+DiskBusyTimeoutError = DiskBusyError
+DiskChecksumError = ChecksumError
 
 
-class MetricsDiskError(MetricsError):
-    """The metrics disk cannot be used; names the disk."""
-
-    def __init__(self, path: StrPath, reason: str) -> None:
-        self.path = os.fspath(path)
-        super().__init__(reason)
-
-    def __str__(self) -> str:
-        return f"metrics disk {self.path}: {self.reason}"
-
-
-class DiskNotFoundError(MetricsDiskError):
+class DiskNotFoundError(DiskError):
     """No block device under <sys_root>/block carries the mvbd signature."""
 
     def __init__(self, sys_root: StrPath, dev_root: StrPath, probed: Sequence[str]) -> None:
@@ -54,60 +72,13 @@ class DiskNotFoundError(MetricsDiskError):
         return f"no metrics disk found in {self.path}: {self.reason}"
 
 
-class DiskBusyTimeoutError(MetricsDiskError):
-    """The busy flag stayed set (or the disk kept changing) longer than the limit."""
-
-    def __init__(self, path: StrPath, waited: float) -> None:
-        self.waited = waited
-        super().__init__(
-            path,
-            f"still busy (being written) after {waited:.1f} s; "
-            "the host's writer may be stuck (raise --busy-timeout to wait longer)",
-        )
-
-
-class DiskChecksumError(MetricsDiskError):
-    """The header checksum does not match the content read."""
-
-    def __init__(self, path: StrPath, expected: int, actual: int) -> None:
-        self.expected = expected
-        self.actual = actual
-        super().__init__(path, checksum_mismatch(expected, actual))
-
-
-class DiskFormatError(MetricsDiskError):
-    """Not a usable mvbd image: signature, length beyond the device, short file."""
-
-
-class DiskIOError(MetricsDiskError):
-    """The OS refused to open or read the disk (see errno and __cause__)."""
-
-    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
-        self.errno = errno
-        super().__init__(path, reason)
-
-
-# --- the document ------------------------------------------------------------
-
-
-class DocumentError(MetricsError):
-    """The metrics document is not well-formed, too large, or uses forbidden XML."""
-
-    def __init__(self, source: str, reason: str) -> None:
-        self.source = source
-        super().__init__(reason)
-
-    def __str__(self) -> str:
-        return f"{self.source}: {self.reason}"
-
-
 # --- virtio ------------------------------------------------------------------
 
 
 class VirtioError(MetricsError):
     """The virtio-serial port failed: open, write, read or a bad reply."""
 
-    def __init__(self, port: StrPath, reason: str, errno: int | None = None) -> None:
+    def __init__(self, port: StrPath, reason: str, errno: Optional[int] = None) -> None:
         self.port = os.fspath(port)
         self.errno = errno
         super().__init__(reason)
@@ -119,7 +90,7 @@ class VirtioError(MetricsError):
 class VirtioOpenError(VirtioError):
     """The port cannot be opened (missing device, permissions ...; see errno)."""
 
-    def __init__(self, port: StrPath, strerror: str, errno: int | None = None) -> None:
+    def __init__(self, port: StrPath, strerror: str, errno: Optional[int] = None) -> None:
         self.strerror = strerror
         super().__init__(port, f"open: {strerror}", errno)
 
@@ -173,7 +144,7 @@ class XenstoreUnavailableError(XenstoreError):
 class MetricNotFoundError(MetricsError):
     """No metric of that name in that context (for that VM)."""
 
-    def __init__(self, name: str, context: str, vm_uuid: str | None = None) -> None:
+    def __init__(self, name: str, context: str, vm_uuid: Optional[str] = None) -> None:
         self.name = name
         self.context = context
         self.vm_uuid = vm_uuid
@@ -206,7 +177,7 @@ class VmIdentityError(MetricsError):
 class DestinationError(MetricsError):
     """The metrics could not be written to the destination file or stdout."""
 
-    def __init__(self, path: str | None, reason: str, errno: int | None = None) -> None:
+    def __init__(self, path: Optional[str], reason: str, errno: Optional[int] = None) -> None:
         self.path = path
         self.errno = errno
         super().__init__(reason)

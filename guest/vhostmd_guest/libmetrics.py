@@ -16,12 +16,10 @@ reading the auto-discovered disk); ``set_default_reader`` points them
 elsewhere (a disk path, virtio, a given VM UUID).
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import threading
-from dataclasses import dataclass
+from typing import Dict, NamedTuple, Optional, Union
 
 from .document import Metric, MetricContext, MetricsDocument, MetricType
 from .errors import DestinationError, MetricNotFoundError, MetricValueError, StrPath
@@ -78,10 +76,10 @@ METRIC_CONTEXT_HOST = MetricContext.HOST
 METRIC_CONTEXT_VM = MetricContext.VM
 
 _lock = threading.Lock()
-_default: MetricsReader | None = None
+_default: Optional[MetricsReader] = None
 
 
-def set_default_reader(reader: MetricsReader | None) -> None:
+def set_default_reader(reader: Optional[MetricsReader]) -> None:
     """Use ``reader`` for the module-level functions (None: back to the auto-discovered disk)."""
     global _default
     with _lock:
@@ -99,66 +97,107 @@ def default_reader() -> MetricsReader:
 
 def get_metric(
     name: str,
-    context: MetricContext | str = MetricContext.HOST,
+    context: Union[MetricContext, str] = MetricContext.HOST,
     *,
-    reader: MetricsReader | None = None,
+    reader: Optional[MetricsReader] = None,
 ) -> Metric:
     """The metric ``name`` in ``context``; ``.value`` is int, float or str by its type."""
     return (reader or default_reader()).get(name, context)
 
 
-@dataclass(frozen=True)
-class CpuMetrics:
+class _CpuFields(NamedTuple):
+    total_phys_cpus: Optional[int]
+    num_phys_cpus_utilized: Optional[int]
+    total_cpu_time: Optional[float]
+
+
+class CpuMetrics(_CpuFields):
     """Upstream's ``cpu_metrics``; a field is None when its metric is absent."""
 
-    total_phys_cpus: int | None = None
-    num_phys_cpus_utilized: int | None = None
-    total_cpu_time: float | None = None
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        total_phys_cpus: Optional[int] = None,
+        num_phys_cpus_utilized: Optional[int] = None,
+        total_cpu_time: Optional[float] = None,
+    ) -> "CpuMetrics":
+        return super().__new__(cls, total_phys_cpus, num_phys_cpus_utilized, total_cpu_time)
 
 
-@dataclass(frozen=True)
 class HostCpuMetrics(CpuMetrics):
     """Host CPU record: TotalPhyCPUs, NumCPUs, TotalCPUTime (host context)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
+
 class VmCpuMetrics(CpuMetrics):
     """This VM's CPU record: NumCPUs, TotalCPUTime (vm context; total_phys_cpus stays None)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
-class MemoryMetrics:
+
+class _MemoryFields(NamedTuple):
+    total_physical_memory: Optional[int]
+    used_physical_memory: Optional[int]
+    free_physical_memory: Optional[int]
+    paged_out_memory: Optional[int]
+    paged_in_memory: Optional[int]
+    page_in_rate: Optional[int]
+    page_fault_rate: Optional[int]
+
+
+class MemoryMetrics(_MemoryFields):
     """Upstream's ``memory_metrics``; a field is None when its metric is absent."""
 
-    total_physical_memory: int | None = None
-    used_physical_memory: int | None = None
-    free_physical_memory: int | None = None
-    paged_out_memory: int | None = None
-    paged_in_memory: int | None = None
-    page_in_rate: int | None = None
-    page_fault_rate: int | None = None
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        total_physical_memory: Optional[int] = None,
+        used_physical_memory: Optional[int] = None,
+        free_physical_memory: Optional[int] = None,
+        paged_out_memory: Optional[int] = None,
+        paged_in_memory: Optional[int] = None,
+        page_in_rate: Optional[int] = None,
+        page_fault_rate: Optional[int] = None,
+    ) -> "MemoryMetrics":
+        return super().__new__(
+            cls,
+            total_physical_memory,
+            used_physical_memory,
+            free_physical_memory,
+            paged_out_memory,
+            paged_in_memory,
+            page_in_rate,
+            page_fault_rate,
+        )
 
 
-@dataclass(frozen=True)
 class HostMemoryMetrics(MemoryMetrics):
     """Host memory record (host context)."""
 
+    __slots__ = ()
 
-@dataclass(frozen=True)
+
 class VmMemoryMetrics(MemoryMetrics):
     """This VM's memory record (vm context)."""
+
+    __slots__ = ()
 
 
 def _lookup(
     reader: MetricsReader, doc: MetricsDocument, name: str, context: MetricContext
-) -> Metric | None:
+) -> Optional[Metric]:
     try:
         return reader.get(name, context, document=doc)
     except MetricNotFoundError:
         return None
 
 
-def _int(reader: MetricsReader, doc: MetricsDocument, name: str, ctx: MetricContext) -> int | None:
+def _int(
+    reader: MetricsReader, doc: MetricsDocument, name: str, ctx: MetricContext
+) -> Optional[int]:
     metric = _lookup(reader, doc, name, ctx)
     if metric is None:
         return None
@@ -172,7 +211,7 @@ def _int(reader: MetricsReader, doc: MetricsDocument, name: str, ctx: MetricCont
 
 def _real(
     reader: MetricsReader, doc: MetricsDocument, name: str, ctx: MetricContext
-) -> float | None:
+) -> Optional[float]:
     metric = _lookup(reader, doc, name, ctx)
     if metric is None:
         return None
@@ -199,22 +238,22 @@ _MEMORY_FIELDS = (
 )
 
 
-def _memory(reader: MetricsReader, ctx: MetricContext) -> dict[str, int | None]:
+def _memory(reader: MetricsReader, ctx: MetricContext) -> Dict[str, Optional[int]]:
     doc = reader.read()  # one snapshot: every field from the same document
     return {field: _int(reader, doc, metric, ctx) for field, metric in _MEMORY_FIELDS}
 
 
-def get_host_memory_metrics(*, reader: MetricsReader | None = None) -> HostMemoryMetrics:
+def get_host_memory_metrics(*, reader: Optional[MetricsReader] = None) -> HostMemoryMetrics:
     """The host memory record."""
     return HostMemoryMetrics(**_memory(reader or default_reader(), MetricContext.HOST))
 
 
-def get_vm_memory_metrics(*, reader: MetricsReader | None = None) -> VmMemoryMetrics:
+def get_vm_memory_metrics(*, reader: Optional[MetricsReader] = None) -> VmMemoryMetrics:
     """This VM's memory record."""
     return VmMemoryMetrics(**_memory(reader or default_reader(), MetricContext.VM))
 
 
-def get_host_cpu_metrics(*, reader: MetricsReader | None = None) -> HostCpuMetrics:
+def get_host_cpu_metrics(*, reader: Optional[MetricsReader] = None) -> HostCpuMetrics:
     """The host CPU record."""
     r = reader or default_reader()
     doc = r.read()
@@ -226,7 +265,7 @@ def get_host_cpu_metrics(*, reader: MetricsReader | None = None) -> HostCpuMetri
     )
 
 
-def get_vm_cpu_metrics(*, reader: MetricsReader | None = None) -> VmCpuMetrics:
+def get_vm_cpu_metrics(*, reader: Optional[MetricsReader] = None) -> VmCpuMetrics:
     """This VM's CPU record; TotalCPUTime is real64 (upstream truncates it through a uint32)."""
     r = reader or default_reader()
     doc = r.read()
@@ -237,7 +276,7 @@ def get_vm_cpu_metrics(*, reader: MetricsReader | None = None) -> VmCpuMetrics:
     )
 
 
-def write_metrics(data: bytes, dest: StrPath | None = None) -> None:
+def write_metrics(data: bytes, dest: Optional[StrPath] = None) -> None:
     """Write ``data`` to the file ``dest`` (created/truncated) or, with None, to stdout."""
     if dest is None:
         try:
@@ -258,7 +297,7 @@ def write_metrics(data: bytes, dest: StrPath | None = None) -> None:
         ) from err
 
 
-def dump_metrics(dest: StrPath | None = None, *, source: DiskSource | None = None) -> bytes:
+def dump_metrics(dest: Optional[StrPath] = None, *, source: Optional[DiskSource] = None) -> bytes:
     """Read the metrics disk and write its document to ``dest`` (stdout if None); returns it."""
     _path, content = fetch_disk_metrics(source or DiskSource())
     write_metrics(content, dest)
@@ -266,7 +305,7 @@ def dump_metrics(dest: StrPath | None = None, *, source: DiskSource | None = Non
 
 
 def dump_virtio_metrics(
-    dest: StrPath | None = None, *, source: VirtioSource | None = None
+    dest: Optional[StrPath] = None, *, source: Optional[VirtioSource] = None
 ) -> bytes:
     """Ask the host over virtio and write the reply to ``dest`` (stdout if None); returns it."""
     reply = fetch_virtio_metrics(source or VirtioSource())
@@ -274,7 +313,7 @@ def dump_virtio_metrics(
     return reply
 
 
-def dump_xenstore_metrics(dest: StrPath | None = None) -> bytes:
+def dump_xenstore_metrics(dest: Optional[StrPath] = None) -> bytes:
     """Read the metrics from xenstore and write them to ``dest`` (stdout if None); returns them."""
     data = fetch_xenstore_metrics()
     write_metrics(data, dest)

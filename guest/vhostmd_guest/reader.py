@@ -11,20 +11,15 @@ down), and a reader keyed on it would serve stale metrics forever. The read
 is cheap (one O_DIRECT pread of the content); parsing is what costs.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import re
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Tuple, Union
+from typing import Callable, Iterator, Mapping, NamedTuple, Optional, Tuple, Union
 
-from lxml import etree
-
-from vhostmd_py import errors as hosterrors
-from vhostmd_py import mdisk
+from vhostmd_wire import disk
+from vhostmd_wire.disk import DEFAULT_BUSY_TIMEOUT, DEFAULT_RETRY_INTERVAL
 
 from .discovery import find_metrics_disk
 from .document import (
@@ -36,58 +31,74 @@ from .document import (
     check_document,
     parse_document,
 )
-from .errors import (
-    DiskBusyTimeoutError,
-    DiskChecksumError,
-    DiskFormatError,
-    DiskIOError,
-    MetricsDiskError,
-    StrPath,
-)
+from .errors import DiskChecksumError, DiskFormatError, DiskIOError, StrPath
 from .virtio import DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_REPLY, read_virtio_metrics
 from .xenstore import read_xenstore_metrics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUSY_TIMEOUT = 10.0
-DEFAULT_RETRY_INTERVAL = 0.05
+__all__ = [
+    "DEFAULT_BUSY_TIMEOUT",
+    "DEFAULT_RETRY_INTERVAL",
+    "DiskSource",
+    "MetricsReader",
+    "Source",
+    "VirtioSource",
+    "detect_vm_uuid",
+    "disk_path",
+    "fetch_disk_metrics",
+    "fetch_virtio_metrics",
+    "fetch_xenstore_metrics",
+    "read_disk_content",
+]
 
 
-@dataclass(frozen=True)
-class DiskSource:
+class _DiskSourceFields(NamedTuple):
+    path: Optional[str]
+    sys_root: str
+    dev_root: str
+    busy_timeout: float
+    retry_interval: float
+
+
+class DiskSource(_DiskSourceFields):
     """Read the metrics disk: ``path`` if given, else the device found under sys_root/dev_root."""
 
-    path: str | None = None
-    sys_root: str = "/sys"
-    dev_root: str = "/dev"
-    busy_timeout: float = DEFAULT_BUSY_TIMEOUT
-    retry_interval: float = DEFAULT_RETRY_INTERVAL
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        path: Optional[str] = None,
+        sys_root: str = "/sys",
+        dev_root: str = "/dev",
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+    ) -> "DiskSource":
+        return super().__new__(cls, path, sys_root, dev_root, busy_timeout, retry_interval)
 
 
-@dataclass(frozen=True)
-class VirtioSource:
+class _VirtioSourceFields(NamedTuple):
+    port: str
+    timeout: float
+    max_reply: int
+
+
+class VirtioSource(_VirtioSourceFields):
     """Ask the host over the virtio-serial ``port``."""
 
-    port: str = DEFAULT_PORT
-    timeout: float = DEFAULT_TIMEOUT
-    max_reply: int = MAX_REPLY
+    __slots__ = ()
+
+    def __new__(
+        cls, port: str = DEFAULT_PORT, timeout: float = DEFAULT_TIMEOUT, max_reply: int = MAX_REPLY
+    ) -> "VirtioSource":
+        return super().__new__(cls, port, timeout, max_reply)
 
 
 Source = Union[DiskSource, VirtioSource]
+_DEFAULT_DISK = DiskSource()
+_DEFAULT_VIRTIO = VirtioSource()
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
-
-
-def _wrap_disk_error(err: hosterrors.VhostmdError, path: str) -> MetricsDiskError:
-    if isinstance(err, hosterrors.DiskBusyError):
-        return DiskBusyTimeoutError(err.path, err.waited)
-    if isinstance(err, hosterrors.ChecksumError):
-        return DiskChecksumError(err.path, err.expected, err.actual)
-    if isinstance(err, hosterrors.DiskIOError):
-        return DiskIOError(err.path, err.reason, err.errno)
-    if isinstance(err, hosterrors.DiskError):
-        return DiskFormatError(err.path, err.reason)
-    return MetricsDiskError(path, str(err))
 
 
 def read_disk_content(
@@ -99,19 +110,13 @@ def read_disk_content(
     sleep: Sleep = time.sleep,
 ) -> bytes:
     """The content bytes of the disk at ``path`` after the stable, verified read."""
-    spath = os.fspath(path)
-    try:
-        return mdisk.read_disk(
-            spath,
-            busy_timeout=busy_timeout,
-            retry_interval=retry_interval,
-            clock=clock,
-            sleep=sleep,
-        )
-    except hosterrors.VhostmdError as err:
-        raise _wrap_disk_error(err, spath) from err
-    except OSError as err:  # the binding should wrap these; never let one escape
-        raise DiskIOError(spath, err.strerror or str(err), err.errno) from err
+    return disk.read_disk(
+        os.fspath(path),
+        busy_timeout=busy_timeout,
+        retry_interval=retry_interval,
+        clock=clock,
+        sleep=sleep,
+    )
 
 
 def disk_path(source: DiskSource) -> str:
@@ -122,7 +127,7 @@ def disk_path(source: DiskSource) -> str:
 
 
 def fetch_disk_metrics(
-    source: DiskSource = DiskSource(), *, clock: Clock = time.monotonic, sleep: Sleep = time.sleep
+    source: DiskSource = _DEFAULT_DISK, *, clock: Clock = time.monotonic, sleep: Sleep = time.sleep
 ) -> Tuple[str, bytes]:
     """(disk path, content bytes) of the disk, checked to be a safe, well-formed document."""
     path = disk_path(source)
@@ -140,7 +145,7 @@ def fetch_disk_metrics(
 
 
 def fetch_virtio_metrics(
-    source: VirtioSource = VirtioSource(), *, clock: Clock = time.monotonic
+    source: VirtioSource = _DEFAULT_VIRTIO, *, clock: Clock = time.monotonic
 ) -> bytes:
     """The host's reply bytes over the virtio port (``<metrics>...</metrics>\\n\\n``)."""
     return read_virtio_metrics(
@@ -148,20 +153,22 @@ def fetch_virtio_metrics(
     )
 
 
-def fetch_xenstore_metrics(*, env: Mapping[str, str] | None = None, timeout: float = 5.0) -> bytes:
+def fetch_xenstore_metrics(
+    *, env: Optional[Mapping[str, str]] = None, timeout: float = 5.0
+) -> bytes:
     """The xenstore metrics as upstream prints them: an XML declaration, then the document."""
     value = read_xenstore_metrics(env=env, timeout=timeout)
     root = check_document(value, source="xenstore metrics", max_size=MAX_VIRTIO_DOCUMENT)
     # Upstream re-serialises with libxml's xmlDocFormatDump: declaration,
     # double-quoted attributes, a final newline.
-    return b'<?xml version="1.0"?>\n' + etree.tostring(root) + b"\n"
+    return b'<?xml version="1.0"?>\n' + root.tostring() + b"\n"
 
 
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
-def detect_vm_uuid(sys_root: StrPath = "/sys") -> str | None:
+def detect_vm_uuid(sys_root: StrPath = "/sys") -> Optional[str]:
     """This VM's UUID: DMI product_uuid (KVM/QEMU), else /sys/hypervisor/uuid (Xen), else None."""
     for rel in (("class", "dmi", "id", "product_uuid"), ("hypervisor", "uuid")):
         path = os.path.join(os.fspath(sys_root), *rel)
@@ -184,9 +191,9 @@ class MetricsReader:
 
     def __init__(
         self,
-        source: Source | None = None,
+        source: Optional[Source] = None,
         *,
-        vm_uuid: str | None = None,
+        vm_uuid: Optional[str] = None,
         sys_root: StrPath = "/sys",
         clock: Clock = time.monotonic,
         sleep: Sleep = time.sleep,
@@ -197,16 +204,16 @@ class MetricsReader:
         self._clock = clock
         self._sleep = sleep
         self._lock = threading.RLock()
-        self._doc: MetricsDocument | None = None
-        self._disk: str | None = None
-        self._detected: str | None = None
+        self._doc: Optional[MetricsDocument] = None
+        self._disk: Optional[str] = None
+        self._detected: Optional[str] = None
         self._uuid_probed = False
         self.parses = 0  # documents parsed so far (the cache's effect is observable)
 
     # --- identity -------------------------------------------------------------
 
     @property
-    def vm_uuid(self) -> str | None:
+    def vm_uuid(self) -> Optional[str]:
         """The UUID vm lookups use: the caller's, else the one detected from sysfs."""
         if self._given_uuid is not None:
             return self._given_uuid
@@ -234,13 +241,14 @@ class MetricsReader:
         self.parses += 1
         return doc
 
-
     def _read_disk(self, source: DiskSource) -> MetricsDocument:
         if self._disk is None:
             self._disk = disk_path(source)
         path = self._disk
         try:
             content = self._stable_read(source, path)
+        except DiskChecksumError:
+            raise  # a corrupt disk stays corrupt: looking again would not help
         except (DiskFormatError, DiskIOError):
             if source.path is not None:
                 raise
@@ -270,10 +278,10 @@ class MetricsReader:
     def get(
         self,
         name: str,
-        context: MetricContext | str = MetricContext.HOST,
+        context: Union[MetricContext, str] = MetricContext.HOST,
         *,
-        uuid: str | None = None,
-        document: MetricsDocument | None = None,
+        uuid: Optional[str] = None,
+        document: Optional[MetricsDocument] = None,
     ) -> Metric:
         """The metric ``name`` in ``context``; in vm context, of this VM (see resolve_vm)."""
         doc = document if document is not None else self.read()

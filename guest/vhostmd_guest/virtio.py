@@ -8,8 +8,6 @@ against one overall deadline. Only one process can hold the port: a second
 open gets EBUSY, reported as such.
 """
 
-from __future__ import annotations
-
 import errno
 import logging
 import math
@@ -17,6 +15,8 @@ import os
 import select
 import time
 from typing import Callable
+
+from vhostmd_wire.protocol import CHANNEL_NAME, DOC_HEAD, REPLY_TAIL, REPLY_TERMINATOR, REQUEST
 
 from .errors import (
     InvalidReplyError,
@@ -30,12 +30,10 @@ from .errors import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = "/dev/virtio-ports/org.github.vhostmd.1"
-REQUEST = b"GET /metrics/XML\n\n"
+DEFAULT_PORT = "/dev/virtio-ports/" + CHANNEL_NAME
 DEFAULT_TIMEOUT = 5.0
 MAX_REPLY = 16 * 1024 * 1024
 _CHUNK = 65536
-_END = b"</metrics>\n\n"
 # How long to wait before polling again while the port reports EOF/hang-up
 # (host side not connected): poll() returns at once then, and spinning on it
 # would burn a CPU. Upstream sleeps 10 ms between attempts too.
@@ -55,11 +53,11 @@ def _open_port(port: str) -> int:
 
 
 def _reply_complete(buf: bytearray) -> bool:
-    if not buf.endswith(b"\n\n"):
+    if not buf.endswith(REPLY_TERMINATOR):
         return False
     # A metrics reply may contain blank lines inside values, so only its
     # closing tag ends it (upstream stops at any read ending in "\n\n").
-    return buf.endswith(_END) or not buf.startswith(b"<metrics>")
+    return buf.endswith(REPLY_TAIL) or not buf.startswith(DOC_HEAD.rstrip())
 
 
 def read_virtio_metrics(
@@ -82,7 +80,7 @@ def read_virtio_metrics(
         reply = _receive(fd, path, deadline, timeout, max_reply, clock, sleep)
     finally:
         os.close(fd)
-    if not reply.startswith(b"<metrics>"):
+    if not reply.startswith(DOC_HEAD.rstrip()):
         first = bytes(reply[:60]).split(b"\n", 1)[0].decode("ascii", "replace")
         raise InvalidReplyError(path, f"host replied {first!r} instead of a metrics document")
     log.debug("virtio port %s: %d-byte reply", path, len(reply))

@@ -7,13 +7,11 @@ transport writes). We do the same with ``xenstore-read`` so the guest
 package needs no Xen library; without the tools the read fails clearly.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import shutil
 import subprocess
-from typing import Mapping
+from typing import Mapping, Optional
 
 from .errors import XenstoreError, XenstoreUnavailableError
 
@@ -24,19 +22,20 @@ DEFAULT_TIMEOUT = 5.0
 _MAX_OUTPUT = 16 * 1024 * 1024
 
 
-def find_tool(env: Mapping[str, str] | None = None) -> str | None:
+def find_tool(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The path of xenstore-read in ``env``'s PATH (default: this process's), or None."""
     path = (env if env is not None else os.environ).get("PATH", os.defpath)
     return shutil.which(TOOL, path=path)
 
 
-def _read_key(tool: str, key: str, env: Mapping[str, str] | None, timeout: float) -> bytes:
+def _read_key(tool: str, key: str, env: Optional[Mapping[str, str]], timeout: float) -> bytes:
     # -R: raw value; without it xenstore-read escapes newlines and other
     # non-printable bytes, which would mangle the XML.
     try:
         proc = subprocess.run(
             [tool, "-R", key],
             stdin=subprocess.DEVNULL,
+            # Not capture_output=: that is Python 3.7+, guests may have 3.6.
             capture_output=True,
             timeout=timeout,
             env=None if env is None else dict(env),
@@ -57,7 +56,7 @@ def _read_key(tool: str, key: str, env: Mapping[str, str] | None, timeout: float
 
 
 def read_xenstore_metrics(
-    *, env: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    *, env: Optional[Mapping[str, str]] = None, timeout: float = DEFAULT_TIMEOUT
 ) -> bytes:
     """The raw metrics value stored in xenstore for this domain."""
     tool = find_tool(env)

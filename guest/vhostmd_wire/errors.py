@@ -12,14 +12,15 @@ StrPath = Union[str, "os.PathLike[str]"]
 
 
 class VhostmdError(Exception):
-    """Root of every vhostmd error (host daemon, guest reader, wire format)."""
+    """Root of every vhostmd error (host daemon, guest reader, wire format).
 
-    def __init__(self, reason: str) -> None:
+    ``reason`` says what went wrong; ``message`` (default: the reason) is
+    what str() shows, usually the reason prefixed by what failed.
+    """
+
+    def __init__(self, reason: str, message: Optional[str] = None) -> None:
         self.reason = reason
-        super().__init__(reason)
-
-    def __str__(self) -> str:
-        return self.reason
+        super().__init__(reason if message is None else message)
 
 
 # --- metrics disk ------------------------------------------------------------
@@ -30,10 +31,7 @@ class DiskError(VhostmdError):
 
     def __init__(self, path: StrPath, reason: str) -> None:
         self.path = os.fspath(path)
-        super().__init__(reason)
-
-    def __str__(self) -> str:
-        return "metrics disk {}: {}".format(self.path, self.reason)
+        super().__init__(reason, f"metrics disk {self.path}: {reason}")
 
 
 class DiskSizeError(DiskError):
@@ -43,7 +41,7 @@ class DiskSizeError(DiskError):
         self.size = size
         super().__init__(
             path,
-            "metrics disk size {} not within supported range 1024 - 268435456".format(size),
+            f"metrics disk size {size} not within supported range 1024 - 268435456",
         )
 
 
@@ -55,9 +53,7 @@ class ContentTooLargeError(DiskError):
         self.capacity = capacity
         super().__init__(
             path,
-            "metrics document of {} bytes is larger than the disk's {} bytes".format(
-                length, capacity
-            ),
+            f"metrics document of {length} bytes is larger than the disk's {capacity} bytes",
         )
 
 
@@ -67,9 +63,7 @@ class DiskFormatError(DiskError):
 
 def checksum_mismatch(expected: int, actual: int) -> str:
     """The wording of a checksum mismatch, host and guest alike."""
-    return "checksum mismatch: header says {:#010x}, content sums to {:#010x}".format(
-        expected, actual
-    )
+    return f"checksum mismatch: header says {expected:#010x}, content sums to {actual:#010x}"
 
 
 class ChecksumError(DiskFormatError):
@@ -89,8 +83,8 @@ class DiskBusyError(DiskError):
         super().__init__(
             path,
             reason
-            or "still busy (being written) after {:.1f} s; the host's writer may be stuck "
-            "(raise --busy-timeout to wait longer)".format(waited),
+            or f"still busy (being written) after {waited:.1f} s; the host's writer may be "
+            "stuck (raise --busy-timeout to wait longer)",
         )
 
 
@@ -110,7 +104,4 @@ class DocumentError(VhostmdError):
 
     def __init__(self, source: str, reason: str) -> None:
         self.source = source
-        super().__init__(reason)
-
-    def __str__(self) -> str:
-        return "{}: {}".format(self.source, self.reason)
+        super().__init__(reason, f"{source}: {reason}")

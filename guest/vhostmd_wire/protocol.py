@@ -52,4 +52,4 @@ def virtio_reply(host: bytes, vm: bytes) -> bytes:
 
 def document(*parts: bytes) -> bytes:
     """The disk document: DOC_HEAD + the metric elements in order + DOC_TAIL."""
-    return b"".join((DOC_HEAD,) + parts + (DOC_TAIL,))
+    return b"".join((DOC_HEAD, *parts, DOC_TAIL))
