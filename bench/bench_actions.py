@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Tuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vhostmd_py.actions import ActionRunner  # noqa: E402
+from vhostmd_py.runner import ActionRunner  # noqa: E402
 
 PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 NODES = REPO.parent / "shared/golden/upstream/nodes"
@@ -56,7 +56,8 @@ def _git_show(rev: str, path: str) -> bytes:
 
 
 def _load_old(rev: str) -> Any:
-    """REV's actions.py, importing REV's runner.c built now as vhostmd_py._bench_old_runner."""
+    """REV's runner binding (runner.py, actions.py before the split), importing REV's
+    runner.c built now as vhostmd_py._bench_old_runner."""
     from cffi import FFI
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-old-runner."))
@@ -72,7 +73,10 @@ def _load_old(rev: str) -> Any:
         extra_compile_args=["-O2", "-std=c99", "-D_GNU_SOURCE"],
     )
     built = ffi.compile(tmpdir=str(tmp))
-    source = _git_show(rev, "vhostmd_py/actions.py").decode()
+    try:
+        source = _git_show(rev, "vhostmd_py/runner.py").decode()
+    except subprocess.CalledProcessError:
+        source = _git_show(rev, "vhostmd_py/actions.py").decode()
     (tmp / "old_actions.py").write_text(
         source.replace("from ._runner import", "from ._bench_old_runner import")
     )
@@ -167,6 +171,7 @@ def _vms(node: Path) -> List[Any]:
 def _cycle(factory: Callable[..., Any], config_name: str, node: Path) -> Callable[[], int]:
     from vhostmd_py.collector import collect
     from vhostmd_py.config import load_config
+    from vhostmd_py.render import document
 
     config = load_config(CONFIGS / config_name)
     vms = _vms(node)
@@ -175,7 +180,7 @@ def _cycle(factory: Callable[..., Any], config_name: str, node: Path) -> Callabl
     def go() -> int:
         runner = factory(path=config.path, uri=uri)
         try:
-            return len(asyncio.run(collect(config, vms, runner)).document())
+            return len(document(asyncio.run(collect(config, vms, runner))))
         finally:
             runner.close()
 

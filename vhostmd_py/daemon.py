@@ -1,6 +1,8 @@
-"""The daemon's life: fixed-rate cycles, publishing, signals, reload.
+"""The metrics loop: fixed-rate cycles, publishing, stop and reload requests.
 
-One asyncio loop runs everything (docs/DESIGN.md). Blocking libvirt calls go
+One asyncio loop runs everything (docs/DESIGN.md). The process around it
+(start-up order, daemonizing, pid file, which signals do what) is
+vhostmd_py.process's. Blocking libvirt calls go
 to one worker thread; actions run in the runner's C batch spawner
 (csrc/runner.c) on worker threads with the GIL released; the vbd publish
 is a few pwrite() calls done inline, so a signal can never interleave with
@@ -30,26 +32,26 @@ import asyncio
 import contextlib
 import logging
 import queue
-import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, List, Tuple, TypeVar
 
+from vhostmd_py import render
 from vhostmd_py.errors import ContentTooLargeError, VhostmdError
-from vhostmd_py.model import DOC_HEAD, DOC_TAIL, VM, Snapshot
+from vhostmd_py.model import VM, Snapshot
+from vhostmd_py.process import install_loop_signals
 
 if TYPE_CHECKING:
-    from vhostmd_py.actions import ActionRunner
     from vhostmd_py.config import Config
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
-    from vhostmd_py.virtio import VirtioServer
+    from vhostmd_py.runner import ActionRunner
+    from vhostmd_py.virtio.server import VirtioServer
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 # A libvirtd that accepts connections but never answers blocks libvirt-python
 # calls forever (no keepalive without a libvirt event loop). Past this many
 # seconds the cycle goes on without VMs, so host metrics are still published.
@@ -155,7 +157,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._reload_requested = False
-        self._saved_signals: Dict[int, Any] = {}
+        self._restore_signals: Callable[[], None] | None = None
         self.cycles = 0
         self.last_snapshot: Snapshot | None = None
         # Whether the last vbd publish succeeded (None: none attempted yet);
@@ -198,7 +200,7 @@ class Daemon:
     # --- signals ---------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Stop as soon as possible (SIGTERM, SIGINT, SIGQUIT)."""
+        """Stop as soon as possible (process.STOP_SIGNALS)."""
         if self._stop is not None and not self._stop.is_set():
             log.info("Stopping")
             self._stop.set()
@@ -212,22 +214,6 @@ class Daemon:
         if self._wake is not None:
             self._wake.set()
 
-    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        # remove_signal_handler() resets to SIG_DFL, not to what was there
-        # (the CLI's stop handler): remember it to put it back.
-        self._saved_signals = {
-            sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGHUP)
-        }
-        for sig in STOP_SIGNALS:
-            loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-
-    def _remove_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        for sig, previous in self._saved_signals.items():
-            loop.remove_signal_handler(sig)
-            if previous is not None:
-                signal.signal(sig, previous)
-
     # --- the loop ----------------------------------------------------------------
 
     async def run(self, *, max_cycles: int | None = None, signals: bool = True) -> None:
@@ -236,7 +222,9 @@ class Daemon:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         if signals:
-            self._install_signals(loop)
+            self._restore_signals = install_loop_signals(
+                loop, self.request_stop, self.request_reload
+            )
         try:
             if _needs_vms(self.config):
                 self._vms = self._make_vms(self.config)
@@ -249,8 +237,9 @@ class Daemon:
             try:
                 await self._shutdown()
             finally:
-                if signals:
-                    self._remove_signals(loop)
+                restore, self._restore_signals = self._restore_signals, None
+                if restore is not None:
+                    restore()
 
     async def _loop(self, max_cycles: int | None) -> None:
         assert self._stop is not None and self._wake is not None
@@ -350,7 +339,7 @@ class Daemon:
             return []
 
     def _publish(self, disk: MetricsDisk, snapshot: Snapshot) -> None:
-        content = snapshot.document()
+        content = render.document(snapshot)
         self.last_publish_ok = False
         try:
             disk.publish(content)
@@ -373,7 +362,7 @@ class Daemon:
 
     def _publish_empty(self, disk: MetricsDisk) -> None:
         try:
-            disk.publish(DOC_HEAD + DOC_TAIL)
+            disk.publish(render.EMPTY_DOCUMENT)
         except VhostmdError as err:
             log.error("Unable to publish an empty metrics document: %s", err)
         else:
@@ -384,7 +373,7 @@ class Daemon:
     async def _start_virtio(self, config: Config) -> None:
         if not self._virtio_wanted(config):
             return
-        from vhostmd_py.virtio import VirtioServer
+        from vhostmd_py.virtio.server import VirtioServer
 
         server = VirtioServer(config.virtio, clock=self._clock, reserve_fds=self._runner.fd_need)
         await server.start()

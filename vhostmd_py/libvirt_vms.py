@@ -30,8 +30,9 @@ import threading
 from typing import Any, Dict, List, Tuple
 
 from lxml import etree
+from vhostmd_wire.protocol import CHANNEL_NAME
 
-from vhostmd_py.model import CHANNEL_NAME, VM
+from vhostmd_py.model import VM
 from vhostmd_py.safexml import safe_parser
 
 log = logging.getLogger(__name__)

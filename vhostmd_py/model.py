@@ -2,7 +2,8 @@
 
 The collector produces a Snapshot each cycle; the transports (vbd disk,
 virtio channels) only ever read Snapshots, so a metric's source and its
-rendering never depend on how it is published.
+rendering never depend on how it is published. The bytes around them (the
+document's head and tail, the virtio reply) are vhostmd_py.render's.
 """
 
 from __future__ import annotations
@@ -10,18 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-# Upstream writes this, with no newline after it, in a virtio reply whose
-# host part is empty (FACTS.md section 4, virtio/vmonly/get_xml_lf.bin).
-NO_HOST_METRICS = b"<!-- host metrics not available -->"
-
-# The virtio-serial port name QEMU exposes to the guest and libvirt names
-# the host socket after.
-CHANNEL_NAME = "org.github.vhostmd.1"
 # PATH of actions when the config's <path> is empty (upstream's default config).
 DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
-
-DOC_HEAD = b"<metrics>\n"
-DOC_TAIL = b"</metrics>\n"
 
 
 @dataclass(frozen=True)
@@ -50,7 +41,3 @@ class Snapshot:
 
     host: bytes
     vms: Tuple[VmBlock, ...]
-
-    def document(self) -> bytes:
-        """The metrics document as written to the vbd disk."""
-        return b"".join((DOC_HEAD, self.host, *(b.xml for b in self.vms), DOC_TAIL))

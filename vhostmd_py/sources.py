@@ -11,14 +11,31 @@ without touching rendering or transports: give it to a SourceRegistry route.
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    List,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
-from .actions import VALUE_CAP, XML_VALUE_CAP, ActionResult, ActionRunner, substitute
 from .config import MetricSpec
 from .errors import ActionError
 from .model import VM
+from .substitution import substitute
+
+if TYPE_CHECKING:  # the runner binding loads _runner: only code running actions imports it
+    from .runner import ActionResult, ActionRunner
 
 log = logging.getLogger(__name__)
+
+# Upstream reads at most this many bytes of an action's output (FACTS section 2:
+# edge-4k `Long` and negsum-1k keep 255 bytes); xml metrics get 2047.
+VALUE_CAP = 255
+XML_VALUE_CAP = 2047
 
 # One metric to produce: host context when the VM is None.
 Request = Tuple[MetricSpec, Optional[VM]]

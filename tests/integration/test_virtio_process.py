@@ -1,4 +1,4 @@
-"""End to end: the real `vhostmd -d` against libvirt's test driver, the test playing QEMU."""
+"""Integration: the real `vhostmd -d` against libvirt's test driver, the test playing QEMU."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
 
 import pytest
+from helpers.qemu import FakeQemuChannel, channel_dir_name
 from lxml import etree
-from test_virtio import FakeQemuChannel, channel_dir_name
+from vhostmd_wire.protocol import CHANNEL_NAME, INVALID_REQUEST, REQUEST_CRLF, REQUEST_LF
 
 from vhostmd_py.model import VM
-from vhostmd_py.virtio import CHANNEL_NAME, INVALID_REPLY, REQUEST_CRLF, REQUEST_LF
+
+pytestmark = pytest.mark.integration
 
 TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")
 # Safety bounds only; measured figures are in bench/README.md.
@@ -194,7 +196,7 @@ def test_golden_single(upstream: Path, workdir: Path, scheme: str) -> None:
         for name, case in summary["cases"].items():
             golden = deviate((upstream / f"virtio/single/{name}.bin").read_bytes())
             if name == "overlong_no_terminator_511":
-                golden = INVALID_REPLY  # DEVIATION: upstream goes silent and spins
+                golden = INVALID_REQUEST  # DEVIATION: upstream goes silent and spins
             elif name == "get_xml_after_errors":
                 golden = good  # upstream's channel was dead by then
             assert fake.request(*(f.encode() for f in case["request"])) == golden, name
@@ -227,7 +229,7 @@ def test_golden_node10_domain3(upstream: Path, workdir: Path, dirname: str) -> N
     with Daemon(workdir, config, node_uri(upstream, 10), upstream) as daemon:
         fake.accept(FIRST_CYCLE_BOUND)
         assert fake.request(REQUEST_LF) == golden
-        assert fake.request(b"GET /foo\n\n") == INVALID_REPLY
+        assert fake.request(b"GET /foo\n\n") == INVALID_REQUEST
         assert fake.request(REQUEST_CRLF) == golden
         # DEVIATION: upstream connects 'domain-4-wrongname' to domain 4 (id only).
         assert not wrong.connected_within(1.0)
@@ -375,12 +377,12 @@ def test_hostile_guests_next_to_a_good_one(upstream: Path, workdir: Path) -> Non
         def garbage_once() -> None:
             assert garbage.conn is not None
             garbage.conn.sendall(os.urandom(200) + b"\r\n\r\n")
-            assert garbage.read_reply() == INVALID_REPLY
+            assert garbage.read_reply() == INVALID_REQUEST
 
         def overlong_once() -> None:
             assert overlong.conn is not None
             overlong.conn.sendall(b"X" * (511 * 4))  # four overlong requests, no terminator
-            assert [overlong.read_reply() for _ in range(4)] == [INVALID_REPLY] * 4
+            assert [overlong.read_reply() for _ in range(4)] == [INVALID_REQUEST] * 4
 
         def fast_once() -> None:
             check_reply(fast.request(REQUEST_LF), ten[4])
@@ -409,7 +411,8 @@ def test_hostile_guests_next_to_a_good_one(upstream: Path, workdir: Path) -> Non
         assert len(publishes) - 1 >= attack / 3, (len(publishes), attack)
         assert daemon.alive()
         backlog = flood.drain()
-        assert backlog and all(r == INVALID_REPLY or r.endswith(b"</metrics>\n\n") for r in backlog)
+        assert backlog
+        assert all(r == INVALID_REQUEST or r.endswith(b"</metrics>\n\n") for r in backlog)
         check_reply(flood.request(REQUEST_LF), ten[1])
         for fake in fakes:
             fake.close()

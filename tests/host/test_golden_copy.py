@@ -6,9 +6,10 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from helpers import DATA, REPO
 
-_LOCAL_GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
-_SHARED_GOLDEN = Path(__file__).resolve().parent.parent.parent / "shared" / "golden"
+_LOCAL_GOLDEN = DATA / "golden"
+_SHARED_GOLDEN = REPO.parent / "shared" / "golden"
 
 
 def _manifest(root: Path) -> dict[str, str]:

@@ -9,11 +9,11 @@ from typing import Iterator
 
 import libvirt
 import pytest
+from helpers import DATA
 
 from vhostmd_py.libvirt_vms import LibvirtVMs, channel_path_from_xml
 from vhostmd_py.model import VM
 
-DATA = Path(__file__).resolve().parent / "data"
 CHANNEL_NODE = DATA / "nodes" / "node-channel.xml"
 VHOSTMD_SOCKET = (
     "/var/lib/libvirt/qemu/channel/target/domain-1-with-channel/org.github.vhostmd.1"

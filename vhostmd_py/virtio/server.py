@@ -1,12 +1,10 @@
-"""virtio-serial transport: answer each VM's metrics requests on its QEMU channel.
+"""The virtio-serial server: channels per VM, connect back-off, the I/O loop, fd limits.
 
-QEMU creates one listening UNIX socket per VM (channel target name
-``org.github.vhostmd.1``); the daemon is the CLIENT. Libvirt puts the socket
-in ``<channel_path>/domain-<id>-<name>/`` (libvirt < 9.7) or
-``<channel_path>/<id>-<name>/`` (libvirt >= 9.7), with the name shortened to
-20 characters. The guest writes ``GET /metrics/XML\\n\\n`` into its port and
-reads back ``<metrics>\\n`` + host metrics + its own VM metrics +
-``</metrics>\\n\\n`` (SPEC 5, FACTS 4).
+The daemon is the CLIENT of QEMU's per-VM listening socket: the guest writes
+``GET /metrics/XML\\n\\n`` into its port and reads back the document of
+the host metrics and its own VM metrics (SPEC 5, FACTS 4). Where the sockets
+are is vhostmd_py.virtio.discovery's; what is said on them is
+vhostmd_py.virtio.protocol's; this module connects, schedules and sends.
 
 Everything runs on the daemon's asyncio loop with non-blocking sockets and
 ``loop.add_reader``/``add_writer`` callbacks: no thread and no task per VM,
@@ -19,13 +17,9 @@ stop reading that guest, so a guest that floods requests without reading
 is served at the rate it reads and its surplus stays in the kernel's
 (bounded) socket buffer.
 
-Deliberate differences from upstream (DEVIATIONS, README):
-- a socket is connected as soon as it appears (inotify on the channel
-  directories, else polling every 50 ms) instead of on a 3-second scan,
-  and reconnected as soon as QEMU recreates it;
-- a directory matches a VM by id AND name (upstream: id alone, so the stale
-  ``domain-3-oldvm`` of a VM that is gone would get the metrics of whichever
-  VM now has id 3);
+Deliberate differences from upstream (DEVIATIONS, README), besides
+discovery's:
+- a socket is reconnected as soon as QEMU recreates it;
 - a request of 511 bytes without a terminator gets ``INVALID REQUEST`` and
   the channel keeps working (upstream stops answering it and spins a CPU);
 - the "too many VMs" error is logged once per VM, not every cycle.
@@ -36,45 +30,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
-import enum
 import errno
 import logging
 import os
-import re
 import resource
 import socket
 import stat
-import struct
 import time
 from typing import Callable, Dict, List, Protocol, Sequence, Set, Tuple
 
-from .model import CHANNEL_NAME, DOC_HEAD, NO_HOST_METRICS, VM, Snapshot
+from ..model import VM, Snapshot
+from .discovery import ChannelDiscovery, Entries
+from .protocol import Exchange, Request, reply_to
 
 logger = logging.getLogger(__name__)
 
-REQUEST_LF = b"GET /metrics/XML\n\n"
-REQUEST_CRLF = b"GET /metrics/XML\r\n\r\n"
-INVALID_REPLY = b"INVALID REQUEST\n\n"
-# The reply ends with one more "\n" than the disk document (FACTS 4).
-REPLY_TAIL = b"</metrics>\n\n"
-
-# Upstream's request buffer is 512 bytes including the NUL, so 511 bytes
-# without a terminator is "overlong" (upstream vio_check_request meant to
-# reject it; its recv loop never gets there and the channel dies).
-REQUEST_MAX = 511
-
-# libvirt's virDomainDefGetShortName: VIR_DOMAIN_SHORT_NAME_MAX = 20.
-SHORT_NAME_MAX = 20
-
 DEFAULT_POLL_INTERVAL = 0.05
-# With inotify, the channel directories are re-read on their events (rate
-# limited to one scan per poll interval) and otherwise only every
-# FULL_SCAN_INTERVAL as a safety net: 1000 running VMs without a vhostmd
-# channel (their directory holds only the guest agent's socket) cost 15-19 %
-# of a CPU when polled every 50 ms, under 1 % this way (bench/README.md).
-# Without inotify (or past its watch limit) we poll every poll interval.
-FULL_SCAN_INTERVAL = 3.0
 # A socket that refuses us is retried with a growing delay (same inode), so
 # 1000 stale sockets do not cost 20000 connect() calls a second; a recreated
 # socket (new inode) is tried at once.
@@ -99,8 +70,6 @@ _QUIET_CONNECT_ERRNOS = frozenset(
     {errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN, errno.ECONNRESET, errno.ENOTDIR}
 )
 
-_DIR_RE = re.compile(rb"\A(?:domain-)?([0-9]{1,10})-(.+)\Z", re.DOTALL)
-
 
 class VirtioSettings(Protocol):
     """What the server needs from config.VirtioConfig (structural, so no import cycle)."""
@@ -113,69 +82,6 @@ class VirtioSettings(Protocol):
 
     @property
     def expiration_time(self) -> int: ...
-
-
-class Request(enum.Enum):
-    """What the bytes received so far on a channel amount to."""
-
-    INCOMPLETE = "incomplete"
-    INVALID = "invalid"
-    GET_XML = "get_xml"
-
-
-def classify_request(buf: bytes) -> Request:
-    """Upstream's vio_check_request: exact match, else invalid once a blank line or 511 bytes."""
-    if buf in (REQUEST_LF, REQUEST_CRLF):
-        return Request.GET_XML
-    # Like upstream, the whole buffer is judged at once: two valid requests
-    # arriving in one read make ONE invalid request (FACTS 4).
-    if b"\n\n" in buf or b"\r\n\r\n" in buf or len(buf) >= REQUEST_MAX:
-        return Request.INVALID
-    return Request.INCOMPLETE
-
-
-def reply_parts(host: bytes, vm_xml: bytes) -> Tuple[bytes, bytes, bytes, bytes]:
-    """The pieces of a reply, in order (sent as one sendmsg, never joined per channel)."""
-    # Upstream vio_channel_update: the comment, with no newline, when the
-    # host part is empty (FACTS 4, virtio/vmonly/get_xml_lf.bin).
-    return (DOC_HEAD, host if host else NO_HOST_METRICS, vm_xml, REPLY_TAIL)
-
-
-def build_reply(host: bytes, vm_xml: bytes) -> bytes:
-    """The reply to a valid request: host part (or upstream's comment) + this VM's block."""
-    return b"".join(reply_parts(host, vm_xml))
-
-
-def _advance(bufs: List[memoryview], sent: int) -> List[memoryview]:
-    """What is left of BUFS after SENT bytes went out."""
-    while bufs and sent >= len(bufs[0]):
-        sent -= len(bufs[0])
-        bufs = bufs[1:]
-    if bufs and sent:
-        bufs = [bufs[0][sent:], *bufs[1:]]
-    return bufs
-
-
-def parse_channel_dir(entry: bytes) -> Tuple[int, bytes] | None:
-    """(id, name part) of a 'domain-<id>-<name>' or '<id>-<name>' directory name, else None."""
-    m = _DIR_RE.match(entry)
-    if m is None:
-        return None
-    vm_id = int(m.group(1))
-    if vm_id <= 0:
-        return None
-    return vm_id, m.group(2)
-
-
-def name_matches(part: bytes, name: str) -> bool:
-    """Whether a directory's name part is libvirt's (possibly shortened) form of NAME."""
-    full = name.encode("utf-8", "surrogateescape")
-    if part == full:
-        return True
-    # virDomainDefGetShortName keeps the first 20 characters when the locale
-    # decodes the name, else the first 20 bytes; accept exactly those forms.
-    short_chars = name[:SHORT_NAME_MAX].encode("utf-8", "surrogateescape")
-    return part in (short_chars, full[:SHORT_NAME_MAX])
 
 
 def raise_fd_limit(needed: int) -> int:
@@ -196,56 +102,6 @@ def raise_fd_limit(needed: int) -> int:
     return new
 
 
-_IN_MODIFY_MASK = 0x00000004 | 0x00000080 | 0x00000100  # IN_ATTRIB | IN_MOVED_TO | IN_CREATE
-_IN_Q_OVERFLOW = 0x00004000
-_IN_IGNORED = 0x00008000
-_EVENT_HEADER = struct.Struct("iIII")  # wd, mask, cookie, len (struct inotify_event)
-
-
-class _Inotify:
-    """The few inotify calls we need, through libc (no extra dependency)."""
-
-    def __init__(self) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        self._init1 = libc.inotify_init1
-        self._init1.argtypes = [ctypes.c_int]
-        self._init1.restype = ctypes.c_int
-        self._add = libc.inotify_add_watch
-        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        self._add.restype = ctypes.c_int
-        fd = self._init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-        self.fd = fd
-
-    def add_watch(self, path: bytes) -> int:
-        """Watch directory PATH for entries created, moved in or changed; the watch id."""
-        wd = self._add(self.fd, path, _IN_MODIFY_MASK)
-        if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), os.fsdecode(path))
-        return int(wd)
-
-    def read_events(self) -> List[Tuple[int, int]]:
-        """(watch id, mask) of every pending event."""
-        events: List[Tuple[int, int]] = []
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except (BlockingIOError, InterruptedError):
-                return events
-            pos = 0
-            while pos + _EVENT_HEADER.size <= len(data):
-                wd, mask, _cookie, length = _EVENT_HEADER.unpack_from(data, pos)
-                events.append((wd, mask))
-                pos += _EVENT_HEADER.size + length
-
-    def close(self) -> None:
-        """Release the inotify descriptor."""
-        os.close(self.fd)
-
-
 class _Channel:
     """One VM's channel: its last metrics and, when connected, its socket state."""
 
@@ -253,10 +109,9 @@ class _Channel:
         "backoff",
         "block",
         "connected_at",
+        "exchange",
         "failed_ident",
-        "out",
         "paused",
-        "rbuf",
         "retry_at",
         "retry_path",
         "sock",
@@ -271,8 +126,7 @@ class _Channel:
         self.updated = now
         self.sock: socket.socket | None = None
         self.connected_at = 0.0
-        self.rbuf = bytearray()
-        self.out: List[memoryview] = []
+        self.exchange = Exchange()
         self.paused = False
         # Connect retry state: the socket (st_dev, st_ino) that last failed us
         # and when to try it again.
@@ -310,7 +164,6 @@ class VirtioServer:
         """RESERVE_FDS: descriptors others in the process need at once (the
         action runner's fd_need), kept free beside one per channel."""
         self._reserve_fds = reserve_fds
-        self._dir = os.fsencode(cfg.channel_path)
         self._max = int(cfg.max_channels)
         self._expiration = float(cfg.expiration_time)
         self._clock = clock
@@ -322,22 +175,15 @@ class VirtioServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
-        self._dir_error: int | None = None
         # Loop-share accounting of channel I/O (IO_SHARE), measured with
         # perf_counter: it is CPU cost, not a time the protocol depends on.
         self._io_window_start = 0.0
         self._io_busy = 0.0
         self._paused: collections.deque[_Channel] = collections.deque()
         self._resume_handle: asyncio.TimerHandle | None = None
-        # Discovery triggers: inotify watches by path and by watch id.
-        self._use_inotify = use_inotify
-        self._inotify: _Inotify | None = None
-        self._watched: Dict[bytes, int] = {}
-        self._watch_paths: Dict[int, bytes] = {}
-        self._dirty = True
-        self._next_full_scan = 0.0
-        self._last_scan = float("-inf")
-        self._blind = False  # a socket directory we could not watch: poll
+        self._discovery = ChannelDiscovery(
+            cfg.channel_path, poll_interval=poll_interval, use_inotify=use_inotify
+        )
         self.scans = 0  # full discovery passes so far (tests, bench)
 
     # --- the daemon's interface ------------------------------------------------
@@ -350,13 +196,7 @@ class VirtioServer:
         # One descriptor per channel: 1024 channels do not fit the usual
         # soft limit of 1024 (the daemon logs "Activating virtio ...").
         raise_fd_limit(self._max + FD_HEADROOM + self._reserve_fds)
-        if self._use_inotify:
-            try:
-                self._inotify = _Inotify()
-            except (OSError, AttributeError) as err:
-                logger.info("inotify unavailable (%s): polling the channel directory", err)
-            else:
-                self._loop.add_reader(self._inotify.fd, self._on_dir_events)
+        self._discovery.start(self._loop, self._discover)
         self._task = self._loop.create_task(self._run(), name="vhostmd-virtio")
 
     def update(self, snapshot: Snapshot) -> None:
@@ -410,7 +250,7 @@ class VirtioServer:
             self._resume_handle.cancel()
             self._resume_handle = None
         self._paused.clear()
-        self._stop_inotify()
+        self._discovery.stop()
 
     # --- introspection (tests, bench, status) -------------------------------------
 
@@ -477,7 +317,7 @@ class VirtioServer:
             try:
                 now = self._clock()
                 self._expire(now)
-                if self._scan_due(now):
+                if self._discovery.scan_due(now):
                     self._discover()
                 else:
                     self._retry_due(now)
@@ -488,120 +328,32 @@ class VirtioServer:
 
     # --- discovery and connect -------------------------------------------------------
 
-    def _scan_due(self, now: float) -> bool:
-        if self._inotify is None or self._dir not in self._watched or self._blind:
-            return True  # polling: a directory we need has no (working) watch
-        return self._dirty or now >= self._next_full_scan
-
     def _retry_due(self, now: float) -> None:
         for ch in list(self._channels.values()):
             if ch.sock is None and ch.retry_path is not None and ch.retry_at <= now:
                 self._try_connect(ch, ch.retry_path, now)
-
-    def _watch(self, path: bytes) -> None:
-        if self._inotify is None or path in self._watched:
-            return
-        try:
-            wd = self._inotify.add_watch(path)
-        except OSError as err:
-            if err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
-                return  # the full scan / polling still covers it
-            # ENOSPC (max_user_watches) and the like: fall back to polling.
-            logger.warning(
-                "inotify watch on %s failed (%s): polling the channel directory",
-                os.fsdecode(path),
-                err.strerror,
-            )
-            self._stop_inotify()
-            return
-        self._watched[path] = wd
-        self._watch_paths[wd] = path
-
-    def _stop_inotify(self) -> None:
-        inotify, self._inotify = self._inotify, None
-        if inotify is None:
-            return
-        if self._loop is not None:
-            self._loop.remove_reader(inotify.fd)
-        inotify.close()
-        self._watched.clear()
-        self._watch_paths.clear()
-
-    def _on_dir_events(self) -> None:
-        if self._inotify is None:
-            return
-        try:
-            events = self._inotify.read_events()
-        except OSError as err:
-            logger.warning("inotify read failed (%s): polling the channel directory", err)
-            self._stop_inotify()
-            return
-        for wd, mask in events:
-            if mask & _IN_IGNORED:  # directory removed: the kernel dropped the watch
-                path = self._watch_paths.pop(wd, None)
-                if path is not None:
-                    self._watched.pop(path, None)
-            if mask & _IN_Q_OVERFLOW:
-                logger.debug("inotify queue overflowed: rescanning channels")
-        self._dirty = True
-        if self._loop is not None and self._loop.time() - self._last_scan >= self._poll:
-            self._discover()
-
-    def _scan(self) -> Dict[int, List[Tuple[bytes, bytes]]]:
-        """channel_path's entries by VM id: (directory name, name part)."""
-        found: Dict[int, List[Tuple[bytes, bytes]]] = {}
-        try:
-            with os.scandir(self._dir) as it:
-                for entry in it:
-                    parsed = parse_channel_dir(entry.name)
-                    if parsed is not None:
-                        found.setdefault(parsed[0], []).append((entry.name, parsed[1]))
-        except OSError as err:
-            if self._dir_error != err.errno:
-                logger.warning(
-                    "cannot list channel directory %s: %s", os.fsdecode(self._dir), err.strerror
-                )
-                self._dir_error = err.errno
-            return found
-        if self._dir_error is not None:
-            logger.info("channel directory %s is readable again", os.fsdecode(self._dir))
-            self._dir_error = None
-        return found
 
     def _discover(self) -> None:
         """A full pass: find and try the socket of every channel not connected."""
         if self._loop is None:
             return
         now = self._clock()
-        self._dirty = False
-        self._next_full_scan = now + FULL_SCAN_INTERVAL
-        self._last_scan = self._loop.time()
+        self._discovery.begin_pass(now)
         pending = [ch for ch in self._channels.values() if ch.sock is None]
         if not pending:
             return
         self.scans += 1
-        self._watch(self._dir)
-        self._blind = False
-        entries: Dict[int, List[Tuple[bytes, bytes]]] | None = None
+        self._discovery.watch_root()
+        # One listing of channel_path per pass, made only if a VM needs it.
+        listing: List[Entries] = []
+
+        def entries() -> Entries:
+            if not listing:
+                listing.append(self._discovery.scan())
+            return listing[0]
+
         for ch in pending:
-            paths: List[bytes]
-            if ch.vm.channel_path:
-                # libvirt told us where QEMU listens: that wins over guessing.
-                paths = [os.fsencode(ch.vm.channel_path)]
-            else:
-                if entries is None:
-                    entries = self._scan()
-                paths = [
-                    os.path.join(self._dir, dirname, CHANNEL_NAME.encode())
-                    for dirname, part in entries.get(ch.vm.id, ())
-                    if name_matches(part, ch.vm.name)
-                ]
-            for path in paths:
-                # QEMU creates the socket in this directory: its event wakes us.
-                parent = os.path.dirname(path)
-                self._watch(parent)
-                if self._inotify is not None and parent not in self._watched:
-                    self._blind = True  # e.g. a live-XML path whose directory is not there yet
+            for path in self._discovery.socket_paths(ch.vm, entries):
                 if self._try_connect(ch, path, now):
                     break
 
@@ -649,8 +401,7 @@ class VirtioServer:
         ch.connected_at = now
         ch.failed_ident = ident  # remembered for a too-short connection
         ch.retry_path = path  # reconnect here when QEMU drops us
-        ch.rbuf.clear()
-        ch.out = []
+        ch.exchange.reset()
         ch.warned.clear()
         self._connections += 1
         self._loop.add_reader(sock.fileno(), self._on_readable, ch)
@@ -679,8 +430,7 @@ class VirtioServer:
             self._loop.remove_writer(sock.fileno())
         sock.close()
         self._connections -= 1
-        ch.rbuf.clear()
-        ch.out = []
+        ch.exchange.reset()
         ch.paused = False
         now = self._clock()
         if now - ch.connected_at < MIN_HEALTHY_LIFETIME and ch.failed_ident is not None:
@@ -746,9 +496,7 @@ class VirtioServer:
         if sock is None:
             return
         try:
-            # Never read more than the request buffer can take: what is left
-            # waits in the kernel, exactly as upstream's fixed buffer.
-            data = sock.recv(REQUEST_MAX - len(ch.rbuf))
+            data = sock.recv(ch.exchange.recv_size())
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -757,16 +505,12 @@ class VirtioServer:
         if not data:
             self._disconnect(ch, "closed by QEMU")
             return
-        ch.rbuf += data
-        verdict = classify_request(bytes(ch.rbuf))
+        verdict = ch.exchange.feed(data)
         if verdict is Request.INCOMPLETE:
             return
-        ch.rbuf.clear()
-        if verdict is Request.GET_XML:
-            self._send(ch, reply_parts(self._host, ch.block))
-        else:
+        if verdict is Request.INVALID:
             logger.debug("invalid request on channel '%s'", ch.label)
-            self._send(ch, (INVALID_REPLY,))
+        self._send(ch, reply_to(verdict, self._host, ch.block))
 
     def _send(self, ch: _Channel, parts: Sequence[bytes]) -> None:
         sock = ch.sock
@@ -779,23 +523,22 @@ class VirtioServer:
         except OSError as err:
             self._disconnect(ch, f"send failed: {err.strerror}")
             return
-        rest = _advance(bufs, sent)
-        if not rest:
+        if not ch.exchange.sent(bufs, sent):
             return
         # The guest is not reading fast enough: stop reading its requests
         # until this reply is out (one reply in flight, bounded memory).
-        ch.out = rest
         fd = sock.fileno()
         self._loop.remove_reader(fd)
         self._loop.add_writer(fd, self._on_writable, ch)
 
     def _on_writable(self, ch: _Channel) -> None:
         sock = ch.sock
-        if sock is None or not ch.out:
+        out = ch.exchange.out
+        if sock is None or not out:
             return
         start = time.perf_counter()
         try:
-            sent = sock.sendmsg(ch.out, (), socket.MSG_NOSIGNAL)
+            sent = sock.sendmsg(out, (), socket.MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as err:
@@ -803,8 +546,7 @@ class VirtioServer:
             return
         finally:
             self._io_busy += time.perf_counter() - start
-        ch.out = _advance(ch.out, sent)
-        if ch.out:
+        if ch.exchange.sent(out, sent):
             return
         assert self._loop is not None
         fd = sock.fileno()

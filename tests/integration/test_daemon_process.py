@@ -1,4 +1,4 @@
-"""End to end: the real `vhostmd` process, libvirt's test driver, real files and signals."""
+"""Integration: the real `vhostmd` process, libvirt's test driver, real files and signals."""
 
 from __future__ import annotations
 
@@ -9,58 +9,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Tuple, TypeVar
 
 import pytest
+from helpers import REPO
+from helpers.daemon import Metric, metrics_of, write_config
 from lxml import etree
+from vhostmd_wire.disk import read_disk, read_header
 
-from vhostmd_py.mdisk import read_disk, read_header
-
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+pytestmark = pytest.mark.integration
 T = TypeVar("T")
-
-CONFIG_HEAD = """<?xml version="1.0" ?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="k">{size_k}</size>
-    </disk>
-    <update_period>{period}</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-  </globals>
-  <metrics>
-"""
-METRIC = """    <metric type="{type}" context="{context}">
-      <name>{name}</name>
-      <action>{action}</action>
-    </metric>
-"""
-CONFIG_TAIL = """  </metrics>
-</vhostmd>
-"""
-
-Metric = Tuple[str, str, str, str]  # name, type, context, action
-
-
-def write_config(path: Path, disk: Path, metrics: Sequence[Metric], *, period: int = 1,
-                 size_k: int = 64) -> Path:
-    """A vhostmd.conf with a vbd disk and the given metrics (XML-escaped actions)."""
-    body = "".join(
-        METRIC.format(name=n, type=t, context=c, action=_escape(a)) for n, t, c, a in metrics
-    )
-    path.write_text(CONFIG_HEAD.format(disk=disk, size_k=size_k, period=period) + body
-                    + CONFIG_TAIL)
-    return path
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
     """Poll PROBE every 20 ms until it returns something truthy; fail after TIMEOUT s."""
@@ -72,17 +30,6 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
-
-
-def metrics_of(content: bytes) -> Dict[Tuple[str, str], str]:
-    """{(name, context or vm id): value} of a metrics document (strict XML parse)."""
-    root = etree.fromstring(content)
-    assert root.tag == "metrics"
-    out = {}
-    for metric in root.iter("metric"):
-        where = metric.get("id") or metric.get("context")
-        out[(metric.findtext("name"), where)] = metric.findtext("value")
-    return out
 
 
 def try_read(disk: Path) -> bytes | None:

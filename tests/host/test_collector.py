@@ -1,4 +1,4 @@
-"""Tests of vhostmd_py.collector (and sources): golden documents, injection, faults, order."""
+"""Tests of vhostmd_py.collector (and sources, render_value): golden documents, faults, order."""
 
 from __future__ import annotations
 
@@ -13,15 +13,17 @@ from typing import List, Sequence
 
 import libvirt
 import pytest
+from helpers import DATA as TEST_DATA
 
-from vhostmd_py.actions import ActionRunner, substitute
-from vhostmd_py.collector import XmlMetricValidator, collect, render_value
+from vhostmd_py.collector import collect
 from vhostmd_py.config import Config, MetricSpec, Variable, load_config
-from vhostmd_py.document import parse_document
 from vhostmd_py.model import VM, Snapshot
+from vhostmd_py.render import XmlMetricValidator, document, parse_document, render_value
+from vhostmd_py.runner import ActionRunner
 from vhostmd_py.sources import Request, ShellActionSource, SourceRegistry
+from vhostmd_py.substitution import substitute
 
-DATA = Path(__file__).resolve().parent / "data" / "configs"
+DATA = TEST_DATA / "configs"
 TEST_URI = "test:///default"
 
 
@@ -83,7 +85,7 @@ def _element(doc: bytes, name: bytes) -> bytes:
 def test_golden_documents_only_newlines_differ(upstream: Path, name: str) -> None:
     """Same config, same VM: upstream's document with trailing newlines removed."""
     golden = _golden_content(upstream, name)
-    ours = _collect(load_config(upstream / "configs" / f"{name}.xml"), _vms(TEST_URI)).document()
+    ours = document(_collect(load_config(upstream / "configs" / f"{name}.xml"), _vms(TEST_URI)))
     stripped = _strip_values(golden)
     assert stripped != golden  # upstream kept the newline (`<value>42\n</value>`)
     assert b"\n</value>" not in ours
@@ -94,7 +96,7 @@ def test_golden_documents_only_newlines_differ(upstream: Path, name: str) -> Non
 def test_golden_edge_document(upstream: Path) -> None:
     """edge-4k: units, cap, multi-line, empty output; each deviation asserted separately."""
     golden = _golden_content(upstream, "edge-4k")
-    ours = _collect(load_config(upstream / "configs" / "edge-4k.xml"), _vms(TEST_URI)).document()
+    ours = document(_collect(load_config(upstream / "configs" / "edge-4k.xml"), _vms(TEST_URI)))
     expected = golden
     # 1. Trailing newline of each value removed; interior newlines kept (MultiLine).
     expected = _strip_values(expected)
@@ -121,7 +123,7 @@ def test_golden_rawxml_escaped(upstream: Path) -> None:
     golden = _golden_content(upstream, "rawxml-1k")
     assert b"<value>a<b&c\n</value>" in golden
     expected = _strip_values(golden).replace(b"a<b&c", b"a&lt;b&amp;c")
-    ours = _collect(load_config(upstream / "configs" / "rawxml-1k.xml"), []).document()
+    ours = document(_collect(load_config(upstream / "configs" / "rawxml-1k.xml"), []))
     assert ours == expected
     assert parse_document(ours).findtext("metric/value") == "a<b&c"
 
@@ -133,7 +135,7 @@ def test_golden_negsum_invalid_utf8_left_out(
     golden = _golden_content(upstream, "negsum-1k")
     assert b"<value>" + b"\x80" * 255 + b"</value>" in golden  # upstream's cap, raw bytes
     with caplog.at_level(logging.WARNING):
-        ours = _collect(load_config(upstream / "configs" / "negsum-1k.xml"), []).document()
+        ours = document(_collect(load_config(upstream / "configs" / "negsum-1k.xml"), []))
     expected = golden.replace(_element(golden, b"HighBytes"), b"")
     assert expected == b"<metrics>\n</metrics>\n"
     assert ours == expected
@@ -145,7 +147,7 @@ def test_golden_negsum_invalid_utf8_left_out(
 def test_empty_token_does_not_crash(upstream: Path) -> None:
     """emptytok-1k (`echo 1,,2`) crashed upstream (SIGSEGV); we publish an empty value."""
     assert (upstream / "disks" / "emptytok-1k.exit_code.txt").read_text().strip() == "139"
-    doc = _collect(load_config(upstream / "configs" / "emptytok-1k.xml"), []).document()
+    doc = document(_collect(load_config(upstream / "configs" / "emptytok-1k.xml"), []))
     root = parse_document(doc)
     values = [(m.findtext("name"), m.findtext("value") or "") for m in root.findall("metric")]
     assert values == [("T1", "1"), ("T2", ""), ("T3", "2")]
@@ -163,7 +165,7 @@ def test_injection_node_nothing_runs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {"$(touch X)", "a;touch Y", "UUID", "NAME VMID", "it's", "new\nline"} <= names
     snapshot = _collect(load_config(DATA / "injection.xml"), vms, uri=uri)
     assert os.listdir(tmp_path) == []  # no X, Y, Z, W
-    root = parse_document(snapshot.document())
+    root = parse_document(document(snapshot))
     assert [b.vm for b in snapshot.vms] == vms
     for vm in vms:
         got = {
@@ -225,7 +227,7 @@ def test_faults_leave_the_rest_published(
         snapshot = _collect(config, vms, timeout=1.5)
     elapsed = time.monotonic() - start
     assert elapsed < 15  # safety bound; the hung actions cost one 1.5 s timeout
-    root = parse_document(snapshot.document())
+    root = parse_document(document(snapshot))
     got = {m.findtext("name"): m.findtext("value") for m in root.findall("metric")}
     assert got == {"Before": "before", "After": "after", "VmGood": "test"}
     messages = "\n".join(r.getMessage() for r in caplog.records)
@@ -344,7 +346,7 @@ def test_order_host_first_reverse_config_vm_order_kept(golden: Path) -> None:
     config = load_config(golden / "upstream" / "configs" / "node10-64k.xml")
     snapshot = _collect(config, vms, uri=uri)
     assert [b.vm for b in snapshot.vms] == vms
-    root = parse_document(snapshot.document())
+    root = parse_document(document(snapshot))
     names = [m.findtext("name") for m in root.findall("metric")]
     assert names[:4] == ["First", "Second", "Greeting", "Answer"]
     assert names[4:] == ["VCpus", "Ident"] * 10

@@ -13,15 +13,16 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from test_e2e_daemon import metrics_of, write_config
+from helpers.daemon import metrics_of, write_config
+from vhostmd_wire.disk import read_disk, read_header
 
 from vhostmd_py import logsetup
-from vhostmd_py.actions import ActionRunner
 from vhostmd_py.config import Config, load_config
 from vhostmd_py.daemon import BlockingWorker, Daemon, describe_config
 from vhostmd_py.errors import PrivilegeError
-from vhostmd_py.mdisk import read_disk, read_header
 from vhostmd_py.privileges import Identity, drop_privileges, resolve_user
+from vhostmd_py.render import document
+from vhostmd_py.runner import ActionRunner
 
 
 def _runner(config: Config) -> ActionRunner:
@@ -209,7 +210,7 @@ def test_dump_mode_creates_no_disk(tmp_path: Path) -> None:
     daemon.open_disk()
     asyncio.run(daemon.run(max_cycles=1, signals=False))
     assert daemon.last_snapshot is not None
-    assert metrics_of(daemon.last_snapshot.document()) == {("I", "1"): "test"}
+    assert metrics_of(document(daemon.last_snapshot)) == {("I", "1"): "test"}
     assert not disk.exists()
 
 

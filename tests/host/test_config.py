@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+from helpers import DATA as TEST_DATA
 
 from vhostmd_py.config import (
     DEFAULT_CHANNEL_PATH,
@@ -19,7 +20,7 @@ from vhostmd_py.config import (
 )
 from vhostmd_py.errors import ConfigError
 
-DATA = Path(__file__).resolve().parent / "data" / "configs"
+DATA = TEST_DATA / "configs"
 
 
 def _golden_configs(golden: Path) -> List[Path]:

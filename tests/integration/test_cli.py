@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import List
 
 import pytest
+from helpers import REPO
 from lxml import etree
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.integration
 
 
 def vhostmd(args: List[str], *, timeout: float = 20, cwd: Path | None = None,
@@ -153,7 +154,7 @@ def test_dump_prints_the_document_and_publishes_nothing(upstream: Path, tmp_path
 
 def test_dump_matches_upstreams_single_domain_document(upstream: Path, tmp_path: Path) -> None:
     """--dump against test:///default equals upstream's basic-64k content (newlines stripped)."""
-    from vhostmd_py.mdisk import read_disk
+    from vhostmd_wire.disk import read_disk
 
     golden = read_disk(upstream / "disks" / "basic-64k.img")
     expected = golden.replace(b"\n</value>", b"</value>")

@@ -1,10 +1,13 @@
-"""Tests of vhostmd_py.document: upstream's byte layout, escaping, XML-safe values."""
+"""Tests of vhostmd_py.render: upstream's byte layout, escaping, XML-safe values, framing."""
 
 from __future__ import annotations
 
 import pytest
 
-from vhostmd_py.document import (
+from vhostmd_py.model import VM, Snapshot, VmBlock
+from vhostmd_py.render import (
+    EMPTY_DOCUMENT,
+    document,
     escape_attr,
     escape_text,
     open_tag,
@@ -12,7 +15,6 @@ from vhostmd_py.document import (
     render_metric,
     value_problem,
 )
-from vhostmd_py.model import VM, Snapshot, VmBlock
 
 TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")
 
@@ -76,7 +78,7 @@ def test_rendered_document_parses_and_round_trips() -> None:
         render_metric("string", f"N{i}<&>", v, None, "u'<&") for i, v in enumerate(values)
     )
     block = b"".join(render_metric("string", f"V{i}", v, vm, None) for i, v in enumerate(values))
-    doc = Snapshot(host=host, vms=(VmBlock(vm, block),)).document()
+    doc = document(Snapshot(host=host, vms=(VmBlock(vm, block),)))
     root = parse_document(doc)
     metrics = root.findall("metric")
     assert len(metrics) == 2 * len(values)
@@ -114,3 +116,10 @@ def test_value_problem(value: bytes, problem: str | None) -> None:
         assert found is None
     else:
         assert found is not None and problem in found
+
+
+def test_empty_document_is_the_frame_alone() -> None:
+    """No metrics: the document is upstream's head and tail only (what clears busy)."""
+    assert EMPTY_DOCUMENT == b"<metrics>\n</metrics>\n"
+    assert document(Snapshot(host=b"", vms=())) == EMPTY_DOCUMENT
+

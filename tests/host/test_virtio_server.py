@@ -1,9 +1,8 @@
-"""vhostmd_py.virtio: the virtio-serial transport, with the test playing QEMU on real sockets."""
+"""vhostmd_py.virtio.server: the transport, with the test playing QEMU on real sockets."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import resource
@@ -13,161 +12,38 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterator, List, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Coroutine, Iterator, List, Sequence, TypeVar
 
 import pytest
-
-from vhostmd_py.model import NO_HOST_METRICS, VM, Snapshot, VmBlock
-from vhostmd_py.virtio import (
+from helpers.qemu import (
+    CONNECT_BOUND,
+    FakeQemuChannel,
+    build_reply,
+    channel_dir_name,
+    disk_content,
+    golden_cases,
+    split_golden,
+)
+from vhostmd_wire.protocol import (
     CHANNEL_NAME,
-    INVALID_REPLY,
+    INVALID_REQUEST,
     REPLY_TAIL,
     REQUEST_CRLF,
     REQUEST_LF,
     REQUEST_MAX,
-    Request,
-    VirtioServer,
-    build_reply,
-    classify_request,
-    name_matches,
-    parse_channel_dir,
-    raise_fd_limit,
 )
+
+from vhostmd_py.model import VM, Snapshot, VmBlock
+from vhostmd_py.virtio import VirtioServer
+from vhostmd_py.virtio.server import raise_fd_limit
 
 T = TypeVar("T")
 
 TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")
-# Generous safety bound for "connects within 0.1 s"; the figures are in bench/.
-CONNECT_BOUND = 1.0
 REPLY_BOUND = 1.0
 
 
-# --- helpers: QEMU's side, the server on its own loop, snapshots ----------------------------
-
-
-class FakeQemuChannel:
-    """QEMU's end of a virtio-serial channel: a listening UNIX socket; the daemon connects."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.conn: socket.socket | None = None
-        self.pending = b""
-        self.listener = self._listen()
-
-    def _listen(self) -> socket.socket:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.path))
-        listener.listen(4)
-        return listener
-
-    def accept(self, timeout: float = CONNECT_BOUND) -> float:
-        """Wait for the daemon to connect; seconds it took."""
-        start = time.monotonic()
-        self.listener.settimeout(timeout)
-        conn, _ = self.listener.accept()
-        conn.settimeout(5.0)
-        self.conn = conn
-        return time.monotonic() - start
-
-    def connected_within(self, timeout: float) -> bool:
-        """Whether the daemon connects within TIMEOUT."""
-        try:
-            self.accept(timeout)
-        except socket.timeout:
-            return False
-        return True
-
-    def send(self, *fragments: bytes, gap: float = 0.02) -> None:
-        """Write request bytes into the port, in fragments with a pause between."""
-        assert self.conn is not None
-        for i, fragment in enumerate(fragments):
-            if i:
-                time.sleep(gap)
-            self.conn.sendall(fragment)
-
-    def read_reply(self, timeout: float = 5.0) -> bytes:
-        """Read the next whole reply (a metrics document or INVALID REQUEST)."""
-        assert self.conn is not None
-        self.conn.settimeout(timeout)
-        while True:
-            reply = self._take_reply()
-            if reply is not None:
-                return reply
-            chunk = self.conn.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"daemon closed the channel after {len(self.pending)} bytes")
-            self.pending += chunk
-
-    def _take_reply(self) -> bytes | None:
-        if self.pending.startswith(INVALID_REPLY):
-            size = len(INVALID_REPLY)
-            reply, self.pending = self.pending[:size], self.pending[size:]
-            return reply
-        end = self.pending.find(REPLY_TAIL)
-        if end < 0:
-            return None
-        end += len(REPLY_TAIL)
-        reply, self.pending = self.pending[:end], self.pending[end:]
-        return reply
-
-    def drain(self, quiet: float = 0.3) -> List[bytes]:
-        """Read replies until none arrives for QUIET seconds."""
-        replies = []
-        while True:
-            try:
-                replies.append(self.read_reply(timeout=quiet))
-            except socket.timeout:
-                assert self.pending == b"", "a partial reply was left"
-                return replies
-
-    def request(self, *fragments: bytes) -> bytes:
-        """Send a request and return the reply."""
-        self.send(*fragments)
-        return self.read_reply()
-
-    def silent_for(self, seconds: float) -> bool:
-        """True when nothing arrives for SECONDS (the connection still open)."""
-        assert self.conn is not None
-        self.conn.settimeout(seconds)
-        try:
-            data = self.conn.recv(65536)
-        except socket.timeout:
-            return True
-        del data  # a byte or the end of the connection: not silent
-        return False
-
-    def closed_by_daemon(self, timeout: float) -> bool:
-        """True when the daemon closes the connection within TIMEOUT."""
-        assert self.conn is not None
-        self.conn.settimeout(timeout)
-        try:
-            while self.conn.recv(65536):
-                pass
-        except socket.timeout:
-            return False
-        except ConnectionResetError:
-            return True
-        return True
-
-    def drop_connection(self) -> None:
-        """Close the accepted connection (QEMU disconnecting the backend)."""
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        self.pending = b""
-
-    def recreate(self) -> None:
-        """QEMU restarting: close everything, remove the socket, listen on a new one."""
-        self.close()
-        self.listener = self._listen()
-
-    def close(self) -> None:
-        """Close the connection and the listener and remove the socket file."""
-        self.drop_connection()
-        self.listener.close()
-        if self.path.exists():
-            self.path.unlink()
+# --- helpers: the server on its own loop, snapshots (QEMU's side: helpers.qemu) ------
 
 
 class ServerThread:
@@ -272,32 +148,9 @@ def expected_reply(vm: VM, host: bytes = HOST, tag: str = "") -> bytes:
     return build_reply(host, vm_block(vm, tag).xml)
 
 
-def split_golden(content: bytes) -> Tuple[bytes, bytes]:
-    """(host part, vm part) of a single-domain upstream document."""
-    body = content[len(b"<metrics>\n") : -len(b"</metrics>\n")]
-    idx = body.find(b" context='vm'")
-    if idx < 0:
-        return body, b""
-    start = body.rfind(b"  <metric ", 0, idx)
-    return body[:start], body[start:]
-
-
-def disk_content(img: Path) -> bytes:
-    """The content bytes of an upstream disk image."""
-    raw = img.read_bytes()
-    length = int.from_bytes(raw[12:16], "big")
-    return raw[16 : 16 + length]
-
-
 def vms(n: int) -> List[VM]:
     """node-N style VMs: vm0001..., ids 1..N."""
     return [VM(i, f"vm{i:04d}", f"00000000-0000-4000-8000-{i:012d}") for i in range(1, n + 1)]
-
-
-def channel_dir_name(scheme: str, vm: VM) -> str:
-    """libvirt's directory name for VM in the old (domain-) or new naming scheme."""
-    short = vm.name[:20]
-    return f"domain-{vm.id}-{short}" if scheme == "old" else f"{vm.id}-{short}"
 
 
 def wait_for(pred: Callable[[], bool], timeout: float) -> bool:
@@ -340,90 +193,6 @@ def qemu(chan_dir: Path, scheme: str, vm: VM) -> FakeQemuChannel:
 # --- pure protocol pieces ---------------------------------------------------------------------
 
 
-def _golden_cases(upstream: Path) -> List[Tuple[str, List[bytes], bytes]]:
-    summary = json.loads((upstream / "virtio/single/summary.json").read_text())
-    return [
-        (
-            name,
-            [f.encode() for f in case["request"]],
-            (upstream / f"virtio/single/{name}.bin").read_bytes(),
-        )
-        for name, case in summary["cases"].items()
-    ]
-
-
-def test_classify_golden_requests(upstream: Path) -> None:
-    """Every golden request is judged as upstream replied to it; its prefixes are incomplete."""
-    for name, fragments, reply in _golden_cases(upstream):
-        whole = b"".join(fragments)
-        for cut in range(1, len(whole)):
-            if b"\n\n" not in whole[:cut] and b"\r\n\r\n" not in whole[:cut]:
-                assert classify_request(whole[:cut]) is Request.INCOMPLETE, (name, cut)
-        if name.startswith("get_xml"):
-            assert classify_request(whole) is Request.GET_XML, name
-        elif name.startswith("invalid"):
-            assert reply == INVALID_REPLY
-            assert classify_request(whole) is Request.INVALID, name
-
-
-def test_classify_overlong() -> None:
-    """511 bytes without a terminator are invalid (upstream hangs); 510 still wait."""
-    assert REQUEST_MAX == 511
-    assert classify_request(b"A" * 510) is Request.INCOMPLETE
-    assert classify_request(b"A" * 511) is Request.INVALID
-    assert classify_request(REQUEST_LF + REQUEST_LF) is Request.INVALID
-    assert classify_request(REQUEST_CRLF) is Request.GET_XML
-    assert classify_request(b"GET /metrics/XML\r\n") is Request.INCOMPLETE
-
-
-@pytest.mark.parametrize(
-    ("entry", "parsed"),
-    [
-        (b"domain-1-test", (1, b"test")),
-        (b"1-test", (1, b"test")),
-        (b"domain-12-a-b", (12, b"a-b")),
-        (b"123-domain-4-x", (123, b"domain-4-x")),
-        (b"domain-0-x", None),
-        (b"0-x", None),
-        (b"domain-x-1", None),
-        (b"domain-1-", None),
-        (b"-1-test", None),
-        (b"org.github.vhostmd.1", None),
-        (b"1test", None),
-    ],
-)
-def test_parse_channel_dir(entry: bytes, parsed: Tuple[int, bytes] | None) -> None:
-    """Both libvirt naming schemes parse; anything else is ignored."""
-    assert parse_channel_dir(entry) == parsed
-
-
-def test_name_matches_libvirt_short_names() -> None:
-    """A name matches itself or libvirt's 20-character short form, nothing else."""
-    long = "a-very-long-domain-name-indeed"
-    assert name_matches(b"test", "test")
-    assert name_matches(long[:20].encode(), long)
-    assert not name_matches(long[:19].encode(), long)
-    assert not name_matches(b"tes", "test")
-    assert not name_matches(b"wrongname", "vm0003")
-    uni = "dom\u00e4ne-mit-umlauten-und-mehr"
-    assert name_matches(uni[:20].encode(), uni)  # 20 characters (UTF-8 locale)
-    assert name_matches(uni.encode()[:20], uni)  # 20 bytes (C locale)
-
-
-def test_reply_layout_matches_golden(upstream: Path) -> None:
-    """build_reply of the disk content's parts gives upstream's reply bytes exactly."""
-    cases = [
-        ("virtio/single/vbd-disk-same-run.img", "virtio/single/get_xml_lf.bin"),
-        ("virtio/vmonly/vbd-disk-same-run.img", "virtio/vmonly/get_xml_lf.bin"),
-    ]
-    for img, reply in cases:
-        host, vm_part = split_golden(disk_content(upstream / img))
-        assert build_reply(host, vm_part) == (upstream / reply).read_bytes()
-    host, _ = split_golden(disk_content(upstream / "virtio/vmonly/vbd-disk-same-run.img"))
-    assert host == b""
-    assert NO_HOST_METRICS in (upstream / "virtio/vmonly/get_xml_lf.bin").read_bytes()
-
-
 def test_raise_fd_limit() -> None:
     """The soft descriptor limit is raised when needed and never lowered."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -449,11 +218,11 @@ def test_golden_cases_one_connection(upstream: Path, chan_dir: Path, scheme: str
     with ServerThread(chan_dir) as srv:
         srv.update(Snapshot(host, (VmBlock(TEST_VM, vm_part),)))
         fake.accept()
-        for name, fragments, golden in _golden_cases(upstream):
+        for name, fragments, golden in golden_cases(upstream):
             if name == "overlong_no_terminator_511":
                 # DEVIATION: upstream never answers again and spins a CPU.
                 assert golden == b""
-                golden = INVALID_REPLY
+                golden = INVALID_REQUEST
             elif name == "get_xml_after_errors":
                 assert golden == b""  # upstream's channel was dead by then
                 golden = good
@@ -472,7 +241,7 @@ def test_node10_domain3_golden(upstream: Path, chan_dir: Path, scheme: str) -> N
         srv.update(Snapshot(host, blocks))
         fake.accept()
         assert fake.request(REQUEST_LF) == golden
-        assert fake.request(b"GET /foo\n\n") == INVALID_REPLY
+        assert fake.request(b"GET /foo\n\n") == INVALID_REQUEST
         fake.close()
 
 
@@ -744,7 +513,7 @@ def test_hostile_guests_do_not_delay_a_good_one(chan_dir: Path) -> None:
             assert fake.conn is not None
             while not stop.is_set():
                 fake.conn.sendall(b"A" * (REQUEST_MAX * 4))
-                assert [fake.read_reply() for _ in range(4)] == [INVALID_REPLY] * 4
+                assert [fake.read_reply() for _ in range(4)] == [INVALID_REQUEST] * 4
 
         def fast() -> None:
             fake = fakes[fast_vm.id]
@@ -773,7 +542,7 @@ def test_hostile_guests_do_not_delay_a_good_one(chan_dir: Path) -> None:
         backlog = flood.drain()
         assert backlog
         flood_reply = expected_reply(flood_vm, host=big_host)
-        assert set(backlog) <= {INVALID_REPLY, flood_reply}
+        assert set(backlog) <= {INVALID_REQUEST, flood_reply}
         assert flood.request(REQUEST_LF) == flood_reply
         # The overlong sender is still answered.
         assert fakes[overlong_vm.id].request(REQUEST_LF) == expected_reply(
@@ -789,13 +558,13 @@ def test_overlong_then_valid(chan_dir: Path) -> None:
     with ServerThread(chan_dir) as srv:
         srv.update(snapshot([TEST_VM]))
         fake.accept()
-        assert fake.request(b"A" * 511) == INVALID_REPLY
-        assert fake.request(b"A" * 300, b"B" * 211) == INVALID_REPLY
+        assert fake.request(b"A" * 511) == INVALID_REQUEST
+        assert fake.request(b"A" * 300, b"B" * 211) == INVALID_REQUEST
         assert fake.silent_for(0.2)  # one reply per request, nothing more
         # 1022 bytes in one write: two overlong requests, two answers.
         fake.send(b"C" * 1022)
-        assert fake.read_reply() == INVALID_REPLY
-        assert fake.read_reply() == INVALID_REPLY
+        assert fake.read_reply() == INVALID_REQUEST
+        assert fake.read_reply() == INVALID_REQUEST
         assert fake.request(REQUEST_LF) == expected_reply(TEST_VM)
         fake.close()
 
@@ -859,7 +628,7 @@ def test_refused_socket_is_retried(chan_dir: Path, inotify: bool) -> None:
 
 def test_io_budget_pauses_and_resumes(chan_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Over its loop share, channel I/O waits its turn and every request is still answered."""
-    import vhostmd_py.virtio as virtio
+    import vhostmd_py.virtio.server as virtio
 
     # A budget so small that each 0.1 s window serves about one request.
     monkeypatch.setattr(virtio, "IO_SHARE", 1e-9)
@@ -881,18 +650,6 @@ def test_io_budget_pauses_and_resumes(chan_dir: Path, monkeypatch: pytest.Monkey
         assert srv.connections() == 5
     for fake in fakes:
         fake.close()
-
-
-def test_advance_partial_sends() -> None:
-    """After any number of bytes sent, what is left is exactly the unsent tail."""
-    from vhostmd_py.virtio import _advance
-
-    parts = [b"<metrics>\n", b"host", b"", b"vm-block", b"</metrics>\n\n"]
-    whole = b"".join(parts)
-    for sent in range(len(whole) + 1):
-        rest = _advance([memoryview(p) for p in parts if p], sent)
-        assert b"".join(bytes(m) for m in rest) == whole[sent:]
-        assert all(len(m) for m in rest)
 
 
 def test_live_xml_path_created_late(chan_dir: Path, inotify: bool) -> None:

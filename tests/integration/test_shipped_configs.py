@@ -26,6 +26,8 @@ from lxml import etree
 
 from vhostmd_py.config import Config, load_config
 
+pytestmark = pytest.mark.integration
+
 libvirt = pytest.importorskip("libvirt")
 Conn = Any  # libvirt.virConnect (libvirt-python ships no type information)
 

@@ -1,0 +1,255 @@
+"""The metrics document's bytes: everything the host writes, rendered here and only here.
+
+What this module owns (FACTS sections 2 and 4, SPEC section 3):
+- one metric's raw value -> its ``<metric>`` element(s) (render_value: the
+  value rules of SPEC section 2 with our DEVIATIONS, below);
+- the element layout and the escaping (render_metric);
+- the disk document (document, EMPTY_DOCUMENT) and the virtio reply
+  (reply_parts), framed with vhostmd_wire.protocol, the bytes the guest
+  checks;
+- the check that a rendered document parses (parse_document).
+
+Element layout (FACTS section 2)::
+
+      <metric type='T' context='host'[ unit='U']>\\n
+        <name>N</name>\\n
+        <value>V</value>\\n
+      </metric>\\n
+
+with ``id='ID' uuid='UUID'`` after the context for vm metrics. Values are
+bytes (what the source produced); names and attributes come from the config
+or libvirt and are str.
+
+Value rules (SPEC section 2, with the DEVIATIONS):
+- trailing spaces, tabs, CRs and newlines of a value are removed (SUSE's
+  downstream patch; upstream keeps them: ``<value>42\\n</value>``);
+- ``group``: the output is split on ``,``, the n-th token is the n-th
+  variable's value with its trailing whitespace removed; extra tokens are
+  ignored (upstream). A missing token leaves that variable out with a warning
+  (upstream gives every variable the whole output). An EMPTY token is
+  published as an empty value, like an action with empty output
+  (``<value></value>``); upstream crashes with SIGSEGV on ``echo 1,,2``.
+  The group's unit applies to every variable (FACTS edge-4k GU1/GU2);
+- ``xml``: the output must be one or more ``<metric>`` elements valid against
+  metric.dtd; it is inserted as is, ending with one newline; otherwise the
+  metric is left out with a warning.
+
+DEVIATION (SPEC section 3): upstream writes names and values raw, so a value
+``a<b&c`` yields a document no parser accepts (disks/rawxml-1k.img). We escape
+``& < >`` in text and additionally ``'`` in the single-quoted attributes.
+Values that cannot be represented in XML at all (invalid UTF-8, C0 control
+characters) are refused by :func:`value_problem` and left out with a warning,
+so the document always parses (upstream writes the raw bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+from typing import List, Tuple
+
+from lxml import etree
+from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
+
+from .config import MetricSpec
+from .model import VM, Snapshot
+from .safexml import safe_parser
+from .sources import describe
+
+log = logging.getLogger(__name__)
+
+# What the disk holds before the first cycle and after a content too large
+# for it was refused (daemon: clears upstream's busy flag).
+EMPTY_DOCUMENT = DOC_HEAD + DOC_TAIL
+_TRAILING_WS = b" \t\r\n"
+
+_TEXT_ESCAPES = {ord("&"): "&amp;", ord("<"): "&lt;", ord(">"): "&gt;"}
+_ATTR_ESCAPES = {**_TEXT_ESCAPES, ord("'"): "&apos;"}
+_NEEDS_TEXT_ESCAPE = re.compile(rb"[&<>]")
+
+# Characters XML 1.0 forbids (C0 controls but tab, LF, CR), as bytes ...
+_BAD_ASCII = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# ... and the two non-characters a strict UTF-8 decode lets through.
+_BAD_UNICODE = re.compile("[\ufffe\uffff]")
+
+
+def escape_text(value: bytes) -> bytes:
+    """Escape ``& < >`` in element content (bytes in, bytes out)."""
+    if not _NEEDS_TEXT_ESCAPE.search(value):
+        return value  # the common case: numbers and plain words
+    return value.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;")
+
+
+def escape_name(name: str) -> bytes:
+    """Escape a metric name for element content, UTF-8 encoded."""
+    return name.translate(_TEXT_ESCAPES).encode("utf-8")
+
+
+def escape_attr(value: str) -> bytes:
+    """Escape a value for a single-quoted attribute, UTF-8 encoded."""
+    return value.translate(_ATTR_ESCAPES).encode("utf-8")
+
+
+def value_problem(value: bytes) -> str | None:
+    """Why these bytes cannot be an XML value, or None when they can."""
+    bad = _BAD_ASCII.search(value)
+    if bad is not None:
+        return f"control character {bad.group()!r} at byte {bad.start()} is not allowed in XML"
+    if value.isascii():
+        return None
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"invalid UTF-8 at byte {err.start}"
+    if _BAD_UNICODE.search(text):
+        return "non-character U+FFFE/U+FFFF is not allowed in XML"
+    return None
+
+
+def open_tag(mtype: str, vm: VM | None, unit: str | None) -> bytes:
+    """``  <metric type=... context=...[ id uuid][ unit]>\\n`` (attribute order as upstream)."""
+    parts = [b"  <metric type='", escape_attr(mtype)]
+    if vm is None:
+        parts.append(b"' context='host'")
+    else:
+        parts += [
+            b"' context='vm' id='",
+            str(vm.id).encode("ascii"),
+            b"' uuid='",
+            escape_attr(vm.uuid),
+            b"'",
+        ]
+    if unit:
+        parts += [b" unit='", escape_attr(unit), b"'"]
+    parts.append(b">\n")
+    return b"".join(parts)
+
+
+def render_metric(mtype: str, name: str, value: bytes, vm: VM | None, unit: str | None) -> bytes:
+    """One ``<metric>`` element in upstream's layout; ``value`` must pass value_problem."""
+    return b"".join(
+        (
+            open_tag(mtype, vm, unit),
+            b"    <name>",
+            escape_name(name),
+            b"</name>\n    <value>",
+            escape_text(value),
+            b"</value>\n  </metric>\n",
+        )
+    )
+
+
+def parse_document(content: bytes) -> etree._Element:
+    """Parse a rendered document safely (used to check that ours always parses)."""
+    return etree.fromstring(content, safe_parser())
+
+
+def default_metric_dtd_path() -> Path:
+    """The shipped metric.dtd (package data)."""
+    return Path(str(resources.files("vhostmd_py") / "data" / "metric.dtd"))
+
+
+class XmlMetricValidator:
+    """Checks an xml metric's output against metric.dtd (loaded once)."""
+
+    def __init__(self, dtd_path: Path | None = None) -> None:
+        path = dtd_path or default_metric_dtd_path()
+        with open(path, "rb") as fh:
+            self._dtd = etree.DTD(fh)
+        self._parser = safe_parser()
+
+    def problem(self, output: bytes) -> str | None:
+        """Why OUTPUT is not a sequence of valid <metric> elements, or None."""
+        try:
+            root = etree.fromstring(b"<metrics>" + output + b"</metrics>", self._parser)
+        except etree.XMLSyntaxError as err:
+            return f"not well-formed XML: {err.msg}"
+        if root.text and root.text.strip():
+            return "text outside <metric> elements"
+        count = 0
+        for child in root:
+            if not isinstance(child.tag, str):
+                return "comments or processing instructions are not allowed"
+            if child.tail and child.tail.strip():
+                return "text outside <metric> elements"
+            if child.tag != "metric":
+                return f"<{child.tag}> is not a <metric> element"
+            if not self._dtd.validate(child):
+                entry = next(iter(self._dtd.error_log), None)  # type: ignore[call-overload]
+                return f"invalid against metric.dtd: {entry.message if entry else 'invalid'}"
+            count += 1
+        if count == 0:
+            return "no <metric> element"
+        return None
+
+
+_VALIDATOR: XmlMetricValidator | None = None
+
+
+def xml_validator() -> XmlMetricValidator:
+    """The shared validator of the shipped metric.dtd (loaded on first use)."""
+    global _VALIDATOR
+    if _VALIDATOR is None:
+        _VALIDATOR = XmlMetricValidator()
+    return _VALIDATOR
+
+
+def render_value(
+    metric: MetricSpec,
+    vm: VM | None,
+    raw: bytes | None,
+    validator: XmlMetricValidator | None = None,
+) -> bytes:
+    """The <metric> element(s) for one metric's raw value (b"" when left out)."""
+    if raw is None:
+        return b""
+    value = raw.rstrip(_TRAILING_WS)
+    if metric.type == "xml":
+        problem = (validator or xml_validator()).problem(value)
+        if problem is not None:
+            log.warning(
+                "Validation of XML returned by %s failed: %s", describe(metric, vm), problem
+            )
+            return b""
+        return value + b"\n"
+    if metric.type == "group":
+        tokens = value.split(b",")
+        parts: List[bytes] = []
+        for index, var in enumerate(metric.variables):
+            if index >= len(tokens):
+                log.warning(
+                    "%s: no value for variable %s: output has %d comma-separated token(s) "
+                    "for %d variables",
+                    describe(metric, vm),
+                    var.name,
+                    len(tokens),
+                    len(metric.variables),
+                )
+                continue
+            token = tokens[index].rstrip(_TRAILING_WS)
+            problem = value_problem(token)
+            if problem is not None:
+                log.warning("%s: variable %s left out: %s", describe(metric, vm), var.name, problem)
+                continue
+            parts.append(render_metric(var.type, var.name, token, vm, metric.unit))
+        return b"".join(parts)
+    problem = value_problem(value)
+    if problem is not None:
+        log.warning("%s left out: %s", describe(metric, vm), problem)
+        return b""
+    return render_metric(metric.type, metric.name, value, vm, metric.unit)
+
+
+def document(snapshot: Snapshot) -> bytes:
+    """The metrics document as written to the vbd disk: host metrics, then each VM's block."""
+    return b"".join((DOC_HEAD, snapshot.host, *(b.xml for b in snapshot.vms), DOC_TAIL))
+
+
+def reply_parts(host: bytes, vm_xml: bytes) -> Tuple[bytes, bytes, bytes, bytes]:
+    """The pieces of a virtio reply, in order: sent as one sendmsg, never joined per channel.
+
+    Upstream vio_channel_update: the host part, or upstream's comment when it
+    is empty, then this VM's block (vhostmd_wire.protocol, FACTS 4)."""
+    return virtio_reply_parts(host, vm_xml)
