@@ -1,0 +1,83 @@
+"""Import boundaries, checked in fresh interpreters (nothing imported by other tests leaks in).
+
+Host side: rendering and substitution load no compiled module (only the runner
+binding loads vhostmd_py._runner, only mdisk loads vhostmd_py._mdisk), and the
+host package imports nothing from the guest package.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from typing import List
+
+import pytest
+from helpers import REPO
+
+COMPILED = ("vhostmd_py._runner", "vhostmd_py._mdisk")
+
+
+def _modules_after(*imports: str) -> List[str]:
+    """sys.modules of a fresh interpreter after importing IMPORTS."""
+    code = "".join(f"import {name}\n" for name in imports)
+    code += "import json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded: List[str] = json.loads(proc.stdout)
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "vhostmd_py.substitution",
+        "vhostmd_py.render",
+        "vhostmd_py.sources",
+        "vhostmd_py.collector",
+        "vhostmd_py.config",
+        "vhostmd_py.virtio.protocol",
+        "vhostmd_py.cli",
+    ],
+)
+def test_rendering_and_substitution_load_no_compiled_module(module: str) -> None:
+    """Importing these modules loads neither _runner nor _mdisk."""
+    loaded = _modules_after(module)
+    assert module in loaded
+    assert [name for name in COMPILED if name in loaded] == []
+
+
+def test_the_runner_binding_is_what_loads_runner() -> None:
+    """The check above can fail: importing the binding does load _runner (and only it)."""
+    loaded = _modules_after("vhostmd_py.runner")
+    assert "vhostmd_py._runner" in loaded
+    assert "vhostmd_py._mdisk" not in loaded
+
+
+def _host_modules() -> List[str]:
+    package = REPO / "vhostmd_py"
+    names = []
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_host_imports_nothing_from_the_guest_package() -> None:
+    """No vhostmd_py module names vhostmd_guest in an import, and importing them all
+    leaves vhostmd_guest out of sys.modules."""
+    for path in sorted((REPO / "vhostmd_py").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "vhostmd_guest" for n in names), (path, names)
+    pytest.importorskip("libvirt")  # libvirt_vms imports it
+    loaded = _modules_after(*_host_modules())
+    assert not any(name.split(".")[0] == "vhostmd_guest" for name in loaded)
