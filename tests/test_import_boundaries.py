@@ -22,7 +22,7 @@ COMPILED = ("vhostmd_py._runner", "vhostmd_py._mdisk")
 def _modules_after(*imports: str) -> List[str]:
     """sys.modules of a fresh interpreter after importing IMPORTS."""
     code = "".join(f"import {name}\n" for name in imports)
-    code += "import json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
+    code += "import json, sys\nprint(json.dumps(sorted(n for n, m in sys.modules.items() if m is not None)))\n"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
     )

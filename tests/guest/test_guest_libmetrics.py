@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from helpers.wiredisk import DiskWriter
 from vhostmd_guest import libmetrics
 from vhostmd_guest.errors import DestinationError, MetricValueError, VmIdentityError
 from vhostmd_guest.libmetrics import (
@@ -24,8 +25,6 @@ from vhostmd_guest.libmetrics import (
     VmMemoryMetrics,
 )
 from vhostmd_guest.reader import DiskSource, MetricsReader, VirtioSource
-
-from vhostmd_py import mdisk
 
 VM_A = "11111111-2222-4333-8444-555555555555"
 VM_B = "66666666-2222-4333-8444-555555555555"
@@ -78,7 +77,7 @@ DOC = (
 def disk(tmp_path: Path) -> Iterator[Path]:
     """A metrics disk published by the host writer, holding two VMs."""
     path = tmp_path / "vhostmd0"
-    d = mdisk.MetricsDisk.create(path, 65536)
+    d = DiskWriter.create(path, 65536)
     d.publish(DOC)
     d.close()
     yield path
@@ -161,7 +160,7 @@ def test_vm_records_need_this_vms_uuid(disk: Path, tmp_path: Path) -> None:
 def test_absent_metrics_leave_fields_none(tmp_path: Path) -> None:
     """A record field whose metric is missing is None; a wrongly typed one is an error."""
     path = tmp_path / "d"
-    d = mdisk.MetricsDisk.create(path, 4096)
+    d = DiskWriter.create(path, 4096)
     d.publish(b"<metrics>\n" + _metric("NumCPUs", "string", "many").encode() + b"</metrics>\n")
     d.close()
     reader = MetricsReader(DiskSource(path=str(path)))

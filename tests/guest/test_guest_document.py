@@ -338,8 +338,12 @@ def test_fuzz_structured_documents(items: list[tuple[str, str, str, str, bool]])
 
 @pytest.mark.parametrize(
     ("given", "expected"),
-    [("host", MetricContext.HOST), ("VM", MetricContext.VM), (1, MetricContext.VM),
-     (MetricContext.HOST, MetricContext.HOST)],
+    [
+        ("host", MetricContext.HOST),
+        ("VM", MetricContext.VM),
+        (1, MetricContext.VM),
+        (MetricContext.HOST, MetricContext.HOST),
+    ],
 )
 def test_context_parse_accepts_spellings(given: object, expected: MetricContext) -> None:
     """Contexts may be given as members, upstream's numbers or "host"/"vm"."""

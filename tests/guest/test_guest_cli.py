@@ -395,7 +395,9 @@ def test_timeouts_must_be_finite(option: str, value: str, tmp_path: Path) -> Non
     """A nan/inf/negative timeout is a usage error (exit 2), never a hang."""
     proc = subprocess.run(
         [*_tool(), "-b", "--disk", str(tmp_path / "none"), option, value],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert option in proc.stderr

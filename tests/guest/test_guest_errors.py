@@ -1,10 +1,8 @@
-"""Tests of vhostmd_guest.errors and of the guest package's import boundaries."""
+"""Tests of vhostmd_guest.errors (import boundaries: tests/test_import_boundaries.py)."""
 
 from __future__ import annotations
 
 import inspect
-import subprocess
-import sys
 
 from vhostmd_guest import errors
 from vhostmd_guest.errors import (
@@ -48,25 +46,16 @@ def test_structured_fields_and_messages() -> None:
     assert str(timeout).startswith("virtio port /p: no reply within 5 s")
 
 
-_IMPORT_CHECK = """
-import sys
-sys.modules["libvirt"] = None  # any import of libvirt now fails
-import vhostmd_guest, vhostmd_guest.cli, vhostmd_guest.libmetrics, vhostmd_guest.reader
-import vhostmd_guest.discovery, vhostmd_guest.virtio, vhostmd_guest.xenstore
-# The disk format, plus the two helpers shared with the host CLI and parser
-# (they need only lxml and click, which a guest has anyway).
-allowed = {"vhostmd_py", "vhostmd_py.mdisk", "vhostmd_py.errors", "vhostmd_py._mdisk",
-           "vhostmd_py._mdisk.lib", "vhostmd_py.mdisk_py", "vhostmd_py.safexml",
-           "vhostmd_py.getopt_wording"}
-extra = sorted(m for m in sys.modules if m.startswith("vhostmd_py") and m not in allowed)
-print("extra:", extra)
-"""
+def test_wire_errors_are_the_guest_errors() -> None:
+    """The guest's disk and document errors ARE the wire format's: nothing is translated."""
+    from vhostmd_wire import errors as wire
 
-
-def test_guest_imports_neither_libvirt_nor_host_modules() -> None:
-    """The guest package works without libvirt and loads only the disk format from the host side."""
-    proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_CHECK], capture_output=True, text=True, timeout=60
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "extra: []"
+    assert MetricsError is wire.VhostmdError
+    assert errors.MetricsDiskError is wire.DiskError
+    assert errors.DiskChecksumError is wire.ChecksumError
+    assert errors.DiskBusyTimeoutError is wire.DiskBusyError
+    assert errors.DiskFormatError is wire.DiskFormatError
+    assert errors.DiskIOError is wire.DiskIOError
+    assert errors.DocumentError is wire.DocumentError
+    assert issubclass(DiskNotFoundError, wire.DiskError)
+    assert MetricNotFoundError("X", "host").reason == "no metric 'X' in context host"
