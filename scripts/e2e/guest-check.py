@@ -3,7 +3,7 @@
 Runs with the guest's Debian python3 (not the host's venv), with
 PYTHONPATH=/opt/vhostmd-py/src holding vhostmd_py (incl. the host-built abi3
 _mdisk extension) and vhostmd_guest. It only gathers evidence; the host test
-(tests/test_e2e_guest.py) does the assertions. Each record is printed to the
+(tests/e2e/test_e2e_guest.py) does the assertions. Each record is printed to the
 serial console as `E2E-RESULT <tag> <base64 JSON>` so kernel messages cannot
 corrupt it unnoticed (a broken line fails to decode).
 """
