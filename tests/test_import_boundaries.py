@@ -22,7 +22,7 @@ COMPILED = ("vhostmd_py._runner", "vhostmd_py._mdisk")
 def _modules_after(*imports: str) -> List[str]:
     """sys.modules of a fresh interpreter after importing IMPORTS."""
     code = "".join(f"import {name}\n" for name in imports)
-    code += "import json, sys\nprint(json.dumps(sorted(n for n, m in sys.modules.items() if m is not None)))\n"
+    code += "import json, sys\nprint(json.dumps(sorted(sys.modules)))\n"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
     )
@@ -81,3 +81,45 @@ def test_host_imports_nothing_from_the_guest_package() -> None:
     pytest.importorskip("libvirt")  # libvirt_vms imports it
     loaded = _modules_after(*_host_modules())
     assert not any(name.split(".")[0] == "vhostmd_guest" for name in loaded)
+
+
+# --- guest side: the guest and the wire format import nothing of the host -------------
+
+
+def _package_modules(package: str) -> List[str]:
+    folder = REPO / "guest" / package
+    return [package] + [
+        f"{package}.{p.stem}"
+        for p in sorted(folder.glob("*.py"))
+        if p.stem not in ("__init__", "__main__")
+    ]
+
+
+def _modules_with_blocked(imports: List[str], blocked: List[str]) -> List[str]:
+    """Like _modules_after, with the BLOCKED packages made unimportable first."""
+    code = "import sys\n" + "".join(f"sys.modules[{b!r}] = None\n" for b in blocked)
+    code += "".join(f"import {name}\n" for name in imports)
+    code += "import json\nprint(json.dumps([n for n, m in sys.modules.items() if m is not None]))\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded: List[str] = json.loads(proc.stdout)
+    return loaded
+
+
+GUEST_AND_WIRE = _package_modules("vhostmd_guest") + _package_modules("vhostmd_wire")
+
+
+def test_guest_and_wire_import_nothing_of_the_host() -> None:
+    """Every guest and wire module imports with vhostmd_py, lxml, click and cffi blocked."""
+    blocked = ["vhostmd_py", "lxml", "click", "cffi", "_cffi_backend", "libvirt"]
+    loaded = _modules_with_blocked(GUEST_AND_WIRE, blocked)
+    assert set(GUEST_AND_WIRE) <= set(loaded)
+    assert [m for m in loaded if m.split(".")[0] in blocked] == []
+
+
+def test_wire_imports_nothing_of_the_guest() -> None:
+    """The wire format stands alone: importing it loads no vhostmd_guest module."""
+    loaded = _modules_with_blocked(_package_modules("vhostmd_wire"), ["vhostmd_guest"])
+    assert [m for m in loaded if m.split(".")[0] in ("vhostmd_guest", "vhostmd_py")] == []
