@@ -8,9 +8,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from cffi import FFI
 
-from vhostmd_py import mdisk
+FFI = pytest.importorskip("cffi", reason="cffi is not installed (guest tier)").FFI
+mdisk = pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
 
 
 def _build(repo_root: Path, tmp_path: Path, name: str, *defines: str) -> Any:

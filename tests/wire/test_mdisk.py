@@ -1,4 +1,4 @@
-"""Metrics disk (vhostmd_py.mdisk and its pure-Python twin mdisk_py) on real files."""
+"""The metrics disk on real files: the host's C binding against the wire format's pure Python."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
+from types import SimpleNamespace as ModuleType
 from typing import List
 
 import pytest
+from helpers.mdisk_impls import c_impl, py_impl
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from vhostmd_py import mdisk, mdisk_py
-from vhostmd_py.errors import (
+from vhostmd_wire import disk as mdisk_py
+from vhostmd_wire.errors import (
     ChecksumError,
     ContentTooLargeError,
     DiskBusyError,
@@ -28,7 +28,8 @@ from vhostmd_py.errors import (
     DiskSizeError,
 )
 
-IMPLS = [mdisk, mdisk_py]
+mdisk = pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
+IMPLS = [c_impl(), py_impl()]
 IMPL_IDS = ["c", "py"]
 
 # Single-domain daemon images whose content is reproducible (FACTS 2).
@@ -45,8 +46,8 @@ SINGLE_DOMAIN = [
 @pytest.fixture(params=IMPLS, ids=IMPL_IDS)
 def impl(request: pytest.FixtureRequest) -> ModuleType:
     """The implementation under test: the C binding or the pure-Python twin."""
-    module: ModuleType = request.param
-    return module
+    impl: ModuleType = request.param
+    return impl
 
 
 def signed_sum(data: bytes) -> int:
@@ -282,7 +283,7 @@ def test_c_and_python_publish_identically(shm_dir: Path) -> None:
     docs = [b"<metrics>\n" + bytes(range(256)) * 20, b"x", b"\x80" * 3000, b""]
     files = []
     for module in IMPLS:
-        path = shm_dir / f"disk-{module.__name__}"
+        path = shm_dir / f"disk-{IMPLS.index(module)}"
         with module.MetricsDisk.create(path, 8192) as disk:
             for doc in docs:
                 disk.publish(doc)
@@ -724,8 +725,8 @@ def test_read_fifo_does_not_hang(impl: ModuleType, tmp_path: Path) -> None:
     # In a child process, so that a regression fails by timeout, not a hung suite.
     script = (
         "import importlib, sys\n"
-        "from vhostmd_py.errors import DiskIOError\n"
-        "mod = importlib.import_module(sys.argv[1])\n"
+        "from vhostmd_wire.errors import DiskIOError\n"
+        "mod = importlib.import_module('vhostmd_wire.disk')\n"
         "for fn in (mod.read_disk, mod.read_header):\n"
         "    try:\n"
         "        fn(sys.argv[2])\n"
@@ -805,14 +806,27 @@ def test_reader_closed(impl: ModuleType, shm_dir: Path) -> None:
         reader.read()
 
 
-def test_cross_implementation_read(shm_dir: Path) -> None:
-    """The C writer's disk reads back with the Python reader and vice versa."""
-    doc = b"<metrics>\n" + "héllo ÿÿÿ".encode() * 500 + b"</metrics>\n"
-    for writer, reader in ((mdisk, mdisk_py), (mdisk_py, mdisk)):
-        path = shm_dir / f"{writer.__name__}"
-        with writer.MetricsDisk.create(path, 65536) as disk:
+def test_c_publish_matches_the_wire_oracle(shm_dir: Path) -> None:
+    """Each C publish leaves exactly the image vhostmd_wire.disk.published_image computes,
+    and both read strategies read it back."""
+    docs = [
+        b"<metrics>\n" + "h\u00e9llo \u00ff\u00ff\u00ff".encode() * 500 + b"</metrics>\n",
+        b"<metrics>\n</metrics>\n",
+        b"<metrics>\n" + b"x" * 9000 + b"</metrics>\n",
+        b"<metrics>\n" + b"y" * 100 + b"</metrics>\n",
+    ]
+    path = shm_dir / "vhostmd0"
+    with mdisk.MetricsDisk.create(path, 65536) as disk:
+        image = path.read_bytes()
+        assert image == mdisk_py.created_image(65536)
+        prev = 0
+        for doc in docs:
             disk.publish(doc)
-            assert reader.read_disk(path) == doc
+            image = mdisk_py.published_image(image, doc, prev)
+            prev = len(doc)
+            assert path.read_bytes() == image
+            for impl in IMPLS:
+                assert impl.read_disk(path) == doc
 
 
 def test_create_refuses_a_symlink(impl: ModuleType, tmp_path: Path) -> None:

@@ -10,15 +10,16 @@ from types import ModuleType
 from typing import Iterator, Tuple
 
 import pytest
+from helpers.mdisk_impls import c_impl, py_impl
+from vhostmd_wire.errors import DiskIOError
 
-from vhostmd_py import mdisk, mdisk_py
-from vhostmd_py.errors import DiskIOError
+pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
 
 
-@pytest.fixture(params=[mdisk, mdisk_py], ids=["c", "py"])
+@pytest.fixture(params=[c_impl, py_impl], ids=["c", "py"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
-    """The implementation under test: the C binding or the pure-Python twin."""
-    module: ModuleType = request.param
+    """The implementation under test: the C binding or the wire's pure Python."""
+    module: ModuleType = request.param()
     return module
 
 

@@ -1,0 +1,68 @@
+"""The two implementations of the disk format the wire tests compare, as namespaces.
+
+"c": the host's compiled binding (vhostmd_py.mdisk: checksum, header and
+the stable-read attempt in csrc/mdisk.c). "py": the wire format's pure
+Python (vhostmd_wire.disk), the oracle. Both read with the ONE retry policy
+of vhostmd_wire.disk.DiskReader (only the read strategy differs) and both
+publish with the host's C writer, the only writer there is. ``__name__``
+names the writer's module for tests that publish in a child process.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from vhostmd_wire import disk as wire
+
+WRITER_MODULE = "vhostmd_py.mdisk"
+
+
+def _readers(strategy: Any) -> dict[str, Any]:
+    def read_disk(path: Any, **kwargs: Any) -> bytes:
+        return wire.read_disk(path, strategy=strategy(), **kwargs)
+
+    def disk_reader(path: Any, **kwargs: Any) -> wire.DiskReader:
+        return wire.DiskReader(path, strategy=strategy(), **kwargs)
+
+    return {"read_disk": read_disk, "DiskReader": disk_reader}
+
+
+def _common() -> dict[str, Any]:
+    names = ["SIGNATURE", "HEADER_SIZE", "MIN_DISK_SIZE", "MAX_DISK_SIZE", "UPSTREAM_READ_BLOCK"]
+    out = {name: getattr(wire, name) for name in names}
+    out.update(
+        Header=wire.Header,
+        read_header=wire.read_header,
+        device_size=wire.device_size,
+        __name__=WRITER_MODULE,
+    )
+    return out
+
+
+def c_impl() -> SimpleNamespace:
+    """The C binding's functions with the wire's retry policy around C's read attempt."""
+    from vhostmd_py import mdisk
+
+    return SimpleNamespace(
+        **_common(),
+        **_readers(mdisk.CReadStrategy),
+        checksum=mdisk.checksum,
+        pack_header=mdisk.pack_header,
+        unpack_header=mdisk.unpack_header,
+        MetricsDisk=mdisk.MetricsDisk,
+    )
+
+
+def py_impl() -> SimpleNamespace:
+    """The wire format's pure Python (the C writer publishes: there is no Python writer)."""
+    from vhostmd_py import mdisk
+
+    return SimpleNamespace(
+        **_common(),
+        **_readers(wire.PyReadStrategy),
+        checksum=wire.checksum,
+        pack_header=wire.pack_header,
+        unpack_header=wire.unpack_header,
+        MetricsDisk=mdisk.MetricsDisk,
+    )
