@@ -325,9 +325,11 @@ def _setup_logging(prog: str, verbose: bool) -> None:
     root.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point of vm_dump_metrics / vm-dump-metrics."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "vm-dump-metrics"
+    if prog.endswith(".pyz"):  # the single-file build: python3 vm-dump-metrics.pyz
+        prog = prog[: -len(".pyz")]
     if prog in ("", "-c", "__main__.py", "cli.py"):
         prog = "vm-dump-metrics"
     args: List[str] = list(sys.argv[1:] if argv is None else argv)

@@ -32,11 +32,12 @@ def _read_key(tool: str, key: str, env: Optional[Mapping[str, str]], timeout: fl
     # -R: raw value; without it xenstore-read escapes newlines and other
     # non-printable bytes, which would mangle the XML.
     try:
-        proc = subprocess.run(
+        proc = subprocess.run(  # noqa: UP022 (capture_output is Python 3.7+)
             [tool, "-R", key],
             stdin=subprocess.DEVNULL,
             # Not capture_output=: that is Python 3.7+, guests may have 3.6.
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             timeout=timeout,
             env=None if env is None else dict(env),
             check=False,

@@ -23,6 +23,7 @@ the checksum; the retry policy lives once, in DiskReader.read.
 import contextlib
 import enum
 import errno as errno_mod
+import io
 import logging
 import math
 import mmap
@@ -169,6 +170,17 @@ def _round_up(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _read_into(fd: int, view: memoryview) -> int:
+    """read(2) straight into view (an aligned slice of an mmap) at the file offset."""
+    readv = getattr(os, "readv", None)  # CPython; PyPy lacks it
+    if readv is not None:
+        return int(readv(fd, [view]))
+    # PyPy: FileIO.readinto. Should it bounce through an unaligned buffer,
+    # O_DIRECT refuses with EINVAL and DiskReader reads through the cache.
+    with io.FileIO(fd, "rb", closefd=False) as f:
+        return f.readinto(view) or 0
+
+
 def _pread_upto(fd: int, buf: mmap.mmap, want: int) -> int:
     """Read up to want bytes at offset 0 into buf (mdisk.c's pread_upto).
 
@@ -181,7 +193,7 @@ def _pread_upto(fd: int, buf: mmap.mmap, want: int) -> int:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         while got < want:
-            n = os.readv(fd, [view[got:want]])  # EINTR is retried by Python (PEP 475)
+            n = _read_into(fd, view[got:want])  # EINTR is retried by Python (PEP 475)
             if n == 0:
                 break
             got += n
