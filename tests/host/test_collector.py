@@ -215,6 +215,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_faults_leave_the_rest_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -55,6 +55,7 @@ def _action_times(seen: List[Tuple[float, bytes]]) -> List[float]:
     return [float(metrics_of(c)[("T", "host")]) for _, c in seen]
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_cycles_follow_the_period_without_spinning(tmp_path: Path) -> None:
     """update_period 1 with cheap metrics: one cycle per second, not hundreds (upstream)."""
     disk = tmp_path / "vhostmd0"
@@ -76,6 +77,7 @@ def test_cycles_follow_the_period_without_spinning(tmp_path: Path) -> None:
     assert all(0.9 < gap < 1.3 for gap in gaps), gaps
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_overrun_starts_next_cycle_at_once_without_catch_up(tmp_path: Path) -> None:
     """A 1.5 s cycle with period 1: the next starts at once, never a burst to catch up."""
     disk = tmp_path / "vhostmd0"

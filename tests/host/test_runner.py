@@ -183,6 +183,7 @@ def test_timeout_kills_whole_tree(max_concurrency: int, tmp_path: Path) -> None:
     assert not _alive(child)
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_escaped_grandchild_does_not_hold_the_cycle(tmp_path: Path) -> None:
     """A grandchild that left the session keeps our pipe open: we give up after the grace."""
     runner = ActionRunner(path=PATH, timeout=0.5)
@@ -234,6 +235,7 @@ def test_sigpipe_ends_pipelines() -> None:
     assert result.ok and result.stdout == b"y\n"
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_concurrency_bound_and_serial() -> None:
     """At most max_concurrency actions run at once; 1 runs them one after another."""
 
@@ -333,6 +335,7 @@ def test_invalid_parameters() -> None:
         ActionRunner(max_concurrency=0)
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -440,6 +443,7 @@ def test_cancelling_one_action_leaves_the_others(tmp_path: Path) -> None:
     runner.close()
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_many_concurrent_timeouts(tmp_path: Path) -> None:
     """40 hung actions at once all time out together and take their trees with them."""
     runner = ActionRunner(path=PATH, timeout=0.5, max_concurrency=40)
@@ -646,6 +650,7 @@ def test_command_longer_than_the_pipe_buffer() -> None:
     assert result.ok and result.stdout == b"ok\n300000\n"
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_escaped_writer_never_reaches_the_next_action(tmp_path: Path) -> None:
     """A setsid() grandchild still writing after its action is given up on cannot touch
     a later action's output (fifos are per action) and dies of SIGPIPE once we stop reading."""

@@ -665,6 +665,7 @@ def test_live_xml_path_created_late(chan_dir: Path, inotify: bool) -> None:
         fake.close()
 
 
+@pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_idle_discovery_is_event_driven(chan_dir: Path) -> None:
     """With inotify, VMs without a socket cost no periodic scans (polling: one per 50 ms)."""
     twenty = vms(20)
