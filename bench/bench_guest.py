@@ -1,5 +1,10 @@
 """Benchmark of the guest side: read + verify + parse, cached lookups, vm-dump-metrics -b.
 
+The guest is pure Python (vhostmd_wire: stable read with an mmap buffer,
+expat parsing); where the host's C extension and lxml exist (on a host,
+here), the same read and parse are timed with them too, so the ratios say
+what the stdlib-only guest costs.
+
 Run:  .venv/bin/python bench/bench_guest.py [--dir DIR] [--runs 15] [--json]
 
 All figures come from one run, so their ratios are comparable; absolute
@@ -22,10 +27,13 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 import click
+from lxml import etree
 from vhostmd_guest.document import MetricContext, parse_document
 from vhostmd_guest.reader import DiskSource, MetricsReader, fetch_disk_metrics, read_disk_content
+from vhostmd_wire import disk as wire
 
 from vhostmd_py import mdisk
+from vhostmd_py.safexml import safe_parser
 
 KIB = 1024
 
@@ -118,6 +126,18 @@ def run(base: Path, runs: int) -> Dict[str, object]:
         )
         rows.append(
             _row(
+                f"C stable read {label} (same retry policy, C attempt)",
+                _samples(lambda p=path: wire.read_disk(p, strategy=mdisk.CReadStrategy()), calls),
+            )
+        )
+        rows.append(
+            _row(
+                f"lxml parse {label} (hardened lxml parser, tree only)",
+                _samples(lambda c=content: etree.fromstring(c, safe_parser()), calls),
+            )
+        )
+        rows.append(
+            _row(
                 f"read + verify + parse {label}",
                 _samples(
                     lambda p=path: parse_document(fetch_disk_metrics(DiskSource(path=str(p)))[1]),
@@ -159,6 +179,10 @@ def run(base: Path, runs: int) -> Dict[str, object]:
         return next(v for k, v in med.items() if k.startswith(prefix))
 
     ratios = {
+        "stable read, pure Python / C, 4 KiB": m("stable read 4") / m("C stable read 4"),
+        "stable read, pure Python / C, 256 KiB": m("stable read 256") / m("C stable read 256"),
+        "parse (expat + metrics) / lxml tree, 4 KiB": m("parse 4") / m("lxml parse 4"),
+        "parse (expat + metrics) / lxml tree, 256 KiB": m("parse 256") / m("lxml parse 256"),
         "read+verify+parse 256 KiB / 4 KiB": m("read + verify + parse 256")
         / m("read + verify + parse 4"),
         "parse / stable read, 256 KiB": m("parse 256") / m("stable read 256"),
