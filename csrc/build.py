@@ -3,7 +3,8 @@
 Each module is a real .c file compiled as it is, plus its declarations-only
 header, read both as the cffi cdef and by the C compiler:
 - vhostmd_py._mdisk: the metrics disk (checksum, header, publish, stable
-  read); guests need it too.
+  read attempt); the host publishes through it. Guests do not need it:
+  they read with the pure Python of vhostmd_wire.disk.
 - vhostmd_py._runner: the daemon's action batch runner.
 """
 

@@ -2,23 +2,17 @@
  * mdisk.c - the vhostmd metrics disk ("mvbd"), wire-compatible with
  * vhostmd 1.2 (SPEC section 4, FACTS sections 2-3).
  *
- * THE BINARY LAYOUT (the one place it is described; Python refers here):
- *
- *   offset  size  field      value
- *   0       4     signature  0x6d766264 ("mvbd"), big-endian uint32
- *   4       4     busy       1 while the host writes, else 0 (BE uint32)
- *   8       4     checksum   sum of the content bytes taken as SIGNED
- *                            chars, modulo 2^32 (BE uint32)
- *   12      4     length     content length in bytes (BE uint32)
- *   16      len   content    the metrics XML, no NUL terminator
- *   16+len  ...   zeros up to the disk size (1024 B .. 256 MiB)
- *
- * Upstream packs the header with htonl() on x86-64 where `char` is
- * signed, hence the signed checksum (FACTS: utf8-1k sums to 18185, not
- * the unsigned 20745; negsum-1k to 0xffffa733).
+ * The binary layout is described once, in the docstring of
+ * guest/vhostmd_wire/disk.py (the wire format both sides import; its pure
+ * Python is the tests' oracle for this file): a 16-byte header of four
+ * big-endian uint32 (signature "mvbd", busy, checksum, length), then the
+ * content, then zeros up to the disk size. The checksum sums the content
+ * as SIGNED chars because upstream packs it on x86-64, where `char` is
+ * signed (FACTS: utf8-1k sums to 18185, not the unsigned 20745).
  *
  * Everything here works on a file descriptor the caller opened: the
- * paths, modes and retry policy are Python's business (vhostmd_py/mdisk.py).
+ * paths and modes are vhostmd_py/mdisk.py's business, the retry policy
+ * vhostmd_wire.disk.DiskReader's (mdisk_read_stable is one attempt).
  * Functions return MDISK_OK, a positive MDISK_E_* status, or -errno.
  */
 

@@ -4,7 +4,7 @@
  * Declarations only: this file is read both by the C compiler and by
  * cffi's cdef (see build.py), so it holds no preprocessor logic
  * beyond integer #defines, which cffi accepts. The on-disk layout is
- * described once, in mdisk.c, where it is packed. Callers include
+ * described once, in guest/vhostmd_wire/disk.py. Callers include
  * <stdint.h> and <stddef.h> first.
  */
 
