@@ -7,8 +7,8 @@ Compares, on the same N actions (default 3000 = perf-echo3 x 1000 domains):
            per batch, each action a subshell of one of them, output on fifos,
            one poll() loop per batch in a worker thread), default concurrency;
 - worker serial: the same with max_concurrency=1, one after another like upstream;
-- with --old-rev REV: REV's vhostmd_py/actions.py with REV's csrc/runner.c
-           built beside it (e.g. adf8109~1, the posix_spawn `sh -c` per action
+- with --old-rev REV: REV's vhostmd_py/runner.py (actions.py before the split) with
+           REV's csrc/runner.c built beside it (e.g. adf8109~1, the posix_spawn `sh -c` per action
            C runner), default concurrency and serial.
 Rounds are interleaved so machine noise hits every variant alike; the tables
 give medians over rounds of wall time, our process's CPU and the children's
