@@ -40,29 +40,26 @@ def _common() -> dict[str, Any]:
     return out
 
 
+def _impl(strategy: Any, functions: Any) -> SimpleNamespace:
+    from vhostmd_py import mdisk
+
+    return SimpleNamespace(
+        **_common(),
+        **_readers(strategy),
+        checksum=functions.checksum,
+        pack_header=functions.pack_header,
+        unpack_header=functions.unpack_header,
+        MetricsDisk=mdisk.MetricsDisk,  # the only writer there is
+    )
+
+
 def c_impl() -> SimpleNamespace:
     """The C binding's functions with the wire's retry policy around C's read attempt."""
     from vhostmd_py import mdisk
 
-    return SimpleNamespace(
-        **_common(),
-        **_readers(mdisk.CReadStrategy),
-        checksum=mdisk.checksum,
-        pack_header=mdisk.pack_header,
-        unpack_header=mdisk.unpack_header,
-        MetricsDisk=mdisk.MetricsDisk,
-    )
+    return _impl(mdisk.CReadStrategy, mdisk)
 
 
 def py_impl() -> SimpleNamespace:
     """The wire format's pure Python (the C writer publishes: there is no Python writer)."""
-    from vhostmd_py import mdisk
-
-    return SimpleNamespace(
-        **_common(),
-        **_readers(wire.PyReadStrategy),
-        checksum=wire.checksum,
-        pack_header=wire.pack_header,
-        unpack_header=wire.unpack_header,
-        MetricsDisk=mdisk.MetricsDisk,
-    )
+    return _impl(wire.PyReadStrategy, wire)
