@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, List, Sequence, Tuple
 
 from lxml import etree
+from vhostmd_wire.disk import MAX_DISK_SIZE, MIN_DISK_SIZE, UPSTREAM_READ_BLOCK
 
 from .errors import ConfigError, StrPath
-from .mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE, UPSTREAM_READ_BLOCK
 from .model import DEFAULT_PATH
 from .safexml import safe_parser
 
