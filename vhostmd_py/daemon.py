@@ -167,6 +167,10 @@ class Daemon:
 
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
+    def set_config_loader(self, loader: Callable[[str], Config]) -> None:
+        """Reload with LOADER from now on (process.run: one that works after -u USER)."""
+        self._config_loader = loader
+
     def open_disk(self) -> None:
         """Create the metrics disk when vbd is configured (raises DiskError)."""
         if self._publish_enabled and "vbd" in self.config.transports:
