@@ -95,12 +95,12 @@ class Vhostmd:
     """A running `vhostmd` child; its stderr goes to a file we can read while it runs."""
 
     def __init__(self, args: List[str], tmp_path: Path, *, env: Dict[str, str] | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, own_pid_file: bool = True):
         self.log_path = tmp_path / f"vhostmd-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the child
         full_env = dict(os.environ, PYTHONPATH=str(REPO))
         full_env.update(env or {})
-        if "-p" not in args and "--once" not in args:
+        if own_pid_file and "-p" not in args and "--once" not in args:
             # As root the daemon takes /var/run/vhostmd.pid without -p (upstream's
             # default): tests running side by side must not share it.
             args = [*args, "-p", str(tmp_path / f"vhostmd-{time.monotonic_ns()}.pid")]
