@@ -1,4 +1,4 @@
-"""Integration: issue 11 "Hardening from field trials", items 2, 3, 4, 5, 8, through the real daemon."""
+"""Integration: issue 11 "Hardening from field trials" (items 2, 3, 4, 5, 8), real daemon."""
 
 from __future__ import annotations
 
@@ -131,8 +131,8 @@ def test_user_cannot_read_the_installation(tmp_path: Path, spawn: Spawn) -> None
         disk = shared / "vhostmd0"
         xml = ("echo \"<metric type='uint32' context='host'><name>X</name>"
                "<value>3</value></metric>\"")
-        config = write_config(shared / "vhostmd.conf", disk,
-                              [("Now", "string", "host", "date +%s%N"), ("Xml", "xml", "host", xml)])
+        metrics = [("Now", "string", "host", "date +%s%N"), ("Xml", "xml", "host", xml)]
+        config = write_config(shared / "vhostmd.conf", disk, metrics)
         pid_file = shared / "vhostmd.pid"
         daemon = spawn("-d", "-v", "-u", "nobody", "-p", str(pid_file), "-f", str(config),
                        "-c", "test:///default", env={"PYTHONPATH": str(private)}, cwd=shared)
@@ -304,7 +304,8 @@ def test_reload_to_a_disk_larger_than_the_filesystem_is_refused(
     wait_for(lambda: "Not reloading" in daemon.log(), 5, "the refusal")
     assert "no room for the 2097152-byte metrics disk" in daemon.log()
     assert disk.stat().st_size == 256 * 1024
-    assert metrics_of(wait_for(lambda: try_read(disk), 5, "a publish")) == {("Answer", "host"): "42"}
+    content = wait_for(lambda: try_read(disk), 5, "a publish")
+    assert metrics_of(content) == {("Answer", "host"): "42"}
     assert daemon.stop()[0] == 0
 
 
