@@ -6,9 +6,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Dict, Iterator, List
 
 import pytest
+from helpers.daemon import Vhostmd
 
 REPO = Path(__file__).resolve().parent.parent
 _SHARED_GOLDEN = REPO.parent / "shared" / "golden"
@@ -52,3 +53,19 @@ def shm_dir(tmp_path: Path) -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture()
+def spawn(tmp_path: Path) -> Iterator[Callable[..., Vhostmd]]:
+    """Start `vhostmd` processes that are always killed at the end of the test."""
+    started: List[Vhostmd] = []
+
+    def start(*args: str, env: Dict[str, str] | None = None, cwd: Path | None = None,
+              own_pid_file: bool = True) -> Vhostmd:
+        daemon = Vhostmd(list(args), tmp_path, env=env, cwd=cwd, own_pid_file=own_pid_file)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.close()

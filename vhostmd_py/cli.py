@@ -86,13 +86,16 @@ def command(
     if once and dump:
         raise click.UsageError("--once and --dump cannot be used together")
     daemonize = not (no_daemonize or once or dump)
-    if pid_file is None and daemonize and os.geteuid() == 0:
+    if pid_file is None and not (once or dump) and os.geteuid() == 0:
+        # Upstream uses its default pid file whenever it runs as root, with
+        # -d too (FACTS 5, SPEC 7): so two daemons cannot run unnoticed.
         pid_file = DEFAULT_PID_FILE
     if daemonize:
-        # The daemon chdirs to /: a relative -f (re-read on SIGHUP) or -p must
+        # The daemon chdirs to /: a relative -f (re-read on SIGHUP) must
         # still name the file the user meant.
         config = os.path.abspath(config)
-        pid_file = os.path.abspath(pid_file) if pid_file is not None else None
+    # Absolute also with -d: the pid-file remover (-u) may not share our cwd.
+    pid_file = os.path.abspath(pid_file) if pid_file is not None else None
     opts = Options(
         verbose=verbose,
         daemonize=daemonize,

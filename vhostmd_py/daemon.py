@@ -167,6 +167,10 @@ class Daemon:
 
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
+    def set_config_loader(self, loader: Callable[[str], Config]) -> None:
+        """Reload with LOADER from now on (process.run: one that works after -u USER)."""
+        self._config_loader = loader
+
     def open_disk(self) -> None:
         """Create the metrics disk when vbd is configured (raises DiskError)."""
         if self._publish_enabled and "vbd" in self.config.transports:
@@ -406,6 +410,15 @@ class Daemon:
         disk_changed = (new.disk_path, new.disk_size) != (old.disk_path, old.disk_size)
         vbd = self._publish_enabled and "vbd" in new.transports
         new_disk: MetricsDisk | None = None
+        if vbd and self._disk is not None and new.disk_path == old.disk_path and disk_changed:
+            # Same file, new size: resized in place (our own lock is on it, a
+            # second open would conflict with it), refused when there is no room.
+            try:
+                self._disk.resize(new.disk_size)
+            except VhostmdError as err:
+                log.error("Not reloading %s, keeping the previous configuration: %s", new.file, err)
+                return
+            disk_changed = False
         if vbd and (self._disk is None or disk_changed):
             try:
                 # May fail after -u USER when the new path needs root: keep the old.

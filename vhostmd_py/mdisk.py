@@ -15,6 +15,7 @@ retry policy (vhostmd_wire.disk.DiskReader), for tests and benchmarks.
 from __future__ import annotations
 
 import errno as errno_mod
+import fcntl
 import logging
 import os
 import stat
@@ -124,50 +125,206 @@ def _refuse_special(path: str, mode: int) -> None:
         raise DiskIOError(path, "exists and is not a regular file or block device")
 
 
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _may_follow(link: os.stat_result, directory: os.stat_result) -> bool:
+    """The kernel's fs.protected_symlinks rule for a symlink LINK found in DIRECTORY.
+
+    In a sticky world-writable directory (/dev/shm, /tmp) a symlink is
+    followed only when it belongs to us or to the directory's owner: anyone
+    can plant one there, and the daemon runs as root. Elsewhere it is
+    followed, as upstream follows every link of the path.
+    """
+    sticky_public = bool(directory.st_mode & stat.S_ISVTX) and bool(
+        directory.st_mode & stat.S_IWOTH
+    )
+    return not sticky_public or link.st_uid in (os.geteuid(), directory.st_uid)
+
+
+def open_parent(path: StrPath, *, create: bool) -> tuple[int, str]:
+    """(an O_PATH fd of PATH's directory, PATH's last component), walking with openat.
+
+    Each directory component is opened with O_NOFOLLOW relative to the one
+    before, so the check on a symlink and the use of it cannot be told apart
+    by a race. A symlink component is followed only where _may_follow allows
+    (the kernel follows the link's own target path). With CREATE the last
+    directory component is made when missing, as upstream does (FACTS 5
+    disk-dir-missing: only that one).
+    """
+    spath = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(spath)
+    parts = [c for c in parent.split("/") if c]
+    fd = os.open("/", _DIR_FLAGS)
+    walked = ""
+    try:
+        for index, comp in enumerate(parts):
+            walked += "/" + comp
+            try:
+                nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError as err:
+                if not (create and index == len(parts) - 1):
+                    raise DiskIOError(
+                        spath, f"cannot create directory {parent}: {err.strerror}", err.errno
+                    ) from err
+                try:
+                    os.mkdir(comp, 0o755, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as mk_err:
+                    raise DiskIOError(
+                        spath, f"cannot create directory {parent}: {mk_err.strerror}",
+                        mk_err.errno,
+                    ) from mk_err
+                nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as err:
+                if err.errno not in (errno_mod.ELOOP, errno_mod.ENOTDIR):
+                    raise DiskIOError(
+                        spath, f"cannot open {walked}: {err.strerror}", err.errno
+                    ) from err
+                link = os.stat(comp, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISLNK(link.st_mode):
+                    raise DiskIOError(
+                        spath, f"{walked} is not a directory", errno_mod.ENOTDIR
+                    ) from err
+                if not _may_follow(link, os.fstat(fd)):
+                    raise DiskIOError(
+                        spath,
+                        f"refusing to follow the symbolic link {walked} (owner uid {link.st_uid}) "
+                        "in a sticky world-writable directory",
+                        errno_mod.ELOOP,
+                    ) from err
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except OSError as err:
+        os.close(fd)
+        raise DiskIOError(spath, f"cannot open {walked}: {err.strerror}", err.errno) from err
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, name
+
+
+def path_identity(path: StrPath) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of what PATH names now (walked as open_parent does), None if nothing."""
+    try:
+        dirfd, name = open_parent(path, create=False)
+    except DiskIOError as err:
+        if err.errno in (errno_mod.ENOENT, errno_mod.ENOTDIR):
+            return None
+        raise
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise DiskIOError(os.fspath(path), f"cannot stat: {err.strerror}", err.errno) from err
+    finally:
+        os.close(dirfd)
+    return st.st_dev, st.st_ino
+
+
+def lock_holder(st: os.stat_result, locks: StrPath = "/proc/locks") -> int | None:
+    """The pid holding a flock(2) on the file of ST, from LOCKS (Linux's /proc/locks)."""
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open(locks, encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 00:19:5678 0 EOF"; waiters have "->".
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == want:
+                    return int(fields[4]) if fields[4].isdigit() else None
+    except OSError:
+        return None
+    return None
+
+
+def _lock(fd: int, path: str) -> None:
+    """Take the daemon's exclusive lock on the disk file, or say who holds it.
+
+    flock(2), not fcntl: QEMU locks bytes of the image with OFD fcntl locks
+    (its image locking), and on Linux flock and fcntl locks never conflict,
+    so guests can open the disk while we hold it; two vhostmd on one disk do
+    conflict (upstream lets them alternate the disk's contents silently).
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as err:
+        holder = lock_holder(os.fstat(fd))
+        who = f"pid {holder}" if holder is not None else "another process"
+        raise DiskIOError(
+            path, f"in use by another vhostmd ({who}): refusing to publish into it", err.errno
+        ) from err
+    except OSError as err:
+        raise DiskIOError(path, f"cannot lock: {err.strerror}", err.errno) from err
+
+
+def _allocate(fd: int, path: str, size: int) -> None:
+    """posix_fallocate the disk's SIZE bytes, so that no publish ever needs new space.
+
+    Upstream creates the file sparse: on a full filesystem a longer document
+    then fails midway (ENOSPC) and the last good one is lost.
+    """
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+            raise DiskIOError(
+                path, f"no room for the {size}-byte metrics disk on its filesystem: "
+                f"{err.strerror}", err.errno,
+            ) from err
+        if err.errno not in (errno_mod.EOPNOTSUPP, errno_mod.EINVAL):
+            raise
+        # A filesystem without fallocate: keep the file as it is (sparse).
+
+
 def create_disk_file(path: StrPath, size: int, first_header: bytes) -> int:
-    """SPEC 4 creation: parent dir, mode 0644, busy header, old content gone, zeros; the fd.
+    """SPEC 4 creation: parent dir, lock, mode 0644, room, busy header, zeros; the fd.
 
     The busy header is written BEFORE the old content is dropped (not O_TRUNC
     first, as upstream does), so a guest reading while the daemon restarts
     sees "busy" and waits instead of failing on an empty or zeroed disk.
-    O_NOFOLLOW: the daemon runs as root in world-writable /dev/shm, where a
-    planted symlink must not make it truncate another file.
+    O_NOFOLLOW and the openat walk (open_parent): the daemon runs as root in
+    world-writable /dev/shm, where a planted symlink must not make it
+    truncate another file. Nothing is written before the lock is ours: a
+    second daemon must not touch the first one's disk. The blocks are
+    allocated before anything is dropped, so no room means a clear start-up
+    error with the old content intact.
     """
     check_disk_size(path, size)
     spath = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(spath))
-    if not os.path.isdir(parent):
-        # Only the last component, like upstream (FACTS 5 disk-dir-missing).
+    dirfd, name = open_parent(spath, create=True)
+    try:
         try:
-            os.mkdir(parent, 0o755)
-        except FileExistsError:
+            _refuse_special(spath, os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
             pass
         except OSError as err:
-            raise DiskIOError(
-                spath, f"cannot create directory {parent}: {err.strerror}", err.errno
-            ) from err
-    try:
-        _refuse_special(spath, os.stat(spath).st_mode)
-    except FileNotFoundError:
-        pass
-    except OSError as err:
-        raise DiskIOError(spath, f"cannot stat: {err.strerror}", err.errno) from err
-    try:
-        fd = os.open(spath, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        if err.errno == errno_mod.ELOOP:
-            raise DiskIOError(
-                spath, "is a symbolic link: refusing to follow it", err.errno
-            ) from err
-        raise DiskIOError(spath, f"cannot create: {err.strerror}", err.errno) from err
+            raise DiskIOError(spath, f"cannot stat: {err.strerror}", err.errno) from err
+        try:
+            fd = os.open(
+                name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dirfd
+            )
+        except OSError as err:
+            if err.errno == errno_mod.ELOOP:
+                raise DiskIOError(
+                    spath, "is a symbolic link: refusing to follow it", err.errno
+                ) from err
+            raise DiskIOError(spath, f"cannot create: {err.strerror}", err.errno) from err
+    finally:
+        os.close(dirfd)
     try:
         st = os.fstat(fd)
         _refuse_special(spath, st.st_mode)  # it may have changed since the stat
+        _lock(fd, spath)
         if stat.S_ISREG(st.st_mode):
+            _allocate(fd, spath, size)  # before the old content goes
             os.fchmod(fd, 0o644)  # whatever the umask or the old file's mode
             _pwrite_all(fd, first_header, 0)
             os.ftruncate(fd, HEADER_SIZE)  # the old content goes...
-            os.ftruncate(fd, size)  # ...and this zero-fills to the size
+            os.ftruncate(fd, size)  # ...and this zero-fills to the size...
+            _allocate(fd, spath, size)  # ...sparse again: the blocks back
         else:
             have = device_size(fd, spath)
             if have < size:
@@ -186,8 +343,24 @@ def create_disk_file(path: StrPath, size: int, first_header: bytes) -> int:
 # --- the writer -------------------------------------------------------------------
 
 
+# How many replaced inodes of the disk we keep publishing into. A guest started
+# before the file was deleted or replaced still reads the old inode through
+# QEMU's open fd, and we cannot see whether QEMU still holds it; so we keep the
+# most recent ones, oldest dropped first. Each costs one fd and the disk's size
+# in memory (tmpfs) until dropped.
+MAX_OLD_INODES = 4
+
+
 class MetricsDisk:
-    """The host's metrics disk, open for publishing (C publish path)."""
+    """The host's metrics disk, open for publishing (C publish path).
+
+    Before every publish the path is checked (DEVIATION, issue 11 item 5;
+    upstream keeps writing whatever inode it opened at start-up): a disk
+    deleted, replaced, or whose directory was removed is re-created at its
+    path, said once; the old inode keeps receiving every document (at most
+    MAX_OLD_INODES of them) for the guests that still have it open. A file
+    truncated under us gets its size and its blocks back.
+    """
 
     def __init__(self, path: StrPath, size: int, fd: int) -> None:
         """Wrap an fd prepared by create(); use create() instead."""
@@ -198,6 +371,11 @@ class MetricsDisk:
         self._prev_length = 0
         self._busy = True  # create() leaves busy=1 until the first publish
         self._owner_pid = os.getpid()
+        st = os.fstat(fd)
+        self._identity = (st.st_dev, st.st_ino)
+        self._regular = stat.S_ISREG(st.st_mode)
+        self._old: list[tuple[int, int]] = []  # (fd, previous length) of replaced inodes
+        self._path_problem: str | None = None  # what was last said about the path
 
     @classmethod
     def create(cls, path: StrPath, size: int) -> MetricsDisk:
@@ -210,6 +388,11 @@ class MetricsDisk:
         """Whether close() was called."""
         return self._fd < 0
 
+    @property
+    def old_inodes(self) -> int:
+        """How many replaced inodes still receive the documents."""
+        return len(self._old)
+
     def fileno(self) -> int:
         """The open file descriptor (the daemon keeps it across a privilege drop)."""
         self._check_open()
@@ -219,12 +402,107 @@ class MetricsDisk:
         if self._fd < 0:
             raise DiskIOError(self.path, "metrics disk is closed", errno_mod.EBADF)
 
+    # --- the path and the size, checked every cycle ---------------------------------
+
+    def _say_once(self, problem: str | None, message: str, *args: object) -> None:
+        if problem != self._path_problem:
+            log.warning(message, *args)
+        self._path_problem = problem
+
+    def revalidate(self) -> None:
+        """Make the path name our disk again and give it its size back (each cycle)."""
+        self._check_open()
+        try:
+            now = path_identity(self.path)
+        except DiskIOError as err:
+            self._say_once(f"bad:{err}", "%s", err)
+            return
+        if now != self._identity:
+            what = "was deleted" if now is None else "was replaced by another file"
+            try:
+                fd = create_disk_file(self.path, self.size, pack_header(Header(SIGNATURE, 1, 0, 0)))
+            except DiskIOError as err:
+                self._say_once(
+                    f"gone:{err}",
+                    "Metrics disk %s %s and cannot be re-created (%s); "
+                    "guests that have it open keep receiving metrics",
+                    self.path, what, err,
+                )
+                return
+            log.warning(
+                "Metrics disk %s %s: re-created for guests started from now on; "
+                "the old file keeps receiving metrics for the guests that have it open",
+                self.path, what,
+            )
+            self._path_problem = None
+            self._old.append((self._fd, self._prev_length))
+            while len(self._old) > MAX_OLD_INODES:
+                old_fd, _ = self._old.pop(0)
+                os.close(old_fd)
+            st = os.fstat(fd)
+            self._fd, self._identity, self._prev_length = fd, (st.st_dev, st.st_ino), 0
+            self._regular = stat.S_ISREG(st.st_mode)
+            return
+        if self._path_problem is not None:
+            log.info("Metrics disk %s is usable again", self.path)
+            self._path_problem = None
+        if self._regular:
+            self._restore_size()
+
+    def _restore_size(self) -> None:
+        try:
+            have = os.fstat(self._fd).st_size
+            if have == self.size:
+                return
+            log.warning(
+                "Metrics disk %s is %d bytes instead of %d (truncated?): restoring its size",
+                self.path, have, self.size,
+            )
+            os.ftruncate(self._fd, self.size)
+            _allocate(self._fd, self.path, self.size)
+        except (OSError, DiskIOError) as err:
+            log.error("Metrics disk %s: cannot restore its size: %s", self.path, err)
+            return
+        if have < HEADER_SIZE + self._prev_length:
+            self._prev_length = 0  # what was past `have` is zeros now
+
+    def resize(self, size: int) -> None:
+        """Give the open disk SIZE bytes (a reload); DiskIOError, nothing changed, if no room."""
+        self._check_open()
+        check_disk_size(self.path, size)
+        if not self._regular:
+            have = device_size(self._fd, self.path)
+            if have < size:
+                raise DiskIOError(self.path, f"block device of {have} bytes is smaller than {size}")
+        elif size > self.size:
+            _allocate(self._fd, self.path, size)  # refused before anything changes
+        else:
+            try:
+                if HEADER_SIZE + self._prev_length > size:
+                    # The document no longer fits: busy until the next publish.
+                    lib.mdisk_set_busy(self._fd, 1)
+                    self._busy = True
+                    self._prev_length = 0
+                os.ftruncate(self._fd, size)
+            except OSError as err:
+                raise DiskIOError(self.path, f"cannot resize: {err.strerror}", err.errno) from err
+        self.size = size
+
+    # --- publishing -------------------------------------------------------------------
+
     def publish(self, content: bytes) -> None:
         """Write content as the new document; too large -> error, old one stays."""
         self._check_open()
+        self.revalidate()
         length = len(content)
         if HEADER_SIZE + length > self.size:
             raise ContentTooLargeError(self.path, length, self.size - HEADER_SIZE)
+        kept = []
+        for old_fd, old_length in self._old:
+            rc = int(lib.mdisk_publish(old_fd, _cbytes(content), length, self.size,
+                                       HEADER_SIZE + old_length))
+            kept.append((old_fd, length if rc == Status.OK else max(old_length, length)))
+        self._old = kept
         rc = int(
             lib.mdisk_publish(
                 self._fd, _cbytes(content), length, self.size, HEADER_SIZE + self._prev_length
@@ -250,6 +528,9 @@ class MetricsDisk:
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
+        old, self._old = self._old, []
+        for old_fd, _ in old:
+            os.close(old_fd)
         try:
             if self._busy:
                 rc = int(lib.mdisk_set_busy(fd, 0))

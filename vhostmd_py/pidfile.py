@@ -70,7 +70,12 @@ class PidFile:
             fd = cls._open_exclusive(spath)
         except FileExistsError as err:
             stale = _read_pid(spath)
-            if stale is None or stale == own or alive(stale):
+            if stale is not None and stale != own and alive(stale):
+                # Upstream's wording, plus who holds it (issue 11 item 3).
+                raise PidFileError(
+                    spath, f"{os.strerror(errno.EEXIST)} (vhostmd pid {stale} is running)"
+                ) from err
+            if stale is None or stale == own:
                 raise PidFileError(spath, os.strerror(errno.EEXIST)) from err
             log.warning("Removing stale pid file '%s' of process %d, which is gone", spath, stale)
             try:

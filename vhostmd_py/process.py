@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List
 
-from vhostmd_py.errors import VhostmdError
+from vhostmd_py.errors import ConfigError, PidFileError, VhostmdError
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
@@ -107,11 +107,14 @@ def run(opts: Options) -> int:
         log.warning("--once: the virtio transport is not served, only vbd is published")
 
     notify: Callable[[str | None], None] | None = None
+    to_syslog = False
     if opts.daemonize:
         notify = _daemonize()
-        logsetup.setup_logging(verbose=opts.verbose, to_syslog=True)
+        handler = logsetup.setup_logging(verbose=opts.verbose, to_syslog=True)
+        to_syslog = not isinstance(handler, logging.StreamHandler)
 
     pid_file: PidFile | None = None
+    remover: PidFileRemover | None = None
     try:
         try:
             # A stop signal inside these two would leave an empty pid file or a
@@ -123,12 +126,15 @@ def run(opts: Options) -> int:
             with _stop_signals_held():
                 daemon.open_disk()
             if ident is not None:
-                _preload(config)
+                daemon.set_config_loader(_preload(config))
+                if pid_file is not None:
+                    remover = PidFileRemover.start(pid_file.path, pid_file.pid)
                 drop_privileges(ident)
         except VhostmdError as err:
             message = f"{PROG}: {err}"
             if notify is not None:
-                log.error("%s", err)  # syslog; the waiting parent prints it on stderr
+                if to_syslog:  # else stderr is the parent's, which prints it: once
+                    log.error("%s", err)
                 notify(message)
                 return EXIT_FAILURE
             return _fail(message)
@@ -147,7 +153,9 @@ def run(opts: Options) -> int:
         return EXIT_OK
     finally:
         daemon.close_disk()
-        if pid_file is not None:
+        if remover is not None:
+            remover.finish()  # root removes it: after -u we cannot (see PidFileRemover)
+        elif pid_file is not None:
             pid_file.remove()
 
 
@@ -203,12 +211,16 @@ def _stop_signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
-def _preload(config: Config) -> None:
-    """Import now what the daemon would import lazily later.
+def _preload(config: Config) -> Callable[[str], Config]:
+    """Load now what the daemon would load lazily later; the config loader to reload with.
 
     After -u USER the unprivileged user may be unable to read the Python
-    installation (a Python under /root, a venv in a 0700 home), and an import
-    in the first cycle would then fail.
+    installation (a Python under /root, a venv in a 0700 directory): an
+    import, metric.dtd or vhostmd.dtd read in a later cycle or on SIGHUP
+    would then fail every time (issue 11 item 4). Modules are imported,
+    metric.dtd parsed once (render.xml_validator), and vhostmd.dtd kept open:
+    a reload reads it again through /proc/self/fd, which needs no search
+    permission on the directories above it.
     """
     import concurrent.futures.thread  # noqa: F401 - used lazily by the runner
 
@@ -217,11 +229,76 @@ def _preload(config: Config) -> None:
     import vhostmd_py.runner
     import vhostmd_py.sources
     import vhostmd_py.substitution
+    from vhostmd_py.config import default_dtd_path, load_config
 
+    vhostmd_py.render.xml_validator()
     if "virtio" in config.transports:
-        import vhostmd_py.virtio.server  # noqa: F401
+        import vhostmd_py.virtio.server
     if "virtio" in config.transports or any(m.context == "vm" for m in config.metrics):
         import libvirt  # noqa: F401
+    dtd = default_dtd_path()
+    try:
+        fd = os.open(dtd, os.O_RDONLY)  # kept for the process's life, by design
+    except OSError as err:
+        raise ConfigError(dtd, f"cannot open the configuration grammar: {err.strerror}") from err
+
+    def reload_config(path: str) -> Config:
+        return load_config(path, dtd=f"/proc/self/fd/{fd}")
+
+    return reload_config
+
+
+class PidFileRemover:
+    """A root process that removes the pid file when the daemon (run as -u USER) exits.
+
+    Once the daemon runs as USER it can no longer unlink its pid file (/run,
+    /var/run are root's); upstream leaves it behind. This child, forked
+    before the drop, keeps root, closes every fd but one pipe, ignores the
+    stop signals and waits for the pipe's end: the daemon exiting, however
+    (a kill -9 too). Then it removes the file if it still holds the daemon's
+    pid, and exits. It runs nothing else and holds nothing else.
+    """
+
+    def __init__(self, pid: int, write_end: int) -> None:
+        self.pid = pid
+        self._write_end = write_end
+
+    @classmethod
+    def start(cls, path: str, daemon_pid: int) -> PidFileRemover:
+        """Fork the remover for PATH, written with DAEMON_PID."""
+        read_end, write_end = os.pipe()
+        os.set_inheritable(read_end, False)
+        os.set_inheritable(write_end, False)
+        try:
+            child = os.fork()
+        except OSError as err:
+            os.close(read_end)
+            os.close(write_end)
+            raise PidFileError(path, f"cannot start the pid file remover: {err.strerror}") from err
+        if child == 0:  # pragma: no cover - runs in the child, exits there
+            try:
+                for sig in (*STOP_SIGNALS, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.closerange(0, read_end)
+                os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
+                while os.read(read_end, 1):
+                    pass
+                from vhostmd_py.pidfile import PidFile
+
+                PidFile(path, daemon_pid).remove()
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        return cls(child, write_end)
+
+    def finish(self) -> None:
+        """Let the remover do its job and wait for it (the file is gone on return)."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

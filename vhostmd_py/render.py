@@ -40,6 +40,14 @@ DEVIATION (SPEC section 3): upstream writes names and values raw, so a value
 Values that cannot be represented in XML at all (invalid UTF-8, C0 control
 characters) are refused by :func:`value_problem` and left out with a warning,
 so the document always parses (upstream writes the raw bytes).
+
+DEVIATION (issue 11, item 2): a value that does not fit its type (``abc`` or
+an empty value for a uint32, ``-5`` for a uint32, ``99999999999`` for an
+int32, ``1.5x`` for a real64) is left out with a warning naming the metric,
+the VM and the value; upstream publishes it and the guest library then fails
+on it. The type rules are vhostmd_wire.document.check_value, the ones the
+guest parses with; ``string`` accepts anything value_problem accepts, and a
+group's variables are checked against each variable's own type.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from lxml import etree
+from vhostmd_wire.document import check_value
 from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 
 from .config import MetricSpec
@@ -125,6 +134,11 @@ def open_tag(mtype: str, vm: VM | None, unit: str | None) -> bytes:
         parts += [b" unit='", escape_attr(unit), b"'"]
     parts.append(b">\n")
     return b"".join(parts)
+
+
+def type_problem(mtype: str, value: bytes) -> str | None:
+    """Why VALUE (already XML-safe) does not fit type MTYPE, or None when it does."""
+    return check_value(mtype, value.decode("utf-8"))
 
 
 def render_metric(mtype: str, name: str, value: bytes, vm: VM | None, unit: str | None) -> bytes:
@@ -233,11 +247,32 @@ def render_value(
             if problem is not None:
                 log.warning("%s: variable %s left out: %s", describe(metric, vm), var.name, problem)
                 continue
+            problem = type_problem(var.type, token)
+            if problem is not None:
+                log.warning(
+                    "%s: variable %s left out: value %r is not a valid %s: %s",
+                    describe(metric, vm),
+                    var.name,
+                    token.decode("utf-8"),
+                    var.type,
+                    problem,
+                )
+                continue
             parts.append(render_metric(var.type, var.name, token, vm, metric.unit))
         return b"".join(parts)
     problem = value_problem(value)
     if problem is not None:
         log.warning("%s left out: %s", describe(metric, vm), problem)
+        return b""
+    problem = type_problem(metric.type, value)
+    if problem is not None:
+        log.warning(
+            "%s left out: value %r is not a valid %s: %s",
+            describe(metric, vm),
+            value.decode("utf-8"),
+            metric.type,
+            problem,
+        )
         return b""
     return render_metric(metric.type, metric.name, value, vm, metric.unit)
 

@@ -86,12 +86,39 @@ def default_runtime_dir() -> str:
     return "/tmp"
 
 
-def _private_dir(parent: str) -> str:
+def _private_dir(parent: str, _swept: Set[str] = set()) -> str:  # noqa: B006 - see below
     """A new mode-0700 directory with an unguessable name in PARENT (which may be
     world-writable: nobody can have made it first). tempfile.mkdtemp() does the
-    same but its import costs the daemon ~0.6 MB of RSS (bench/README.md, Cycle)."""
+    same but its import costs the daemon ~0.6 MB of RSS (bench/README.md, Cycle).
+
+    The name carries our pid, `vhostmd-actions.PID.RANDOM`: the first time a
+    process uses PARENT (_swept remembers it, for the process's life), it
+    removes the directories a killed daemon left there (kill -9 runs no
+    cleanup), only ours (owner = our euid, a real directory) and only those
+    whose PID no longer exists.
+    """
+    if parent not in _swept:
+        import stat  # here: this helper is the only part of the runner that needs it
+
+        _swept.add(parent)
+        me = os.geteuid()
+        with contextlib.suppress(OSError):
+            for name in os.listdir(parent):
+                fields = name.split(".")
+                if len(fields) != 3 or fields[0] != "vhostmd-actions" or not fields[1].isdigit():
+                    continue
+                path = os.path.join(parent, name)
+                try:
+                    st = os.lstat(path)
+                    if not stat.S_ISDIR(st.st_mode) or st.st_uid != me:
+                        continue
+                    os.kill(int(fields[1]), 0)
+                except ProcessLookupError:
+                    _remove_dir(path)  # its daemon is gone
+                except OSError:
+                    continue  # alive (EPERM: someone else's), or vanished
     while True:
-        path = os.path.join(parent, f"vhostmd-actions.{os.urandom(8).hex()}")
+        path = os.path.join(parent, f"vhostmd-actions.{os.getpid()}.{os.urandom(8).hex()}")
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:

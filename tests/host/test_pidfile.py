@@ -39,7 +39,9 @@ def test_existing_live_pid_is_refused_with_upstream_message(tmp_path: Path) -> N
     path.write_text(f"{os.getppid()}\n")
     with pytest.raises(PidFileError) as info:
         PidFile.create(path)
-    assert str(info.value) == f"Failed to open pid file '{path}' : File exists"
+    assert str(info.value) == (
+        f"Failed to open pid file '{path}' : File exists (vhostmd pid {os.getppid()} is running)"
+    )
     assert path.read_text() == f"{os.getppid()}\n"
 
 

@@ -62,3 +62,14 @@ def test_advance_partial_sends() -> None:
         rest = advance([memoryview(p) for p in parts if p], sent)
         assert b"".join(bytes(m) for m in rest) == whole[sent:]
         assert all(len(m) for m in rest)
+
+
+def test_exchange_flags_only_overlong_invalid_requests() -> None:
+    """overlong is set for a full buffer without terminator, not for other invalid requests."""
+    from vhostmd_py.virtio.protocol import Exchange, Request
+
+    ex = Exchange()
+    assert ex.feed(b"GET /foo\n\n") is Request.INVALID and not ex.overlong
+    assert ex.feed(b"A" * 510) is Request.INCOMPLETE and not ex.overlong
+    assert ex.feed(b"A") is Request.INVALID and ex.overlong
+    assert ex.feed(b"GET /metrics/XML\n\n") is Request.GET_XML and not ex.overlong

@@ -381,8 +381,10 @@ def test_hostile_guests_next_to_a_good_one(upstream: Path, workdir: Path) -> Non
 
         def overlong_once() -> None:
             assert overlong.conn is not None
-            overlong.conn.sendall(b"X" * (511 * 4))  # four overlong requests, no terminator
-            assert [overlong.read_reply() for _ in range(4)] == [INVALID_REQUEST] * 4
+            # One overlong request of four buffers' worth, no terminator: one
+            # INVALID REQUEST, its queued rest discarded (it must not poison the next).
+            overlong.conn.sendall(b"X" * (511 * 4))
+            assert overlong.read_reply() == INVALID_REQUEST
 
         def fast_once() -> None:
             check_reply(fast.request(REQUEST_LF), ten[4])
@@ -416,6 +418,22 @@ def test_hostile_guests_next_to_a_good_one(upstream: Path, workdir: Path) -> Non
         check_reply(flood.request(REQUEST_LF), ten[1])
         for fake in fakes:
             fake.close()
+        assert daemon.stop() == 0
+
+
+def test_overlong_request_rest_does_not_poison_the_next(upstream: Path, workdir: Path) -> None:
+    """689 bytes without a terminator: INVALID REQUEST; a later GET gets the metrics."""
+    chan = workdir / "ch"
+    fake = fakes_for(chan, [TEST_VM], "new")[0]
+    with Daemon(workdir, make_config(workdir, chan), "test:///default", upstream) as daemon:
+        fake.accept(FIRST_CYCLE_BOUND)
+        assert fake.conn is not None
+        fake.conn.sendall(b"A" * 689)  # one write, as a guest's write(2) of 689 bytes
+        assert fake.read_reply() == INVALID_REQUEST
+        assert fake.silent_for(0.3)  # the 178 bytes left over were no second request
+        check_reply(fake.request(REQUEST_LF), TEST_VM)
+        check_reply(fake.request(REQUEST_CRLF), TEST_VM)
+        fake.close()
         assert daemon.stop() == 0
 
 

@@ -55,19 +55,28 @@ def advance(bufs: List[memoryview], sent: int) -> List[memoryview]:
     return bufs
 
 
+def is_overlong(buf: bytes) -> bool:
+    """Whether BUF, judged INVALID, was so for filling the buffer without a terminator."""
+    return len(buf) >= REQUEST_MAX and b"\n\n" not in buf and b"\r\n\r\n" not in buf
+
+
 class Exchange:
     """One connection's framing state: the request being received, the reply being sent."""
 
-    __slots__ = ("out", "rbuf")
+    __slots__ = ("out", "overlong", "rbuf")
 
     def __init__(self) -> None:
         self.rbuf = bytearray()
         self.out: List[memoryview] = []
+        # Set by feed() when the last request filled the buffer without a
+        # terminator: the server then discards the rest of it (server.py).
+        self.overlong = False
 
     def reset(self) -> None:
         """A new connection (or none): nothing received, nothing to send."""
         self.rbuf.clear()
         self.out = []
+        self.overlong = False
 
     def recv_size(self) -> int:
         """How many bytes to read at most: never more than the request buffer
@@ -78,7 +87,9 @@ class Exchange:
     def feed(self, data: bytes) -> Request:
         """Add received DATA; what the buffer now holds (emptied once complete)."""
         self.rbuf += data
-        verdict = classify_request(bytes(self.rbuf))
+        buf = bytes(self.rbuf)
+        verdict = classify_request(buf)
+        self.overlong = verdict is Request.INVALID and is_overlong(buf)
         if verdict is not Request.INCOMPLETE:
             self.rbuf.clear()
         return verdict
