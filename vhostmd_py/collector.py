@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Awaitable, Dict, List, Sequence, Tuple
@@ -40,10 +41,13 @@ from .actions import ActionRunner
 from .config import Config, MetricSpec
 from .document import render_metric, value_problem
 from .model import VM, Snapshot, VmBlock
+from .native.catalogue import device_metric_name
 from .safexml import safe_parser
 from .sources import (
     BatchMetricSource,
     MetricSource,
+    PerDevice,
+    RawValue,
     Request,
     ShellActionSource,
     SourceRegistry,
@@ -107,12 +111,19 @@ def _xml_validator() -> XmlMetricValidator:
 def render_value(
     metric: MetricSpec,
     vm: VM | None,
-    raw: bytes | None,
+    raw: RawValue,
     validator: XmlMetricValidator | None = None,
 ) -> bytes:
     """The <metric> element(s) for one metric's raw value (b"" when left out)."""
     if raw is None:
         return b""
+    if isinstance(raw, PerDevice):
+        # A per-device built-in field: one element per device, named after it.
+        return b"".join(
+            render_value(replace(metric, name=device_metric_name(metric.name, dev)), vm, v,
+                         validator)
+            for dev, v in raw.values
+        )
     value = raw.rstrip(_TRAILING_WS)
     if metric.type == "xml":
         problem = (validator or _xml_validator()).problem(value)
@@ -150,7 +161,7 @@ def render_value(
     return render_metric(metric.type, metric.name, value, vm, metric.unit)
 
 
-async def _single(source: MetricSource, request: Request) -> List[bytes | None]:
+async def _single(source: MetricSource, request: Request) -> Sequence[RawValue]:
     metric, vm = request
     try:
         return [await source.collect(metric, vm)]
@@ -159,7 +170,7 @@ async def _single(source: MetricSource, request: Request) -> List[bytes | None]:
         return [None]
 
 
-async def _batch(source: BatchMetricSource, requests: List[Request]) -> List[bytes | None]:
+async def _batch(source: BatchMetricSource, requests: List[Request]) -> Sequence[RawValue]:
     try:
         return await source.collect_many(requests)
     except Exception:  # a faulty source must not cost the other sources' metrics
@@ -167,13 +178,13 @@ async def _batch(source: BatchMetricSource, requests: List[Request]) -> List[byt
         return [None] * len(requests)
 
 
-async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List[bytes | None]:
+async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List[RawValue]:
     """Every request's raw value: one call per batch source, one task per other request."""
     by_source: Dict[int, Tuple[MetricSource, List[int]]] = {}
     for place, (metric, _) in enumerate(requests):
         source = registry.source_for(metric)
         by_source.setdefault(id(source), (source, []))[1].append(place)
-    calls: List[Awaitable[List[bytes | None]]] = []
+    calls: List[Awaitable[Sequence[RawValue]]] = []
     order: List[List[int]] = []
     for source, places in by_source.values():
         if isinstance(source, BatchMetricSource):
@@ -182,11 +193,21 @@ async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List
         else:
             calls.extend(_single(source, requests[p]) for p in places)
             order.extend([p] for p in places)
-    values: List[bytes | None] = [None] * len(requests)
+    values: List[RawValue] = [None] * len(requests)
     for places, got in zip(order, await asyncio.gather(*calls)):
         for place, value in zip(places, got):
             values[place] = value
     return values
+
+
+def _default_registry(config: Config, runner: ActionRunner) -> SourceRegistry:
+    shell = ShellActionSource(runner, path=config.path)
+    if not any(m.source is not None for m in config.metrics):
+        return SourceRegistry(shell)
+    # Without a daemon's libvirt connection: host values from /proc only.
+    from .native.source import NativeSource, is_builtin
+
+    return SourceRegistry(shell, [(is_builtin, NativeSource())])
 
 
 async def collect(
@@ -197,7 +218,7 @@ async def collect(
     sources: SourceRegistry | None = None,
 ) -> Snapshot:
     """Collect and render one cycle's metrics for the host and VMS (in their order)."""
-    registry = sources or SourceRegistry(ShellActionSource(runner, path=config.path))
+    registry = sources or _default_registry(config, runner)
     validator = _xml_validator()
     # Reverse config order, as upstream (it prepends to its metric list).
     host = tuple(m for m in reversed(config.metrics) if m.context == "host")

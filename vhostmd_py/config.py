@@ -62,6 +62,9 @@ class MetricSpec:
     action: str  # element text, leading/trailing whitespace stripped
     unit: str | None  # None when absent or empty (rendered only if non-empty)
     variables: Tuple[Variable, ...] = ()
+    # A built-in source field (vhostmd_py.native.catalogue) instead of a
+    # shell action (then action is ""), from <source>FIELD</source>.
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -275,10 +278,12 @@ def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
     action_elem = elem.find("action")
     name = _text(name_elem) if name_elem is not None else ""
     action = _text(action_elem) if action_elem is not None else ""
+    source_elem = elem.find("source")
+    source = _source(source_elem, file, mtype, context) if source_elem is not None else None
     if not name:
         log.warning("%s: skipping metric without a name", where)
         return None
-    if not action:
+    if source is None and not action:
         log.warning("%s: skipping metric %s: empty action", where, name)
         return None
     if mtype not in (*METRIC_TYPES, "group", "xml") or context not in CONTEXTS:
@@ -310,7 +315,47 @@ def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
         action=action,
         unit=str(unit) if unit else None,
         variables=tuple(variables),
+        source=source,
     )
+
+
+def _source(elem: etree._Element, file: str, mtype: str, context: str) -> str:
+    """A <source> field name, checked against the catalogue, the metric's type and context."""
+    from .native.catalogue import known_fields, lookup
+
+    name = _text(elem)
+    field = lookup(name)
+    if field is None:
+        raise ConfigError(
+            file,
+            f"unknown built-in source field '{name}'; known: {', '.join(known_fields())}",
+            _line(elem),
+        )
+    if field.context != context:
+        raise ConfigError(
+            file,
+            f"built-in source field '{name}' is for context '{field.context}', "
+            f"the metric has context '{context}'",
+            _line(elem),
+        )
+    allowed = field.compatible_types()
+    if mtype not in allowed:
+        raise ConfigError(
+            file,
+            f"built-in source field '{name}' gives {field.kind} values: metric type "
+            f"'{mtype}' cannot hold them (use {', '.join(allowed)})",
+            _line(elem),
+        )
+    parent = elem.getparent()
+    given = len(parent.findall("variable")) if parent is not None else 0
+    if field.kind == "group" and given > len(field.variables):
+        raise ConfigError(
+            file,
+            f"built-in source field '{name}' gives {len(field.variables)} values "
+            f"({', '.join(field.variables)}): too many <variable> elements",
+            _line(elem),
+        )
+    return name
 
 
 def _convert(root: etree._Element, file: str) -> Config:

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from vhostmd_py.config import Config
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
+    from vhostmd_py.native.source import NativeSource
+    from vhostmd_py.sources import SourceRegistry
     from vhostmd_py.virtio import VirtioServer
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,14 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _needs_vms(config: Config) -> bool:
-    return "virtio" in config.transports or any(m.context == "vm" for m in config.metrics)
+    from vhostmd_py.native.catalogue import needs_libvirt
+
+    return (
+        "virtio" in config.transports
+        or any(m.context == "vm" for m in config.metrics)
+        # Built-in host fields read from libvirt (node info) need its connection.
+        or needs_libvirt([m.source for m in config.metrics if m.source is not None])
+    )
 
 
 class Daemon:
@@ -152,6 +161,7 @@ class Daemon:
         self._disk: MetricsDisk | None = None
         self._virtio: VirtioServer | None = None
         self._worker = BlockingWorker()
+        self._native: NativeSource | None = None  # built-in metrics, created on first use
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._reload_requested = False
@@ -311,7 +321,7 @@ class Daemon:
         vms: List[VM] = []
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
-        snapshot = await collect(config, vms, self._runner)
+        snapshot = await collect(config, vms, self._runner, sources=self._sources(config))
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
@@ -319,6 +329,24 @@ class Daemon:
             self._publish(self._disk, snapshot)
         if self._virtio is not None:
             self._virtio.update(snapshot)
+
+    def _sources(self, config: Config) -> SourceRegistry | None:
+        """Shell actions, and the built-in source when CONFIG names one (kept across cycles)."""
+        if not any(m.source is not None for m in config.metrics):
+            return None
+        from vhostmd_py.native.source import NativeSource, is_builtin
+        from vhostmd_py.sources import ShellActionSource, SourceRegistry
+
+        if self._native is None:
+            # Same worker thread and connection as the VM listing: libvirt
+            # calls stay off the loop and one outage is one outage.
+            self._native = NativeSource(
+                connection=lambda: self._vms.connection() if self._vms is not None else None,
+                run_blocking=lambda fn: self._worker.call(fn),
+                timeout=self._libvirt_timeout,
+            )
+        shell = ShellActionSource(self._runner, path=config.path)
+        return SourceRegistry(shell, [(is_builtin, self._native)])
 
     async def _list_vms(self, source: LibvirtVMs) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""

@@ -131,6 +131,13 @@ class LibvirtVMs:
             except Exception as err:  # closing a dead connection may fail; nothing to do
                 log.debug("closing libvirt connection: %s", err)
 
+    def connection(self) -> Any:
+        """The open connection (re-opened after a loss), or None; for built-in sources.
+
+        Blocking, like every method: call it from the same worker thread.
+        """
+        return self._open()
+
     def list_running(self) -> List[VM]:
         """The running domains in libvirt's listing order; [] when libvirt is unreachable."""
         libvirt = self._module()

@@ -11,7 +11,8 @@ without touching rendering or transports: give it to a SourceRegistry route.
 from __future__ import annotations
 
 import logging
-from typing import Callable, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 from .actions import VALUE_CAP, XML_VALUE_CAP, ActionResult, ActionRunner, substitute
 from .config import MetricSpec
@@ -24,10 +25,25 @@ log = logging.getLogger(__name__)
 Request = Tuple[MetricSpec, Optional[VM]]
 
 
+@dataclass(frozen=True)
+class PerDevice:
+    """The values of a per-device built-in field: one element per (device name, raw value).
+
+    The collector renders one <metric> per device, named after the device
+    (vhostmd_py.native.catalogue.device_metric_name).
+    """
+
+    values: Tuple[Tuple[str, bytes], ...]
+
+
+# A source's answer: value bytes, values per device, or None (left out, logged).
+RawValue = Union[bytes, PerDevice, None]
+
+
 class MetricSource(Protocol):
     """Produces one metric's raw value."""
 
-    async def collect(self, metric: MetricSpec, vm: VM | None) -> bytes | None:
+    async def collect(self, metric: MetricSpec, vm: VM | None) -> RawValue:
         """The value bytes, or None after logging why there is none."""
         ...
 
@@ -36,7 +52,7 @@ class MetricSource(Protocol):
 class BatchMetricSource(MetricSource, Protocol):
     """A source that serves a whole cycle's requests in one call (cheaper per metric)."""
 
-    async def collect_many(self, requests: Sequence[Request]) -> List[bytes | None]:
+    async def collect_many(self, requests: Sequence[Request]) -> Sequence[RawValue]:
         """collect() for each (metric, vm) of REQUESTS, in order."""
         ...
 

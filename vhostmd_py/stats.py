@@ -16,7 +16,7 @@ RRD updates and accounting periods) and ``mono`` (a monotonic clock, for rates).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Tuple
+from typing import Mapping, Tuple
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,13 @@ class BlockStats:
     """One disk of a VM, named as the domain XML's <target dev=...> (vda, sdb, ...)."""
 
     name: str
-    rd_req: Optional[int] = None
-    rd_bytes: Optional[int] = None
-    wr_req: Optional[int] = None
-    wr_bytes: Optional[int] = None
-    errors: Optional[int] = None
-    capacity: Optional[int] = None  # bytes
-    allocation: Optional[int] = None  # bytes
+    rd_req: int | None = None
+    rd_bytes: int | None = None
+    wr_req: int | None = None
+    wr_bytes: int | None = None
+    errors: int | None = None
+    capacity: int | None = None  # bytes
+    allocation: int | None = None  # bytes
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class NetStats:
     """One interface of a VM, named as the domain XML's <target dev=...> (vnet0, ...)."""
 
     name: str
-    rx_bytes: Optional[int] = None
-    rx_packets: Optional[int] = None
-    rx_errs: Optional[int] = None
-    rx_drop: Optional[int] = None
-    tx_bytes: Optional[int] = None
-    tx_packets: Optional[int] = None
-    tx_errs: Optional[int] = None
-    tx_drop: Optional[int] = None
+    rx_bytes: int | None = None
+    rx_packets: int | None = None
+    rx_errs: int | None = None
+    rx_drop: int | None = None
+    tx_bytes: int | None = None
+    tx_packets: int | None = None
+    tx_errs: int | None = None
+    tx_drop: int | None = None
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,15 @@ class VmStats:
     uuid: str
     name: str
     id: int
-    state: Optional[int] = None  # libvirt's virDomainState
-    vcpus: Optional[int] = None  # current vCPUs
-    max_vcpus: Optional[int] = None
-    cpu_time: Optional[int] = None  # ns, all vCPUs + emulator
-    cpu_user: Optional[int] = None  # ns
-    cpu_system: Optional[int] = None  # ns
+    state: int | None = None  # libvirt's virDomainState
+    vcpus: int | None = None  # current vCPUs
+    max_vcpus: int | None = None
+    cpu_time: int | None = None  # ns, all vCPUs + emulator
+    cpu_user: int | None = None  # ns
+    cpu_system: int | None = None  # ns
     vcpu_times: Tuple[int, ...] = ()  # ns per vCPU, by vCPU number
-    memory_max: Optional[int] = None  # KiB, maximum memory
-    memory_current: Optional[int] = None  # KiB, current balloon / memory
+    memory_max: int | None = None  # KiB, maximum memory
+    memory_current: int | None = None  # KiB, current balloon / memory
     # Balloon statistics by libvirt's names (actual, unused, available,
     # usable, rss, swap_in, swap_out, major_fault, minor_fault, ...), KiB
     # except the fault counts.
@@ -76,8 +76,20 @@ class VmStats:
 class HostStats:
     """The host's counters and sizes this cycle."""
 
-    hostname: Optional[str] = None
-    cpus: Optional[int] = None  # logical CPUs (nodeinfo / online CPUs)
+    hostname: str | None = None  # libvirt's virConnectGetHostname (virsh hostname)
+    nodename: str | None = None  # os.uname().nodename (hostname(1))
+    vendor: str | None = None  # os-release VENDOR_NAME, else NAME
+    hypervisor: str | None = None  # virConnectGetType: "QEMU", "TEST", ...
+    hypervisor_version: int | None = None  # virConnectGetVersion, packed major*1e6+minor*1e3+micro
+    libvirt_version: int | None = None  # virConnectGetLibVersion, packed likewise
+    cpus: int | None = None  # logical CPUs (nodeinfo / online CPUs)
+    node_memory_mib: int | None = None  # nodeinfo memory size, MiB (virNodeGetInfo >> 10)
+    online_cpus: int | None = None  # CPUs listed in /sys/devices/system/cpu/online
+    page_size: int = 4096  # bytes, os.sysconf("SC_PAGE_SIZE")
+    # Derived per second from two /proc/vmstat samples (the previous cycle's,
+    # or one second apart on the first cycle, as the shell action did).
+    page_in_rate: int | None = None  # KiB paged in per second (pgpgin)
+    page_fault_rate: int | None = None  # page faults per second (pgfault)
     # /proc/stat's aggregate "cpu" line in USER_HZ ticks by name (user, nice,
     # system, idle, iowait, irq, softirq, steal, guest, guest_nice).
     cpu_ticks: Mapping[str, int] = field(default_factory=dict)
