@@ -1,4 +1,4 @@
-"""Built-in sources: config syntax, /proc parsers on real trees, libvirt values vs independent reads.
+"""Built-in sources: config syntax, /proc parsers, libvirt values checked independently.
 
 libvirt's test driver (test:///default, and the golden node files) is the
 hypervisor; every expected value is read independently through
@@ -371,10 +371,10 @@ class _OneFailingConn(libvirt.virConnect):  # type: ignore[misc]
         self._originals.append(dom)
         return _FailingDomain(self, _obj=dom._o)
 
-    def listAllDomains(self, flags: int = 0) -> Any:  # noqa: N802 - libvirt's name
+    def listAllDomains(self, flags: int = 0) -> Any:
         return [self._wrap(d) for d in super().listAllDomains(flags)]
 
-    def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> Any:  # noqa: N802
+    def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> Any:
         return [(self._wrap(d), r) for d, r in super().getAllDomainStats(stats, flags)]
 
 
