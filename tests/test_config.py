@@ -296,16 +296,24 @@ def test_entities_are_refused_not_expanded(golden: Path, tmp_path: Path) -> None
 
 
 def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
-    """vhostmd.dtd = upstream's with channel_path optional; metric.dtd verbatim; package data."""
-    ours = (repo_root / "vhostmd.dtd").read_text().splitlines()
+    """vhostmd.dtd = upstream's with channel_path optional and an optional <history>."""
+    text = (repo_root / "vhostmd.dtd").read_text()
+    # The history extension: one optional child of <globals> and its declaration.
+    start = text.index("<!-- vhostmd-py extension, optional: the RRD history")
+    end = text.index("<!ELEMENT metrics")
+    ours = (text[:start] + text[end:]).splitlines()
     theirs = (golden / "reference-configs" / "vhostmd.dtd").read_text().splitlines()
     diff = [(a, b) for a, b in zip(ours, theirs) if a != b]
     assert len(ours) == len(theirs)
     assert diff == [
         (
+            "<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?)>",
+            "<!ELEMENT globals (disk,virtio*,update_period,path,transport+)>",
+        ),
+        (
             "<!ELEMENT virtio (channel_path?,max_channels,expiration_time)>",
             "<!ELEMENT virtio (channel_path,max_channels,expiration_time)>",
-        )
+        ),
     ]
     assert (repo_root / "metric.dtd").read_bytes() == (
         golden / "reference-configs" / "metric.dtd"
