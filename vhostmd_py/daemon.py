@@ -41,8 +41,10 @@ from vhostmd_py.model import DOC_HEAD, DOC_TAIL, VM, Snapshot
 if TYPE_CHECKING:
     from vhostmd_py.actions import ActionRunner
     from vhostmd_py.config import Config
+    from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
+    from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio import VirtioServer
 
 log = logging.getLogger(__name__)
@@ -134,6 +136,7 @@ class Daemon:
         publish: bool = True,
         use_virtio: bool = True,
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
+        stats_source: Callable[[], StatsSnapshot] | None = None,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -152,6 +155,11 @@ class Daemon:
         self._disk: MetricsDisk | None = None
         self._virtio: VirtioServer | None = None
         self._worker = BlockingWorker()
+        # The history (config <history>): fed each cycle from stats_source, a
+        # blocking call run on the worker thread that returns the cycle's raw
+        # statistics (the built-in sources). Without a source it stays off.
+        self._stats_source = stats_source
+        self._history: History | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._reload_requested = False
@@ -241,6 +249,7 @@ class Daemon:
             if _needs_vms(self.config):
                 self._vms = self._make_vms(self.config)
             await self._start_virtio(self.config)
+            self._start_history(self.config)
             await self._loop(max_cycles)
         finally:
             # Handlers stay until the shutdown is done: removing them first
@@ -312,6 +321,8 @@ class Daemon:
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
         snapshot = await collect(config, vms, self._runner)
+        if self._history is not None:
+            snapshot = await self._observe_history(self._history, snapshot)
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
@@ -319,6 +330,51 @@ class Daemon:
             self._publish(self._disk, snapshot)
         if self._virtio is not None:
             self._virtio.update(snapshot)
+
+    # --- history -------------------------------------------------------------------
+
+    @property
+    def history(self) -> History | None:
+        """The history in force (None when off)."""
+        return self._history
+
+    def _start_history(self, config: Config) -> None:
+        if config.history is None:
+            return
+        if self._stats_source is None:
+            log.warning("<history> is configured but no statistics source is available")
+            return
+        from vhostmd_py.history.core import History
+
+        try:
+            self._history = History(config.history, update_period=config.update_period)
+        except VhostmdError as err:
+            log.error("History disabled: %s", err)
+            return
+        log.info("Recording history in %s", config.history.state_dir)
+
+    async def _stop_history(self) -> None:
+        history, self._history = self._history, None
+        if history is not None:
+            # Waits for the queued RRD writes: off the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, history.close)
+
+    async def _observe_history(self, history: History, snapshot: Snapshot) -> Snapshot:
+        """Read the raw statistics, feed the history, add the published values."""
+        assert self._stats_source is not None
+        try:
+            stats = await asyncio.wait_for(
+                self._worker.call(self._stats_source), self._libvirt_timeout
+            )
+            derived = history.observe(stats)
+            return history.decorate(snapshot, derived)
+        except asyncio.TimeoutError:
+            log.error(
+                "statistics not read within %.0f s: no history this cycle", self._libvirt_timeout
+            )
+        except Exception:  # the history must never cost the metrics
+            log.exception("history update failed")
+        return snapshot
 
     async def _list_vms(self, source: LibvirtVMs) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""
@@ -434,6 +490,9 @@ class Daemon:
         )
         if virtio_changed:
             await self._stop_virtio()
+        history_changed = (new.history, new.update_period) != (old.history, old.update_period)
+        if history_changed:
+            await self._stop_history()
         self.config = new
         old_runner, self._runner = self._runner, self._runner_factory(new)
         old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
@@ -446,6 +505,8 @@ class Daemon:
                 await self._start_virtio(new)
             except (OSError, VhostmdError) as err:
                 log.error("Unable to restart the virtio transport: %s", err)
+        if history_changed:
+            self._start_history(new)
         log.info("Reloaded configuration from %s", new.file)
 
     # --- shutdown ----------------------------------------------------------------
@@ -456,6 +517,10 @@ class Daemon:
         except (OSError, VhostmdError) as err:
             log.warning("Closing the virtio transport: %s", err)
         await self._close_vms()
+        try:
+            await self._stop_history()
+        except (OSError, VhostmdError) as err:
+            log.warning("Closing the history: %s", err)
         self._worker.shutdown()
         # Kills and reaps any action a cancelled cycle left behind.
         self._runner.close()

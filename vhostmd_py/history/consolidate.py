@@ -11,7 +11,7 @@ by known values. After a daemon restart the windows fill again from empty.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Optional, Tuple
+from typing import Deque, Tuple
 
 DEFAULT_XFF = 0.5
 
@@ -25,14 +25,14 @@ class TrailingAverage:
         # (end, covered seconds, value) of known intervals, oldest first.
         self._items: Deque[Tuple[float, float, float]] = deque()
 
-    def add(self, end: float, dt: float, value: Optional[float]) -> None:
+    def add(self, end: float, dt: float, value: float | None) -> None:
         """The value over (end - dt, end]; None records nothing (an unknown interval)."""
         if value is not None and dt > 0:
             self._items.append((end, dt, value))
         while self._items and self._items[0][0] <= end - self.longest:
             self._items.popleft()
 
-    def average(self, window: float, now: float) -> Optional[float]:
+    def average(self, window: float, now: float) -> float | None:
         """The average over (now - window, now], or None when too little is known."""
         start = now - window
         covered = 0.0

@@ -12,10 +12,11 @@ mix. ``step`` and ``rrdcached`` tell vhostmdctl how the daemon writes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 from vhostmd_py.errors import StrPath
 from vhostmd_py.history.errors import HistoryError
@@ -37,8 +38,8 @@ class Index:
     """The whole index."""
 
     vms: Mapping[str, VmEntry] = field(default_factory=dict)
-    step: Optional[int] = None
-    rrdcached: Optional[str] = None
+    step: int | None = None
+    rrdcached: str | None = None
 
     def to_json(self) -> bytes:
         """Canonical JSON bytes."""
@@ -77,9 +78,7 @@ def read_index(state_dir: StrPath) -> Index:
         }
         step = doc.get("step")
         daemon = doc.get("rrdcached")
-        return Index(
-            vms, int(step) if step is not None else None, str(daemon) if daemon else None
-        )
+        return Index(vms, int(step) if step is not None else None, str(daemon) if daemon else None)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise HistoryError(path, f"not a valid index: {err}") from err
 
@@ -105,8 +104,6 @@ def write_index(state_dir: StrPath, index: Index) -> None:
         finally:
             os.close(dfd)
     except OSError as err:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise HistoryError(path, f"cannot write: {err.strerror or err}") from err

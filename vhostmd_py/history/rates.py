@@ -33,7 +33,7 @@ is already counted in user/nice and is not added twice).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Hashable, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Hashable, Mapping, Sequence, Tuple
 
 from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmStats
 
@@ -68,13 +68,13 @@ class Step:
     says why not otherwise (first, reset, gap, clock, absurd, absent).
     """
 
-    state: Optional[Counter]
-    delta: Optional[int] = None
-    dt: Optional[float] = None
-    reason: Optional[str] = None
+    state: Counter | None
+    delta: int | None = None
+    dt: float | None = None
+    reason: str | None = None
 
     @property
-    def rate(self) -> Optional[float]:
+    def rate(self) -> float | None:
         """The delta per second, or None."""
         if self.delta is None or self.dt is None:
             return None
@@ -82,12 +82,12 @@ class Step:
 
 
 def advance(
-    prev: Optional[Counter],
-    value: Optional[int],
+    prev: Counter | None,
+    value: int | None,
     mono: float,
     *,
     heartbeat: float,
-    max_rate: Optional[float] = None,
+    max_rate: float | None = None,
 ) -> Step:
     """THE counter semantics (see the module docstring): a new sample against a baseline."""
     if value is None:
@@ -135,9 +135,7 @@ class _Stepper:
         self.mono = mono
         self.heartbeat = heartbeat
 
-    def step(
-        self, key: CounterKey, value: Optional[int], max_rate: Optional[float] = None
-    ) -> Step:
+    def step(self, key: CounterKey, value: int | None, max_rate: float | None = None) -> Step:
         result = advance(
             self.old.get(key), value, self.mono, heartbeat=self.heartbeat, max_rate=max_rate
         )
@@ -145,7 +143,7 @@ class _Stepper:
             self.new[key] = result.state
         return result
 
-    def rate(self, key: CounterKey, value: Optional[int], max_rate: Optional[float]) -> Optional[float]:
+    def rate(self, key: CounterKey, value: int | None, max_rate: float | None) -> float | None:
         return self.step(key, value, max_rate).rate
 
 
@@ -157,10 +155,10 @@ class NicRates:
     """One interface's rates per second (None: unknown this cycle)."""
 
     name: str
-    rx_bytes: Optional[float]
-    tx_bytes: Optional[float]
-    rx_packets: Optional[float]
-    tx_packets: Optional[float]
+    rx_bytes: float | None
+    tx_bytes: float | None
+    rx_packets: float | None
+    tx_packets: float | None
 
 
 @dataclass(frozen=True)
@@ -168,10 +166,10 @@ class DiskRates:
     """One disk's rates per second (None: unknown this cycle)."""
 
     name: str
-    rd_bytes: Optional[float]
-    wr_bytes: Optional[float]
-    rd_req: Optional[float]
-    wr_req: Optional[float]
+    rd_bytes: float | None
+    wr_bytes: float | None
+    rd_req: float | None
+    wr_req: float | None
 
 
 @dataclass(frozen=True)
@@ -181,28 +179,28 @@ class VmRates:
     uuid: str
     name: str
     id: int
-    cpu_pct: Optional[float]
+    cpu_pct: float | None
     nics: Tuple[NicRates, ...] = ()
     disks: Tuple[DiskRates, ...] = ()
-    net_rx_bytes: Optional[float] = None
-    net_tx_bytes: Optional[float] = None
-    net_rx_packets: Optional[float] = None
-    net_tx_packets: Optional[float] = None
-    disk_rd_bytes: Optional[float] = None
-    disk_wr_bytes: Optional[float] = None
-    disk_rd_req: Optional[float] = None
-    disk_wr_req: Optional[float] = None
+    net_rx_bytes: float | None = None
+    net_tx_bytes: float | None = None
+    net_rx_packets: float | None = None
+    net_tx_packets: float | None = None
+    disk_rd_bytes: float | None = None
+    disk_wr_bytes: float | None = None
+    disk_rd_req: float | None = None
+    disk_wr_req: float | None = None
 
 
 @dataclass(frozen=True)
 class HostRates:
     """The host's derived values (percentages of all CPUs' time; gauges as read)."""
 
-    cpu_pct: Optional[float] = None
-    iowait_pct: Optional[float] = None
-    steal_pct: Optional[float] = None
-    load1: Optional[float] = None
-    mem_used_pct: Optional[float] = None
+    cpu_pct: float | None = None
+    iowait_pct: float | None = None
+    steal_pct: float | None = None
+    load1: float | None = None
+    mem_used_pct: float | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +212,7 @@ class DerivedValues:
     host: HostRates
     vms: Tuple[VmRates, ...] = ()
 
-    def vm(self, uuid: str) -> Optional[VmRates]:
+    def vm(self, uuid: str) -> VmRates | None:
         """The VM with this UUID, or None."""
         for vm in self.vms:
             if vm.uuid == uuid:
@@ -225,7 +223,7 @@ class DerivedValues:
 # --- computing it ------------------------------------------------------------------
 
 
-def _total(values: Sequence[Optional[float]]) -> Optional[float]:
+def _total(values: Sequence[float | None]) -> float | None:
     """Sum over devices; unknown when there is none or any one is unknown."""
     if not values or any(v is None for v in values):
         return None
@@ -251,7 +249,7 @@ def _host(stepper: _Stepper, host: HostStats) -> HostRates:
     iowait = stepper.step(("host", "cpu_iowait"), iowait_v, tick_limit)
     steal = stepper.step(("host", "cpu_steal"), steal_v, tick_limit)
 
-    def share(part: Step) -> Optional[float]:
+    def share(part: Step) -> float | None:
         if part.delta is None or total.delta is None or total.delta <= 0:
             return None
         return _cap_pct(100.0 * part.delta / total.delta)

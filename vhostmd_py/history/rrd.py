@@ -30,7 +30,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import rrdtool
 
@@ -51,8 +51,8 @@ class DataSource:
     """One GAUGE data source: name (rrdtool's, <= 19 chars), bounds, unit, meaning."""
 
     name: str
-    minimum: Optional[float]
-    maximum: Optional[float]
+    minimum: float | None
+    maximum: float | None
     unit: str
     description: str
 
@@ -105,7 +105,7 @@ def create_args(step: int, heartbeat: int, sources: Sequence[DataSource], start:
     return args
 
 
-def format_update(wall: float, values: Sequence[Optional[float]]) -> str:
+def format_update(wall: float, values: Sequence[float | None]) -> str:
     """``TIME:v1:v2...`` with U for unknown values (millisecond timestamps)."""
     parts = [f"{wall:.3f}"]
     for v in values:
@@ -122,7 +122,7 @@ class RrdStore:
         *,
         step: int,
         heartbeat: int,
-        daemon: Optional[str] = None,
+        daemon: str | None = None,
     ) -> None:
         self.state_dir = os.fspath(state_dir)
         self.vm_dir = os.path.join(self.state_dir, "vm")
@@ -164,7 +164,9 @@ class RrdStore:
                 return False
             except rrdtool.OperationalError as err:
                 bad = f"{path}.corrupt"
-                log.warning("%s is not a usable RRD (%s): moved to %s, starting anew", path, err, bad)
+                log.warning(
+                    "%s is not a usable RRD (%s): moved to %s, starting anew", path, err, bad
+                )
                 try:
                     os.replace(path, bad)
                 except OSError as move_err:
@@ -191,7 +193,7 @@ class RrdStore:
         self._last[path] = float(start)
         log.debug("created %s", path)
 
-    def update(self, path: str, wall: float, values: Sequence[Optional[float]]) -> bool:
+    def update(self, path: str, wall: float, values: Sequence[float | None]) -> bool:
         """Add one sample; False when skipped (not later than the file's last update)."""
         last = self._last.get(path)
         if last is not None and wall <= last:
@@ -205,7 +207,9 @@ class RrdStore:
                 except rrdtool.OperationalError as err:
                     if "rrdcached" not in str(err) and "connect" not in str(err):
                         raise
-                    log.error("rrdcached at %s failed (%s): writing files directly", self.daemon, err)
+                    log.error(
+                        "rrdcached at %s failed (%s): writing files directly", self.daemon, err
+                    )
                     self._daemon_failed = True
                     rrdtool.update(path, line)
             else:
@@ -246,4 +250,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
