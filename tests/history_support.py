@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 from test_e2e_daemon import CONFIG_TAIL, METRIC
 
@@ -92,12 +92,12 @@ class ScriptedSource:
 
     ticks: Sequence[Tick]
     clock: ScriptedClock
-    daemon: Optional[Daemon] = None
-    derived: List[Optional[DerivedValues]] = field(default_factory=list)
-    published: List[Optional[Snapshot]] = field(default_factory=list)
+    daemon: Daemon | None = None
+    derived: List[DerivedValues | None] = field(default_factory=list)
+    published: List[Snapshot | None] = field(default_factory=list)
     reads: int = 0
 
-    history: Optional[History] = None
+    history: History | None = None
 
     def record(self) -> None:
         """Keep the daemon's last derived values and published snapshot."""
@@ -136,9 +136,9 @@ class _JumpingClock:
 def run_scripted(
     config_path: Path,
     ticks: Sequence[Tick],
-    clock: Optional[ScriptedClock] = None,
+    clock: ScriptedClock | None = None,
     *,
-    on_daemon: Optional[Callable[[Daemon], None]] = None,
+    on_daemon: Callable[[Daemon], None] | None = None,
 ) -> ScriptedSource:
     """Run the daemon for len(ticks) cycles fed by a ScriptedSource; returns the source."""
     source = ScriptedSource(ticks, clock or ScriptedClock())

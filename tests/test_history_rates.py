@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 from history_support import Tick, run_scripted, write_history_config
@@ -16,7 +16,9 @@ UUID = "11111111-2222-3333-4444-555555555555"
 WRAP = 2**32
 
 # Per cycle: dt, vm id, cpu_time (ns), vnet0 (rx, tx, rx_pk, tx_pk), vda (rd, wr, rd_req, wr_req)
-VM_SCRIPT: List[Tuple[float, int, int, Tuple[int, int, int, int], Tuple[int, int, int, Optional[int]]]] = [
+VM_SCRIPT: List[
+    Tuple[float, int, int, Tuple[int, int, int, int], Tuple[int, int, int, int | None]]
+] = [
     (0, 1, 10 * 10**9, (1000, WRAP - 1000, 10, 10), (0, 0, 0, 0)),  # first sample
     (5, 1, 15 * 10**9, (6000, WRAP - 500, 60, 20), (51200, 0, 5, None)),  # wr_req absent
     (5, 1, 40 * 10**9, (6000, 500, 60, 20), (51200, 5000, 5, 10)),  # tx wraps; CPU > 100 %
@@ -60,15 +62,27 @@ def _ticks() -> List[Tick]:
             id=vid,
             vcpus=2,
             cpu_time=cpu,
-            nics=(NetStats("vnet0", rx_bytes=net[0], tx_bytes=net[1], rx_packets=net[2],
-                           tx_packets=net[3]),),
-            disks=(BlockStats("vda", rd_bytes=blk[0], wr_bytes=blk[1], rd_req=blk[2],
-                              wr_req=blk[3]),),
+            nics=(
+                NetStats(
+                    "vnet0", rx_bytes=net[0], tx_bytes=net[1], rx_packets=net[2], tx_packets=net[3]
+                ),
+            ),
+            disks=(
+                BlockStats("vda", rd_bytes=blk[0], wr_bytes=blk[1], rd_req=blk[2], wr_req=blk[3]),
+            ),
         )
         host = HostStats(
             cpus=2,
-            cpu_ticks={"user": user, "nice": 0, "system": system, "idle": idle,
-                       "iowait": iowait, "irq": 0, "softirq": 0, "steal": 0},
+            cpu_ticks={
+                "user": user,
+                "nice": 0,
+                "system": system,
+                "idle": idle,
+                "iowait": iowait,
+                "irq": 0,
+                "softirq": 0,
+                "steal": 0,
+            },
             clock_ticks=100,
             meminfo={"MemTotal": 1000, "MemAvailable": 250},
             loadavg=(0.5, 0.25, 0.125),
@@ -77,7 +91,7 @@ def _ticks() -> List[Tick]:
     return ticks
 
 
-def _approx(values: List[Optional[float]]) -> List[object]:
+def _approx(values: List[float | None]) -> List[object]:
     return [None if v is None else pytest.approx(v) for v in values]
 
 
@@ -162,8 +176,11 @@ def test_publish_off_leaves_the_document_alone(tmp_path: Path) -> None:
     ],
 )
 def test_advance_semantics(
-    prev: Optional[Counter], value: Optional[int], mono: float, reason: Optional[str],
-    rate: Optional[float],
+    prev: Counter | None,
+    value: int | None,
+    mono: float,
+    reason: str | None,
+    rate: float | None,
 ) -> None:
     """The one counter function: every case named, a rate only for a good delta."""
     step = advance(prev, value, mono, heartbeat=10.0, max_rate=1e11)
@@ -176,8 +193,9 @@ def test_derive_is_pure_and_forgets_vanished_vms() -> None:
     """Same inputs, same outputs; a VM that is gone leaves no baseline behind."""
     vm = VmStats(uuid=UUID, name="a", id=1, vcpus=1, cpu_time=0)
     snap1 = StatsSnapshot(0.0, 0.0, HostStats(), (vm,))
-    snap2 = StatsSnapshot(5.0, 5.0, HostStats(), (VmStats(uuid=UUID, name="a", id=1, vcpus=1,
-                                                          cpu_time=10**9),))
+    snap2 = StatsSnapshot(
+        5.0, 5.0, HostStats(), (VmStats(uuid=UUID, name="a", id=1, vcpus=1, cpu_time=10**9),)
+    )
     values1, book1 = derive(CounterBook.empty(), snap1, heartbeat=10)
     again1, again_book = derive(CounterBook.empty(), snap1, heartbeat=10)
     assert values1 == again1 and book1 == again_book
