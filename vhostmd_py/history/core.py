@@ -306,3 +306,12 @@ class History:
                 log.warning("history: RRD writes still running after %.0f s, abandoning", timeout)
                 return
         self.store.flush()
+        if self._names or self._index_written is not None:
+            # "last seen" of the VMs running now is this moment, not the last refresh.
+            try:
+                write_index(
+                    self.config.state_dir,
+                    Index(dict(self._names), self.update_period, self.config.rrdcached),
+                )
+            except HistoryError as err:
+                log.error("history: %s", err)
