@@ -239,11 +239,18 @@ class History:
 
         started = time.perf_counter()
         errors: List[str] = []
+        created = 0
         for update in job.updates:
             try:
                 if self.store.ensure(update.path, update.sources, job.wall):
-                    self.stats.created += 1
+                    created += 1
                 self.store.update(update.path, job.wall, update.values)
+            except HistoryError as err:
+                errors.append(str(err))
+        if created:
+            self.stats.created += created
+            try:
+                self.store.sync_dirs()
             except HistoryError as err:
                 errors.append(str(err))
         if job.index is not None:

@@ -33,7 +33,7 @@ is already counted in user/nice and is not added twice).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Hashable, Mapping, Sequence, Tuple
+from typing import Dict, Hashable, Mapping, NamedTuple, Sequence, Tuple
 
 from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmStats
 
@@ -52,20 +52,19 @@ _HOST_TOTAL_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softir
 _HOST_IDLE_FIELDS = ("idle", "iowait")
 
 
-@dataclass(frozen=True)
-class Counter:
+class Counter(NamedTuple):
     """The baseline of one counter: its last value and when it was read (monotonic s)."""
 
     value: int
     mono: float
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(NamedTuple):
     """What one new sample of a counter gave.
 
     ``delta``/``dt`` are set only when the sample yields a value; ``reason``
     says why not otherwise (first, reset, gap, clock, absurd, absent).
+    (Named tuples, not dataclasses: there are tens of thousands per cycle.)
     """
 
     state: Counter | None
