@@ -96,7 +96,7 @@ class History:
         *,
         update_period: int,
         threaded: bool = True,
-        max_pending: int = 2,
+        max_pending: int = 10,
     ) -> None:
         self.config = config
         self.update_period = update_period
