@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -116,7 +116,7 @@ class Run:
     mode: str  # none | direct | rrdcached
     first_s: float
     median_s: float
-    worker_per_cycle_s: Optional[float]
+    worker_per_cycle_s: float | None
     jobs_dropped: int
 
 
@@ -156,7 +156,7 @@ def run_daemon(work: Path, n: int, cycles: int, history: str, mode: str) -> Run:
                int(seen.get("dropped", 0)))
 
 
-def start_rrdcached(work: Path) -> Tuple[Optional[subprocess.Popen[bytes]], Optional[str]]:
+def start_rrdcached(work: Path) -> Tuple[subprocess.Popen[bytes] | None, str | None]:
     binary = shutil.which("rrdcached") or "/usr/bin/rrdcached"
     if not os.path.exists(binary):
         return None, None
@@ -182,7 +182,7 @@ def footprint(state: Path) -> Tuple[int, int]:
     return st.st_size, st.st_blocks * 512
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cycles", type=int, default=8)
     parser.add_argument("--nodes", default="1,100,1000")
@@ -206,9 +206,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for mode, history in modes:
                     run = run_daemon(work, n, args.cycles, history, mode)
                     results.append(run)
+                    w = run.worker_per_cycle_s
+                    worker = "-" if w is None else f"{w:.4f} s"
                     print(f"N={n:5d} {mode:9s} first {run.first_s:.3f} s  median "
-                          f"{run.median_s:.4f} s  worker/cycle "
-                          f"{'-' if run.worker_per_cycle_s is None else f'{run.worker_per_cycle_s:.4f} s'}"
+                          f"{run.median_s:.4f} s  worker/cycle {worker}"
                           f"  dropped {run.jobs_dropped}", flush=True)
             size, allocated = footprint(work / f"direct-{nodes[0]}")
             sizes = {"vm_file_bytes": size, "vm_file_allocated_bytes": allocated}
