@@ -296,10 +296,16 @@ def test_entities_are_refused_not_expanded(golden: Path, tmp_path: Path) -> None
 
 
 def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
-    """vhostmd.dtd = upstream's with channel_path optional and <source>; metric.dtd verbatim."""
-    ours = (repo_root / "vhostmd.dtd").read_text().splitlines()
+    """vhostmd.dtd = upstream's with channel_path optional, <source> and an optional <history>."""
+    text = (repo_root / "vhostmd.dtd").read_text()
+    # The history extension: one optional child of <globals> and its declaration.
+    start = text.index("<!-- vhostmd-py extension, optional: the RRD history")
+    end = text.index("<!ELEMENT metrics")
+    ours = (text[:start] + text[end:]).splitlines()
     theirs = (golden / "reference-configs" / "vhostmd.dtd").read_text().splitlines()
     changed = {
+        "<!ELEMENT globals (disk,virtio*,update_period,path,transport+)>":
+            ["<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?)>"],
         "<!ELEMENT virtio (channel_path,max_channels,expiration_time)>":
             ["<!ELEMENT virtio (channel_path?,max_channels,expiration_time)>"],
         "<!ELEMENT metric (name,action,variable*)>":

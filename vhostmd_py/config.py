@@ -9,13 +9,16 @@ DOCTYPE, or whose DOCTYPE names another location, is validated against our
 grammar and accepted when valid.
 
 Our grammar is upstream's with one relaxation (SPEC section 1):
-``channel_path`` is optional in ``<virtio>`` so the README example loads.
+``channel_path`` is optional in ``<virtio>`` so the README example loads,
+and one optional extension: ``<history .../>`` last in ``<globals>`` (the
+RRD history, vhostmd_py/history), so every upstream config stays valid.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -76,6 +79,37 @@ class VirtioConfig:
     expiration_time: int  # effective: max(configured, 3 * update_period), as upstream
 
 
+DEFAULT_STATE_DIR = "/var/lib/vhostmd"
+DEFAULT_RETENTION = 7 * 86400
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """``<globals><history>``: the RRD history (present = enabled)."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    retention: int = DEFAULT_RETENTION  # seconds a gone VM's files are kept
+    publish: bool = False  # consolidated values as metrics for the guests
+    rrdcached: str | None = None  # rrdcached address (unix:/path or host:port)
+    heartbeat: int | None = None  # seconds; None: 2 * update_period (at least 10)
+
+    def effective_heartbeat(self, update_period: int) -> int:
+        """The heartbeat in force for this update period."""
+        if self.heartbeat is not None:
+            return self.heartbeat
+        return max(2 * update_period, 10)
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds (ValueError otherwise)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"'{text}' is not a duration (a number with s, m, h, d or w)")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded, validated vhostmd.conf."""
@@ -89,6 +123,7 @@ class Config:
     transports: Tuple[str, ...]
     virtio: VirtioConfig
     metrics: Tuple[MetricSpec, ...]
+    history: HistoryConfig | None = None  # None: no <history>, the history is off
 
     def host_metrics(self) -> Tuple[MetricSpec, ...]:
         """Metrics evaluated once per cycle, in config order."""
@@ -268,6 +303,49 @@ def _virtio(globals_: etree._Element, file: str, update_period: int) -> VirtioCo
     return VirtioConfig(channel_path, max_channels, expiration)
 
 
+def _history(globals_: etree._Element, file: str, update_period: int) -> HistoryConfig | None:
+    elem = globals_.find("history")
+    if elem is None:
+        return None
+    line = _line(elem)
+    state_dir = str(elem.get("state_dir", DEFAULT_STATE_DIR)).strip()
+    if not os.path.isabs(state_dir):
+        raise ConfigError(file, f"history state_dir '{state_dir}' is not an absolute path", line)
+    retention = DEFAULT_RETENTION
+    raw = elem.get("retention")
+    if raw is not None:
+        try:
+            retention = parse_duration(str(raw))
+        except ValueError as err:
+            raise ConfigError(file, f"history retention: {err}", line) from err
+    publish_raw = str(elem.get("publish", "no")).strip().lower()
+    if publish_raw not in ("yes", "no"):
+        raise ConfigError(file, f"history publish '{publish_raw}' is not yes or no", line)
+    daemon = elem.get("rrdcached")
+    daemon = str(daemon).strip() if daemon is not None and str(daemon).strip() else None
+    heartbeat = None
+    raw = elem.get("heartbeat")
+    if raw is not None:
+        try:
+            heartbeat = parse_duration(str(raw))
+        except ValueError as err:
+            raise ConfigError(file, f"history heartbeat: {err}", line) from err
+        if heartbeat <= update_period:
+            raise ConfigError(
+                file,
+                f"history heartbeat ({heartbeat} s) must be longer than the update period "
+                f"({update_period} s)",
+                line,
+            )
+    return HistoryConfig(
+        state_dir=state_dir,
+        retention=retention,
+        publish=publish_raw == "yes",
+        rrdcached=daemon,
+        heartbeat=heartbeat,
+    )
+
+
 def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
     """One <metric>, or None (logged) when it cannot be used."""
     where = f"{file}:{_line(elem)}"
@@ -387,6 +465,7 @@ def _convert(root: etree._Element, file: str) -> Config:
     path = _text(_child(globals_, "path")) or DEFAULT_PATH
     transports = _transports(globals_, file)
     virtio = _virtio(globals_, file, update_period)
+    history = _history(globals_, file, update_period)
     metrics_elem = root.find("metrics")
     metrics: List[MetricSpec] = []
     if metrics_elem is not None:
@@ -404,6 +483,7 @@ def _convert(root: etree._Element, file: str) -> Config:
         transports=transports,
         virtio=virtio,
         metrics=tuple(metrics),
+        history=history,
     )
 
 
@@ -415,10 +495,12 @@ def _child(parent: etree._Element, tag: str) -> etree._Element:
 
 __all__: Sequence[str] = (
     "Config",
+    "HistoryConfig",
     "MetricSpec",
     "Variable",
     "VirtioConfig",
     "default_dtd_path",
     "load_config",
     "parse_config",
+    "parse_duration",
 )

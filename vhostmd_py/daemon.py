@@ -41,10 +41,12 @@ from vhostmd_py.model import DOC_HEAD, DOC_TAIL, VM, Snapshot
 if TYPE_CHECKING:
     from vhostmd_py.actions import ActionRunner
     from vhostmd_py.config import Config
+    from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
     from vhostmd_py.native.source import NativeSource
     from vhostmd_py.sources import SourceRegistry
+    from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio import VirtioServer
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,8 @@ def _needs_vms(config: Config) -> bool:
         or any(m.context == "vm" for m in config.metrics)
         # Built-in host fields read from libvirt (node info) need its connection.
         or needs_libvirt([m.source for m in config.metrics if m.source is not None])
+        # The history derives every VM's rates from libvirt's counters.
+        or config.history is not None
     )
 
 
@@ -143,6 +147,7 @@ class Daemon:
         publish: bool = True,
         use_virtio: bool = True,
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
+        stats_source: Callable[[], StatsSnapshot] | None = None,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -162,6 +167,11 @@ class Daemon:
         self._virtio: VirtioServer | None = None
         self._worker = BlockingWorker()
         self._native: NativeSource | None = None  # built-in metrics, created on first use
+        # The history (config <history>): fed each cycle from stats_source, a
+        # blocking call run on the worker thread that returns the cycle's raw
+        # statistics (the built-in sources). Without a source it stays off.
+        self._stats_source = stats_source
+        self._history: History | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._reload_requested = False
@@ -251,6 +261,7 @@ class Daemon:
             if _needs_vms(self.config):
                 self._vms = self._make_vms(self.config)
             await self._start_virtio(self.config)
+            self._start_history(self.config)
             await self._loop(max_cycles)
         finally:
             # Handlers stay until the shutdown is done: removing them first
@@ -321,7 +332,11 @@ class Daemon:
         vms: List[VM] = []
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
+        native = self._native
+        sampled = native.last_snapshot if native is not None else None
         snapshot = await collect(config, vms, self._runner, sources=self._sources(config))
+        if self._history is not None:
+            snapshot = await self._observe_history(self._history, snapshot, vms, sampled)
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
@@ -334,10 +349,17 @@ class Daemon:
         """Shell actions, and the built-in source when CONFIG names one (kept across cycles)."""
         if not any(m.source is not None for m in config.metrics):
             return None
-        from vhostmd_py.native.source import NativeSource, is_builtin
+        from vhostmd_py.native.source import is_builtin
         from vhostmd_py.sources import ShellActionSource, SourceRegistry
 
+        shell = ShellActionSource(self._runner, path=config.path)
+        return SourceRegistry(shell, [(is_builtin, self._native_source())])
+
+    def _native_source(self) -> NativeSource:
+        """The built-in source, created on first use and kept across cycles."""
         if self._native is None:
+            from vhostmd_py.native.source import NativeSource
+
             # Same worker thread and connection as the VM listing: libvirt
             # calls stay off the loop and one outage is one outage.
             self._native = NativeSource(
@@ -345,8 +367,64 @@ class Daemon:
                 run_blocking=lambda fn: self._worker.call(fn),
                 timeout=self._libvirt_timeout,
             )
-        shell = ShellActionSource(self._runner, path=config.path)
-        return SourceRegistry(shell, [(is_builtin, self._native)])
+        return self._native
+
+    # --- history -------------------------------------------------------------------
+
+    @property
+    def history(self) -> History | None:
+        """The history in force (None when off)."""
+        return self._history
+
+    def _start_history(self, config: Config) -> None:
+        if config.history is None:
+            return
+        from vhostmd_py.history.core import HISTORY_FIELDS, History
+
+        try:
+            self._history = History(config.history, update_period=config.update_period)
+        except VhostmdError as err:
+            log.error("History disabled: %s", err)
+            return
+        # The built-in source samples what the history needs in the same
+        # libvirt call as the cycle's built-in metrics (one bulk call a cycle).
+        self._native_source().extra_fields = HISTORY_FIELDS
+        log.info("Recording history in %s", config.history.state_dir)
+
+    async def _stop_history(self) -> None:
+        history, self._history = self._history, None
+        if history is not None:
+            # Waits for the queued RRD writes: off the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, history.close)
+
+    async def _cycle_stats(
+        self, vms: List[VM], sampled: StatsSnapshot | None
+    ) -> StatsSnapshot:
+        """This cycle's raw statistics: the built-in metrics' sample when they took one."""
+        if self._stats_source is not None:  # a scripted source (tests, benchmarks)
+            return await asyncio.wait_for(
+                self._worker.call(self._stats_source), self._libvirt_timeout
+            )
+        native = self._native_source()
+        if native.last_snapshot is not None and native.last_snapshot is not sampled:
+            return native.last_snapshot  # sampled by collect(), history fields included
+        return await native.sample(native.extra_fields, vms)
+
+    async def _observe_history(
+        self, history: History, snapshot: Snapshot, vms: List[VM], sampled: StatsSnapshot | None
+    ) -> Snapshot:
+        """Read the raw statistics, feed the history, add the published values."""
+        try:
+            stats = await self._cycle_stats(vms, sampled)
+            derived = history.observe(stats)
+            return history.decorate(snapshot, derived)
+        except asyncio.TimeoutError:
+            log.error(
+                "statistics not read within %.0f s: no history this cycle", self._libvirt_timeout
+            )
+        except Exception:  # the history must never cost the metrics
+            log.exception("history update failed")
+        return snapshot
 
     async def _list_vms(self, source: LibvirtVMs) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""
@@ -462,6 +540,9 @@ class Daemon:
         )
         if virtio_changed:
             await self._stop_virtio()
+        history_changed = (new.history, new.update_period) != (old.history, old.update_period)
+        if history_changed:
+            await self._stop_history()
         self.config = new
         old_runner, self._runner = self._runner, self._runner_factory(new)
         old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
@@ -474,6 +555,8 @@ class Daemon:
                 await self._start_virtio(new)
             except (OSError, VhostmdError) as err:
                 log.error("Unable to restart the virtio transport: %s", err)
+        if history_changed:
+            self._start_history(new)
         log.info("Reloaded configuration from %s", new.file)
 
     # --- shutdown ----------------------------------------------------------------
@@ -484,6 +567,10 @@ class Daemon:
         except (OSError, VhostmdError) as err:
             log.warning("Closing the virtio transport: %s", err)
         await self._close_vms()
+        try:
+            await self._stop_history()
+        except (OSError, VhostmdError) as err:
+            log.warning("Closing the history: %s", err)
         self._worker.shutdown()
         # Kills and reaps any action a cancelled cycle left behind.
         self._runner.close()

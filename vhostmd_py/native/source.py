@@ -86,6 +86,9 @@ class NativeSource:
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
         self._page_size = os.sysconf("SC_PAGE_SIZE")
         self.last_snapshot: StatsSnapshot | None = None
+        # Fields sampled every cycle whatever the metrics ask for: what the
+        # consumers of raw statistics (the history) need, read in the same call.
+        self.extra_fields: Tuple[str, ...] = ()
 
     # --- sampling ---------------------------------------------------------------
 
@@ -198,7 +201,8 @@ class NativeSource:
 
     async def collect_many(self, requests: Sequence[Request]) -> List[RawValue]:
         """Sample once, then the raw value of each (metric, vm) of REQUESTS."""
-        fields = sorted({m.source for m, _ in requests if m.source is not None})
+        fields = sorted({m.source for m, _ in requests if m.source is not None}
+                        | set(self.extra_fields))
         vms: List[VM] = []
         seen: Set[str] = set()
         for _, vm in requests:
