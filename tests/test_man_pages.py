@@ -11,11 +11,11 @@ from typing import List
 import click
 import pytest
 from lxml import etree
+from vhostmd_guest import cli as guest_cli
 
 from vhostmd_py import cli as host_cli
 from vhostmd_py import config as host_config
 from vhostmd_py.mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE
-from vhostmd_guest import cli as guest_cli
 
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()
             and (p / "vhostmd_py").is_dir())
@@ -29,7 +29,8 @@ def render(page: str) -> str:
         pytest.skip("groff is not installed (Debian: groff-base)")
     proc = subprocess.run(
         ["groff", "-man", "-t", "-ww", "-Tutf8", "-P-cbou", str(MAN / page)],
-        capture_output=True, text=True, check=False, env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, check=False,
+        env={"LC_ALL": "C.UTF-8", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == "", proc.stderr
