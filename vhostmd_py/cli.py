@@ -252,6 +252,8 @@ def run(opts: Options) -> int:
             return _fail(message)
         if notify is not None:
             notify(None)
+        if not opts.dump:
+            _log_started(opts, config)
         try:
             if opts.dump:
                 return _dump(daemon)
@@ -267,6 +269,24 @@ def run(opts: Options) -> int:
         daemon.close_disk()
         if pid_file is not None:
             pid_file.remove()
+
+
+def _log_started(opts: Options, config: Config) -> None:
+    """The start-up line, shown at the default level (logsetup.LIFECYCLE)."""
+    from vhostmd_py import __version__, logsetup
+
+    disk = f", disk {config.disk_path}" if "vbd" in config.transports else ""
+    logging.getLogger(logsetup.LIFECYCLE).info(
+        "vhostmd-py %s started (pid %d): %s, %d metrics, every %d s, transports %s%s, libvirt %s",
+        __version__,
+        os.getpid(),
+        config.file,
+        len(config.metrics),
+        config.update_period,
+        ",".join(config.transports),
+        disk,
+        opts.uri or "(default URI)",
+    )
 
 
 def _preload(config: Config) -> None:
@@ -286,7 +306,10 @@ def _preload(config: Config) -> None:
     if "virtio" in config.transports:
         import vhostmd_py.virtio  # noqa: F401
     if "virtio" in config.transports or any(m.context == "vm" for m in config.metrics):
-        import libvirt  # noqa: F401
+        # Without libvirt-python the daemon publishes host metrics only (said
+        # once by LibvirtVMs); -u must not turn that into a start-up failure.
+        with contextlib.suppress(ImportError):
+            import libvirt  # noqa: F401
 
 
 def _exit_on_signal(signum: int, _frame: object) -> None:

@@ -46,6 +46,28 @@ CONTEXTS = ("host", "vm")
 
 _UNITS = {"": 1, "k": 1024, "K": 1024, "m": 1048576, "M": 1048576}
 
+# Every integer of the config has a closed range, checked at load time, so a
+# value the daemon cannot use is refused with file:line (and a SIGHUP to it
+# keeps the running config) instead of failing later: an update_period of
+# 10**309 used to pass --dump and raise OverflowError in the cycle schedule.
+# The ranges are documented in docs/man/vhostmd.conf.5 (section LIMITS).
+# update_period: upstream's minimum 1 s; at most one day (a longer period is
+# not monitoring any more, and the schedule's float arithmetic stays exact).
+UPDATE_PERIOD_RANGE = (1, 86400)
+# max_channels: one open socket per VM; 65536 is far beyond the fds a process
+# gets (the virtio transport also caps itself at what RLIMIT_NOFILE allows).
+MAX_CHANNELS_RANGE = (1, 65536)
+# expiration_time: raised to 3 x update_period anyway (upstream), so its
+# maximum is three times the longest period.
+EXPIRATION_TIME_RANGE = (1, 3 * UPDATE_PERIOD_RANGE[1])
+# <size> times its unit: MIN_DISK_SIZE..MAX_DISK_SIZE bytes (upstream's range).
+# Upstream reads numbers with strtol/atoi: ASCII digits with an optional sign.
+# Python's int() would also take "1_000" or Arabic-Indic digits; refuse those.
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+# Longer digit strings are out of every range above: never convert them (no
+# huge ints, no int()'s 4300-digit ValueError) and shorten them in messages.
+_MAX_DIGITS = 18
+
 
 @dataclass(frozen=True)
 class Variable:
@@ -165,7 +187,9 @@ def parse_config(data: bytes, *, file: str = "<config>", dtd: StrPath | None = N
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as err:
         line = err.lineno if err.lineno else None
-        raise ConfigError(file, f"XML syntax error: {err.msg}", line) from err
+        reason = f"XML syntax error: {err.msg}"
+        hint = _ampersand_hint(data, line, str(err.msg))
+        raise ConfigError(file, f"{reason}{hint}", line) from err
     for node in root.iter(etree.Entity):
         # resolve_entities=False leaves them as nodes; their text would be
         # silently missing from an action, so refuse instead.
@@ -176,6 +200,24 @@ def parse_config(data: bytes, *, file: str = "<config>", dtd: StrPath | None = N
     if not grammar.validate(root):
         raise _dtd_error(file, [*grammar.error_log])  # type: ignore[misc]
     return _convert(root, file)
+
+
+def _ampersand_hint(data: bytes, line: int | None, message: str) -> str:
+    """A hint for the commonest syntax error in actions: a raw `&` (`a && b`, `cmd &`).
+
+    libxml only says "xmlParseEntityRef: no name" (or "EntityRef: expecting
+    ';'"), which names nothing an operator wrote; the shell's `&&` must be
+    written `&amp;&amp;` in XML.
+    """
+    if line is None or "EntityRef" not in message:
+        return ""
+    lines = data.splitlines()
+    if not 1 <= line <= len(lines) or b"&" not in lines[line - 1]:
+        return ""
+    return (
+        " (a raw '&' in the text: in XML write '&&' as '&amp;&amp;' and '&' as '&amp;', "
+        "or put the action in <![CDATA[ ... ]]>)"
+    )
 
 
 def _dtd_error(file: str, entries: List[Any]) -> ConfigError:
@@ -205,21 +247,63 @@ def _text(elem: etree._Element) -> str:
     return str(elem.xpath("string()")).strip()
 
 
-def _int(elem: etree._Element, file: str, what: str) -> int:
-    raw = _text(elem)
-    try:
-        return int(raw, 10)
-    except ValueError as err:
-        raise ConfigError(file, f"{what} '{raw}' is not an integer", _line(elem)) from err
+def _shown(raw: str) -> str:
+    """RAW for a message; a 310-digit number is cut to its start and its length."""
+    if len(raw) <= _MAX_DIGITS + 2:
+        return raw
+    return f"{raw[:12]}...({len(raw)} characters)"
+
+
+def _integer(raw: str, file: str, what: str, elem: etree._Element, low: int, high: int,
+             unit: str) -> int:
+    """RAW as an int within LOW..HIGH, else ConfigError naming WHAT, the range and the line."""
+    allowed = f"allowed: {low} to {high}{unit}"
+    if not _INTEGER.match(raw):
+        raise ConfigError(
+            file, f"{what} '{_shown(raw)}' is not an integer ({allowed})", _line(elem)
+        )
+    if len(raw.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+        raise ConfigError(file, f"{what} {_shown(raw)} is out of range ({allowed})", _line(elem))
+    value = int(raw, 10)
+    if value > high:
+        raise ConfigError(file, f"{what} {value} is out of range ({allowed})", _line(elem))
+    return value
+
+
+def _int(elem: etree._Element, file: str, what: str, bounds: Tuple[int, int], unit: str,
+         below: str) -> int:
+    """<WHAT> as an int in BOUNDS; BELOW is upstream's wording for a value under the minimum."""
+    low, high = bounds
+    value = _integer(_text(elem), file, what, elem, low, high, unit)
+    if value < low:
+        # Upstream's message first (golden daemon-cli/period-zero), then the range.
+        raise ConfigError(
+            file,
+            f"Specified {below} ({value}) less than minimum supported ({low}) "
+            f"(allowed: {low} to {high}{unit})",
+            _line(elem),
+        )
+    return value
 
 
 def _disk_size(elem: etree._Element, file: str) -> int:
     unit = str(elem.get("unit", ""))
     raw = _text(elem)
-    try:
-        number = int(raw, 10)
-    except ValueError as err:
-        raise ConfigError(file, f"disk size '{raw}' is not an integer", _line(elem)) from err
+    if not _INTEGER.match(raw):
+        raise ConfigError(
+            file,
+            f"disk size '{_shown(raw)}' is not an integer "
+            f"(allowed: {MIN_DISK_SIZE} to {MAX_DISK_SIZE} bytes, with unit k or m)",
+            _line(elem),
+        )
+    if len(raw.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+        raise ConfigError(
+            file,
+            f"Specified metrics disk size ({_shown(raw)}) not within supported range: "
+            f"({MIN_DISK_SIZE} - {MAX_DISK_SIZE})",
+            _line(elem),
+        )
+    number = int(raw, 10)
     factor = _UNITS.get(unit)
     if factor is None:
         # Upstream reports -1 for an unknown unit (daemon-cli/size-bad-unit);
@@ -281,22 +365,12 @@ def _virtio(globals_: etree._Element, file: str, update_period: int) -> VirtioCo
             channel_path = _text(cp)
         mc = virtio.find("max_channels")
         if mc is not None:
-            max_channels = _int(mc, file, "max_channels")
-            if max_channels < 1:
-                raise ConfigError(
-                    file,
-                    f"Specified max_channels ({max_channels}) less than minimum supported (1)",
-                    _line(mc),
-                )
+            max_channels = _int(mc, file, "max_channels", MAX_CHANNELS_RANGE, "", "max_channels")
         et = virtio.find("expiration_time")
         if et is not None:
-            expiration = _int(et, file, "expiration_time")
-            if expiration < 1:
-                raise ConfigError(
-                    file,
-                    f"Specified expiration_time ({expiration}) less than minimum supported (1)",
-                    _line(et),
-                )
+            expiration = _int(
+                et, file, "expiration_time", EXPIRATION_TIME_RANGE, " seconds", "expiration_time"
+            )
     # Upstream raises it so a channel never expires between two updates
     # (FACTS section 4: effective expiration = max(expiration_time, 3 x period)).
     expiration = max(expiration, 3 * update_period)
@@ -455,13 +529,9 @@ def _convert(root: etree._Element, file: str) -> Config:
             UPSTREAM_READ_BLOCK,
         )
     period_elem = _child(globals_, "update_period")
-    update_period = _int(period_elem, file, "update_period")
-    if update_period < 1:
-        raise ConfigError(
-            file,
-            f"Specified update period ({update_period}) less than minimum supported (1)",
-            _line(period_elem),
-        )
+    update_period = _int(
+        period_elem, file, "update_period", UPDATE_PERIOD_RANGE, " seconds", "update period"
+    )
     path = _text(_child(globals_, "path")) or DEFAULT_PATH
     transports = _transports(globals_, file)
     virtio = _virtio(globals_, file, update_period)

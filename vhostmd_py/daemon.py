@@ -36,6 +36,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple, TypeVar
 
 from vhostmd_py.errors import ContentTooLargeError, VhostmdError
+from vhostmd_py.logsetup import LIFECYCLE
 from vhostmd_py.model import DOC_HEAD, DOC_TAIL, VM, Snapshot
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ class Daemon:
         # --once turns a failure into a non-zero exit status.
         self.last_publish_ok: bool | None = None
         self._published_any = False
+        self._announced = False  # ops: the first-publish line was logged
 
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
@@ -285,7 +287,7 @@ class Daemon:
                 return  # stopped while the cycle ran
             self.cycles += 1
             took = self._clock() - started
-            log.debug("cycle %d took %.3f s", self.cycles, took)
+            self._log_cycle(took)  # ops: -v line per cycle
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
             next_start += self.config.update_period
@@ -344,6 +346,31 @@ class Daemon:
             self._publish(self._disk, snapshot)
         if self._virtio is not None:
             self._virtio.update(snapshot)
+        self._log_first_publish(snapshot)  # ops: shown at the default level
+
+    # --- ops: what an operator sees (logsetup.LIFECYCLE, -v) ------------------
+
+    def _log_first_publish(self, snapshot: Snapshot) -> None:
+        """Once per daemon life: the first cycle whose metrics reached a transport."""
+        if self._announced or (self._disk is not None and not self.last_publish_ok):
+            return
+        if self._disk is None and self._virtio is None:
+            return
+        self._announced = True
+        where = [f"disk {self._disk.path}"] if self._disk is not None else []
+        if self._virtio is not None:
+            where.append("virtio")
+        metrics, vms = _counts(snapshot)
+        logging.getLogger(LIFECYCLE).info(
+            "first metrics published on %s: %d metrics, %d VMs", " and ".join(where), metrics, vms
+        )
+
+    def _log_cycle(self, took: float) -> None:
+        """-v: one line per cycle (what was published, how long it took)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        metrics, vms = _counts(self.last_snapshot) if self.last_snapshot else (0, 0)
+        log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)
 
     def _sources(self, config: Config) -> SourceRegistry | None:
         """Shell actions, and the built-in source when CONFIG names one (kept across cycles)."""
@@ -592,6 +619,12 @@ class Daemon:
         disk, self._disk = self._disk, None
         if disk is not None:
             disk.close()
+
+
+def _counts(snapshot: Snapshot) -> Tuple[int, int]:
+    """(metric elements, VMs) of a cycle, for the operator's log lines."""
+    blocks = (snapshot.host, *(b.xml for b in snapshot.vms))
+    return sum(b.count(b"<metric ") for b in blocks), len(snapshot.vms)
 
 
 def describe_config(config: Config) -> Tuple[str, ...]:
