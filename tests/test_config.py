@@ -296,17 +296,28 @@ def test_entities_are_refused_not_expanded(golden: Path, tmp_path: Path) -> None
 
 
 def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
-    """vhostmd.dtd = upstream's with channel_path optional; metric.dtd verbatim; package data."""
+    """vhostmd.dtd = upstream's with channel_path optional, plus the optional
+    alarms/accounting extension appended; metric.dtd verbatim; package data."""
     ours = (repo_root / "vhostmd.dtd").read_text().splitlines()
     theirs = (golden / "reference-configs" / "vhostmd.dtd").read_text().splitlines()
+    extension = ours[len(theirs):]
+    ours = ours[: len(theirs)]
     diff = [(a, b) for a, b in zip(ours, theirs) if a != b]
-    assert len(ours) == len(theirs)
     assert diff == [
+        (
+            "<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?)>",
+            "<!ELEMENT vhostmd (globals,metrics)>",
+        ),
         (
             "<!ELEMENT virtio (channel_path?,max_channels,expiration_time)>",
             "<!ELEMENT virtio (channel_path,max_channels,expiration_time)>",
-        )
+        ),
     ]
+    # The extension only adds declarations, never redeclares upstream's.
+    declared = {line.split()[1] for line in theirs if line.startswith("<!ELEMENT")}
+    added = [line.split()[1] for line in extension if line.startswith("<!ELEMENT")]
+    assert "alarms" in added and "accounting" in added
+    assert not declared & set(added)
     assert (repo_root / "metric.dtd").read_bytes() == (
         golden / "reference-configs" / "metric.dtd"
     ).read_bytes()

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from vhostmd_py.config import Config
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
+    from vhostmd_py.monitor import Monitor
+    from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio import VirtioServer
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,13 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _needs_vms(config: Config) -> bool:
-    return "virtio" in config.transports or any(m.context == "vm" for m in config.metrics)
+    return (
+        "virtio" in config.transports
+        or any(m.context == "vm" for m in config.metrics)
+        # alarms/accounting (issue 14)
+        or config.alarms is not None
+        or config.accounting is not None
+    )
 
 
 class Daemon:
@@ -134,6 +142,8 @@ class Daemon:
         publish: bool = True,
         use_virtio: bool = True,
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
+        stats_source: Callable[[List[VM]], StatsSnapshot] | None = None,
+        monitor_factory: Callable[[Config], Monitor] | None = None,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -162,6 +172,36 @@ class Daemon:
         # --once turns a failure into a non-zero exit status.
         self.last_publish_ok: bool | None = None
         self._published_any = False
+        # --- alarms and accounting (issue 14): fed each cycle with the raw
+        # statistics; stats_source is blocking and runs on the libvirt worker.
+        self._stats_source = stats_source
+        self._monitor_factory = monitor_factory
+        self.monitor: Monitor | None = None
+        self._update_monitor(config)
+
+    def _update_monitor(self, config: Config) -> None:
+        from vhostmd_py.monitor import Monitor, wanted
+
+        if not wanted(config):
+            if self.monitor is not None:
+                self.monitor.close()
+            self.monitor = None
+        elif self.monitor is not None:
+            self.monitor.reconfigure(config)
+        elif self._monitor_factory is not None:
+            self.monitor = self._monitor_factory(config)
+        else:
+            self.monitor = Monitor(config, uri=self.uri)
+
+    async def _monitor_cycle(self, vms: List[VM], snapshot: Snapshot) -> Snapshot:
+        if self.monitor is None or self._stats_source is None:
+            return snapshot
+        try:
+            stats = await self._worker.call(self._stats_source, vms)
+            await self._worker.call(self.monitor.observe, stats)
+        except VhostmdError as err:
+            log.error("alarms/accounting: %s", err)
+        return self.monitor.decorate(snapshot)
 
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
@@ -312,6 +352,7 @@ class Daemon:
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
         snapshot = await collect(config, vms, self._runner)
+        snapshot = await self._monitor_cycle(vms, snapshot)
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
@@ -435,6 +476,7 @@ class Daemon:
         if virtio_changed:
             await self._stop_virtio()
         self.config = new
+        self._update_monitor(new)
         old_runner, self._runner = self._runner, self._runner_factory(new)
         old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
         if self._vms is not None and (not _needs_vms(new) or virtio_changed):
@@ -457,6 +499,8 @@ class Daemon:
             log.warning("Closing the virtio transport: %s", err)
         await self._close_vms()
         self._worker.shutdown()
+        if self.monitor is not None:
+            self.monitor.close()
         # Kills and reaps any action a cancelled cycle left behind.
         self._runner.close()
         self.close_disk()
