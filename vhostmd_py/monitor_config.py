@@ -314,8 +314,10 @@ def _included(
     if root.get("file") is not None:
         raise ConfigError(path, f"an included <{elem.tag}> cannot name another file", _line(root))
     if not grammar.validate(root):
-        first = grammar.error_log[0]  # type: ignore[index]
-        raise ConfigError(path, f"fails DTD validation: {first.message}", first.line or None)
+        from vhostmd_py.config import _dtd_error
+
+        # The same wording and ordering (unknown element first) as the main file.
+        raise _dtd_error(path, [*grammar.error_log])  # type: ignore[misc]
     return root, path
 
 
