@@ -264,3 +264,33 @@ def test_vhostmdctl_usage(tmp_path: Path) -> None:
     assert text.splitlines()[2].split() == ["a", "456", "5000", "123", "-", "no"]
     missing = subprocess.run([*ctl, "--vm", "zzz"], capture_output=True, text=True)
     assert missing.returncode == 1 and "no accounting for zzz" in missing.stderr
+
+
+def test_guest_metrics_through_the_daemon(tmp_path: Path) -> None:
+    """<accounting guest_metrics="yes">: the VM's own block carries its usage and budget."""
+    import asyncio
+
+    from monitor_helpers import ScriptedSource, fast_clock
+
+    from vhostmd_py.actions import ActionRunner
+    from vhostmd_py.daemon import Daemon
+    from vhostmd_py.document import parse_document
+
+    conf = write_conf(tmp_path / "c.xml", f"""  <accounting period="1d" state_dir="{tmp_path}"
+      guest_metrics="yes"><budget tx="1M"/></accounting>
+""")
+    # tx 1000 B/s for 3 cycles of 10 s after the baseline: 30000 bytes.
+    source = ScriptedSource([{"test": (0.0, 0.0)}] + [{"test": (0.0, 1000.0)}] * 3,
+                            start=86400 * 100 + 60)
+    config = load_config(conf)
+    daemon = Daemon(config, uri="test:///default",
+                    runner_factory=lambda c: ActionRunner(path=c.path, uri="test:///default"),
+                    clock=fast_clock(), publish=False, stats_source=source)
+    asyncio.run(daemon.run(max_cycles=4, signals=False))
+    assert daemon.last_snapshot is not None
+    doc = parse_document(daemon.last_snapshot.document())
+    got = {m.findtext("name"): (m.get("type"), m.findtext("value")) for m in doc.iter("metric")}
+    assert got["AccountingTxBytes"] == ("uint64", "30000")
+    assert got["AccountingTxBudget"] == ("uint64", str(1024**2))
+    assert got["AccountingPeriodEnd"] == ("uint64", str(86400 * 101))
+    assert got["AccountingCapped"] == ("uint32", "0")

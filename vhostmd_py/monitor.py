@@ -83,20 +83,24 @@ class Monitor:
             self.sink = None
         if config.accounting is not None:
             if self.accounting is None:
-                shaper = self._shaper
-                if (shaper is None and config.accounting.budget.enforce) or any(
-                    o.enforce for o in config.accounting.overrides
-                ):
-                    shaper = self._shaper or LibvirtShaper(self._uri)
                 self.accounting = Accounting(
                     config.accounting,
                     state_dir=self._state_dir,
-                    shaper=shaper,
+                    shaper=self._shaper,
                     on_alarm=self._budget_alarm,
                     boot_id=self._boot_id,
                 )
             else:
                 self.accounting.reconfigure(config.accounting)
+            acc = config.accounting
+            enforcing = acc.budget.enforce or any(o.enforce for o in acc.overrides)
+            # Caps must also be lifted after a reload that removed enforcement.
+            restoring = bool(self.accounting.state.get("restore")) or any(
+                "capped" in e for e in self.accounting.state["vms"].values()
+            )
+            if self.accounting.shaper is None and (enforcing or restoring):
+                # A read-write connection, separate from the read-only listing one.
+                self.accounting.shaper = LibvirtShaper(self._uri)
         else:
             self.accounting = None
 
