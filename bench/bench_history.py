@@ -89,7 +89,7 @@ class Source:
         self.i = 0
         self.uuids = [f"00000000-0000-4000-8000-{k:012d}" for k in range(n)]
 
-    def __call__(self) -> StatsSnapshot:
+    def __call__(self, vms: object = None) -> StatsSnapshot:
         self.i += 1
         i = self.i
         vms = tuple(

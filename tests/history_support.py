@@ -106,7 +106,7 @@ class ScriptedSource:
         self.derived.append(history.last_derived if history is not None else None)
         self.published.append(self.daemon.last_snapshot)
 
-    def __call__(self) -> StatsSnapshot:
+    def __call__(self, vms: object = None) -> StatsSnapshot:
         if self.reads:
             self.record()
         elif self.daemon is not None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Sequence, Tuple
 
 from lxml import etree
 
@@ -30,6 +30,9 @@ from .errors import ConfigError, StrPath
 from .mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE, UPSTREAM_READ_BLOCK
 from .model import DEFAULT_PATH
 from .safexml import safe_parser
+
+if TYPE_CHECKING:
+    from .monitor_config import AccountingConfig, AlarmsConfig
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,10 @@ class Config:
     virtio: VirtioConfig
     metrics: Tuple[MetricSpec, ...]
     history: HistoryConfig | None = None  # None: no <history>, the history is off
+    # vhostmd-py extension (issue 14): the optional <alarms> and <accounting>
+    # sections (vhostmd_py/monitor_config.py); None when absent.
+    alarms: AlarmsConfig | None = None
+    accounting: AccountingConfig | None = None
 
     def host_metrics(self) -> Tuple[MetricSpec, ...]:
         """Metrics evaluated once per cycle, in config order."""
@@ -199,7 +206,21 @@ def parse_config(data: bytes, *, file: str = "<config>", dtd: StrPath | None = N
     grammar = _load_dtd(file, dtd)
     if not grammar.validate(root):
         raise _dtd_error(file, [*grammar.error_log])  # type: ignore[misc]
-    return _convert(root, file)
+    return _with_monitoring(_convert(root, file), root, file, grammar)
+
+
+def _with_monitoring(config: Config, root: etree._Element, file: str, grammar: etree.DTD) -> Config:
+    """Add the optional <alarms> and <accounting> sections (vhostmd-py extension)."""
+    alarms, accounting = root.find("alarms"), root.find("accounting")
+    if alarms is None and accounting is None:
+        return config
+    from .monitor_config import parse_accounting, parse_alarms
+
+    return replace(
+        config,
+        alarms=parse_alarms(alarms, file, grammar) if alarms is not None else None,
+        accounting=parse_accounting(accounting, file, grammar) if accounting is not None else None,
+    )
 
 
 def _ampersand_hint(data: bytes, line: int | None, message: str) -> str:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from vhostmd_py.mdisk import MetricsDisk
     from vhostmd_py.native.source import NativeSource
     from vhostmd_py.sources import SourceRegistry
+    from vhostmd_py.monitor import Monitor
     from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio import VirtioServer
 
@@ -123,8 +124,10 @@ def _needs_vms(config: Config) -> bool:
         or any(m.context == "vm" for m in config.metrics)
         # Built-in host fields read from libvirt (node info) need its connection.
         or needs_libvirt([m.source for m in config.metrics if m.source is not None])
-        # The history derives every VM's rates from libvirt's counters.
+        # The history, alarms and accounting read every VM's counters.
         or config.history is not None
+        or config.alarms is not None
+        or config.accounting is not None
     )
 
 
@@ -148,7 +151,8 @@ class Daemon:
         publish: bool = True,
         use_virtio: bool = True,
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
-        stats_source: Callable[[], StatsSnapshot] | None = None,
+        stats_source: Callable[[List[VM]], StatsSnapshot] | None = None,
+        monitor_factory: Callable[[Config], Monitor] | None = None,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -184,6 +188,36 @@ class Daemon:
         self.last_publish_ok: bool | None = None
         self._published_any = False
         self._announced = False  # ops: the first-publish line was logged
+        # --- alarms and accounting (issue 14): fed each cycle with the raw
+        # statistics (_cycle_stats), like the history.
+        self._monitor_factory = monitor_factory
+        self.monitor: Monitor | None = None
+        self._update_monitor(config)
+
+    def _update_monitor(self, config: Config) -> None:
+        from vhostmd_py.monitor import Monitor, wanted
+
+        if not wanted(config):
+            if self.monitor is not None:
+                self.monitor.close()
+            self.monitor = None
+        elif self.monitor is not None:
+            self.monitor.reconfigure(config)
+        elif self._monitor_factory is not None:
+            self.monitor = self._monitor_factory(config)
+        else:
+            self.monitor = Monitor(config, uri=self.uri)
+
+    async def _monitor_cycle(self, stats: StatsSnapshot | None, snapshot: Snapshot) -> Snapshot:
+        """Feed the alarms and the accounting; add their guest metrics."""
+        assert self.monitor is not None
+        if stats is not None:
+            try:
+                # On the libvirt worker: observing can cap or restore a VM's rate.
+                await self._worker.call(self.monitor.observe, stats)
+            except VhostmdError as err:
+                log.error("alarms/accounting: %s", err)
+        return self.monitor.decorate(snapshot)
 
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
@@ -334,11 +368,20 @@ class Daemon:
         vms: List[VM] = []
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
+        if self._stats_source is None and (self._history is not None or self.monitor is not None):
+            from vhostmd_py.native.catalogue import COUNTER_FIELDS
+
+            # Sampled in the same libvirt call as the built-in metrics.
+            self._native_source().extra_fields = COUNTER_FIELDS
         native = self._native
         sampled = native.last_snapshot if native is not None else None
         snapshot = await collect(config, vms, self._runner, sources=self._sources(config))
-        if self._history is not None:
-            snapshot = await self._observe_history(self._history, snapshot, vms, sampled)
+        if self._history is not None or self.monitor is not None:
+            stats = await self._cycle_stats(vms, sampled)
+            if self._history is not None and stats is not None:
+                snapshot = self._observe_history(self._history, snapshot, stats)
+            if self.monitor is not None:
+                snapshot = await self._monitor_cycle(stats, snapshot)
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
@@ -406,16 +449,13 @@ class Daemon:
     def _start_history(self, config: Config) -> None:
         if config.history is None:
             return
-        from vhostmd_py.history.core import HISTORY_FIELDS, History
+        from vhostmd_py.history.core import History
 
         try:
             self._history = History(config.history, update_period=config.update_period)
         except VhostmdError as err:
             log.error("History disabled: %s", err)
             return
-        # The built-in source samples what the history needs in the same
-        # libvirt call as the cycle's built-in metrics (one bulk call a cycle).
-        self._native_source().extra_fields = HISTORY_FIELDS
         log.info("Recording history in %s", config.history.state_dir)
 
     async def _stop_history(self) -> None:
@@ -426,29 +466,33 @@ class Daemon:
 
     async def _cycle_stats(
         self, vms: List[VM], sampled: StatsSnapshot | None
-    ) -> StatsSnapshot:
-        """This cycle's raw statistics: the built-in metrics' sample when they took one."""
-        if self._stats_source is not None:  # a scripted source (tests, benchmarks)
-            return await asyncio.wait_for(
-                self._worker.call(self._stats_source), self._libvirt_timeout
-            )
-        native = self._native_source()
-        if native.last_snapshot is not None and native.last_snapshot is not sampled:
-            return native.last_snapshot  # sampled by collect(), history fields included
-        return await native.sample(native.extra_fields, vms)
+    ) -> StatsSnapshot | None:
+        """This cycle's raw statistics (the built-in metrics' sample when they took one).
 
-    async def _observe_history(
-        self, history: History, snapshot: Snapshot, vms: List[VM], sampled: StatsSnapshot | None
-    ) -> Snapshot:
-        """Read the raw statistics, feed the history, add the published values."""
+        None when they could not be read in time (logged): the history then
+        records a gap and the alarms skip the cycle; publishing goes on.
+        """
         try:
-            stats = await self._cycle_stats(vms, sampled)
-            derived = history.observe(stats)
-            return history.decorate(snapshot, derived)
+            if self._stats_source is not None:  # a scripted source (tests, benchmarks)
+                return await asyncio.wait_for(
+                    self._worker.call(self._stats_source, vms), self._libvirt_timeout
+                )
+            native = self._native_source()
+            if native.last_snapshot is not None and native.last_snapshot is not sampled:
+                return native.last_snapshot  # sampled by collect(), our fields included
+            return await native.sample(native.extra_fields, vms)
         except asyncio.TimeoutError:
-            log.error(
-                "statistics not read within %.0f s: no history this cycle", self._libvirt_timeout
-            )
+            log.error("statistics not read within %.0f s: skipped this cycle", self._libvirt_timeout)
+        except Exception:  # history, alarms and accounting must never cost the metrics
+            log.exception("reading the cycle's statistics failed")
+        return None
+
+    def _observe_history(
+        self, history: History, snapshot: Snapshot, stats: StatsSnapshot
+    ) -> Snapshot:
+        """Feed the history with the cycle's statistics, add the published values."""
+        try:
+            return history.decorate(snapshot, history.observe(stats))
         except Exception:  # the history must never cost the metrics
             log.exception("history update failed")
         return snapshot
@@ -571,6 +615,7 @@ class Daemon:
         if history_changed:
             await self._stop_history()
         self.config = new
+        self._update_monitor(new)
         old_runner, self._runner = self._runner, self._runner_factory(new)
         old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
         if self._vms is not None and (not _needs_vms(new) or virtio_changed):
@@ -599,6 +644,8 @@ class Daemon:
         except (OSError, VhostmdError) as err:
             log.warning("Closing the history: %s", err)
         self._worker.shutdown()
+        if self.monitor is not None:
+            self.monitor.close()
         # Kills and reaps any action a cancelled cycle left behind.
         self._runner.close()
         self.close_disk()

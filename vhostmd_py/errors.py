@@ -145,3 +145,26 @@ class PrivilegeError(VhostmdError):
         self.user = user
         self.reason = reason
         super().__init__(f"cannot run as user '{user}': {reason}")
+
+
+# --- alarms and accounting (vhostmd-py extension, issue 14) -------------------
+
+
+class StateFileError(VhostmdError):
+    """A state file (alarms, accounting) cannot be read or written atomically."""
+
+    def __init__(self, path: StrPath, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"state file {self.path}: {reason}")
+
+
+class ShapingError(VhostmdError):
+    """libvirt refused to read or change a VM interface's bandwidth parameters."""
+
+    def __init__(self, vm: str, device: str, reason: str, *, gone: bool = False) -> None:
+        self.vm = vm
+        self.device = device
+        self.reason = reason
+        self.gone = gone  # the domain (or the interface) no longer exists
+        super().__init__(f"VM {vm} interface {device}: {reason}")

@@ -38,19 +38,6 @@ INDEX_REFRESH = 300.0
 WINDOWS = (60.0, 300.0)
 
 
-# The built-in source fields whose raw statistics the derived values need
-# (vhostmd_py.native.catalogue): CPU and memory of the host, CPU time and
-# vCPUs, and the disk and interface counters of every VM.
-HISTORY_FIELDS: Tuple[str, ...] = (
-    "host.cpus",
-    "host.cpu_time",
-    "host.load1",
-    "vm.cpu_time_ns",
-    "vm.vcpus",
-    "vm.disk.rd_bytes",
-    "vm.nic.rx_bytes",
-)
-
 
 @dataclass(frozen=True)
 class FileUpdate:

@@ -321,6 +321,22 @@ FIELDS: Tuple[Field, ...] = (
 
 CATALOGUE: Mapping[str, Field] = {f.name: f for f in FIELDS}
 
+# What the consumers of raw statistics read every cycle, whatever the metrics
+# ask for: the history's derived values (CPU of the host and of each VM, disk
+# and interface counters), the alarms (those, and the guest's free memory) and
+# the accounting (interface byte counters). The daemon has the built-in source
+# sample them in the same libvirt call as the cycle's built-in metrics.
+COUNTER_FIELDS: Tuple[str, ...] = (
+    "host.cpus",
+    "host.cpu_time",
+    "host.load1",
+    "vm.cpu_time_ns",
+    "vm.vcpus",
+    "vm.balloon.unused",
+    "vm.disk.rd_bytes",
+    "vm.nic.rx_bytes",
+)
+
 
 def lookup(name: str) -> Field | None:
     """The field called NAME, or None."""
@@ -367,6 +383,7 @@ def needs_libvirt(names: Sequence[str]) -> bool:
 
 __all__: Sequence[str] = (
     "CATALOGUE",
+    "COUNTER_FIELDS",
     "FIELDS",
     "Field",
     "VcpuTime",
