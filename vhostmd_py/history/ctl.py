@@ -322,7 +322,7 @@ def _end(value: str) -> int:
     default=DEFAULT_STATE_DIR,
     show_default=True,
     envvar="VHOSTMD_STATE_DIR",
-    help="The daemon's <history state_dir>.",
+    help="The daemon's state directory (<history>, <alarms>, <accounting> state_dir).",
 )
 @click.option(
     "--daemon",
@@ -333,7 +333,7 @@ def _end(value: str) -> int:
 )
 @click.pass_context
 def main(ctx: click.Context, state_dir: str, rrdcached: str | None) -> None:
-    """History of the host and its VMs recorded by vhostmd (<history> in vhostmd.conf)."""
+    """What vhostmd recorded: history and graphs, alarms, network usage (no daemon needed)."""
     ctx.obj = (state_dir, rrdcached)
 
 
