@@ -20,7 +20,7 @@ from vhostmd_py.mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file()
             and (p / "vhostmd_py").is_dir())
 MAN = REPO / "docs" / "man"
-PAGES = ["vhostmd.8", "vhostmd.conf.5", "vm-dump-metrics.1"]
+PAGES = ["vhostmd.8", "vhostmd.conf.5", "vhostmdctl.1", "vm-dump-metrics.1"]
 
 
 def render(page: str) -> str:

@@ -45,9 +45,9 @@ if TYPE_CHECKING:
     from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
+    from vhostmd_py.monitor import Monitor
     from vhostmd_py.native.source import NativeSource
     from vhostmd_py.sources import SourceRegistry
-    from vhostmd_py.monitor import Monitor
     from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio import VirtioServer
 
@@ -482,7 +482,9 @@ class Daemon:
                 return native.last_snapshot  # sampled by collect(), our fields included
             return await native.sample(native.extra_fields, vms)
         except asyncio.TimeoutError:
-            log.error("statistics not read within %.0f s: skipped this cycle", self._libvirt_timeout)
+            log.error(
+                "statistics not read within %.0f s: skipped this cycle", self._libvirt_timeout
+            )
         except Exception:  # history, alarms and accounting must never cost the metrics
             log.exception("reading the cycle's statistics failed")
         return None
