@@ -24,6 +24,7 @@ from .render import render_value, xml_validator
 from .sources import (
     BatchMetricSource,
     MetricSource,
+    RawValue,
     Request,
     ShellActionSource,
     SourceRegistry,
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-async def _single(source: MetricSource, request: Request) -> List[bytes | None]:
+async def _single(source: MetricSource, request: Request) -> Sequence[RawValue]:
     metric, vm = request
     try:
         return [await source.collect(metric, vm)]
@@ -45,7 +46,7 @@ async def _single(source: MetricSource, request: Request) -> List[bytes | None]:
         return [None]
 
 
-async def _batch(source: BatchMetricSource, requests: List[Request]) -> List[bytes | None]:
+async def _batch(source: BatchMetricSource, requests: List[Request]) -> Sequence[RawValue]:
     try:
         return await source.collect_many(requests)
     except Exception:  # a faulty source must not cost the other sources' metrics
@@ -53,13 +54,13 @@ async def _batch(source: BatchMetricSource, requests: List[Request]) -> List[byt
         return [None] * len(requests)
 
 
-async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List[bytes | None]:
+async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List[RawValue]:
     """Every request's raw value: one call per batch source, one task per other request."""
     by_source: Dict[int, Tuple[MetricSource, List[int]]] = {}
     for place, (metric, _) in enumerate(requests):
         source = registry.source_for(metric)
         by_source.setdefault(id(source), (source, []))[1].append(place)
-    calls: List[Awaitable[List[bytes | None]]] = []
+    calls: List[Awaitable[Sequence[RawValue]]] = []
     order: List[List[int]] = []
     for source, places in by_source.values():
         if isinstance(source, BatchMetricSource):
@@ -68,11 +69,21 @@ async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List
         else:
             calls.extend(_single(source, requests[p]) for p in places)
             order.extend([p] for p in places)
-    values: List[bytes | None] = [None] * len(requests)
+    values: List[RawValue] = [None] * len(requests)
     for places, got in zip(order, await asyncio.gather(*calls)):
         for place, value in zip(places, got):
             values[place] = value
     return values
+
+
+def _default_registry(config: Config, runner: ActionRunner) -> SourceRegistry:
+    shell = ShellActionSource(runner, path=config.path)
+    if not any(m.source is not None for m in config.metrics):
+        return SourceRegistry(shell)
+    # Without a daemon's libvirt connection: host values from /proc only.
+    from .native.source import NativeSource, is_builtin
+
+    return SourceRegistry(shell, [(is_builtin, NativeSource())])
 
 
 async def collect(
@@ -83,7 +94,7 @@ async def collect(
     sources: SourceRegistry | None = None,
 ) -> Snapshot:
     """Collect and render one cycle's metrics for the host and VMS (in their order)."""
-    registry = sources or SourceRegistry(ShellActionSource(runner, path=config.path))
+    registry = sources or _default_registry(config, runner)
     validator = xml_validator()
     # Reverse config order, as upstream (it prepends to its metric list).
     host = tuple(m for m in reversed(config.metrics) if m.context == "host")

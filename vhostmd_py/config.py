@@ -9,17 +9,20 @@ DOCTYPE, or whose DOCTYPE names another location, is validated against our
 grammar and accepted when valid.
 
 Our grammar is upstream's with one relaxation (SPEC section 1):
-``channel_path`` is optional in ``<virtio>`` so the README example loads.
+``channel_path`` is optional in ``<virtio>`` so the README example loads,
+and one optional extension: ``<history .../>`` last in ``<globals>`` (the
+RRD history, vhostmd_py/history), so every upstream config stays valid.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, List, Sequence, Tuple
 
 from lxml import etree
 from vhostmd_wire.disk import MAX_DISK_SIZE, MIN_DISK_SIZE, UPSTREAM_READ_BLOCK
@@ -27,6 +30,9 @@ from vhostmd_wire.disk import MAX_DISK_SIZE, MIN_DISK_SIZE, UPSTREAM_READ_BLOCK
 from .errors import ConfigError, StrPath
 from .model import DEFAULT_PATH
 from .safexml import safe_parser
+
+if TYPE_CHECKING:
+    from .monitor_config import AccountingConfig, AlarmsConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,28 @@ METRIC_TYPES = ("int32", "uint32", "int64", "uint64", "real32", "real64", "strin
 CONTEXTS = ("host", "vm")
 
 _UNITS = {"": 1, "k": 1024, "K": 1024, "m": 1048576, "M": 1048576}
+
+# Every integer of the config has a closed range, checked at load time, so a
+# value the daemon cannot use is refused with file:line (and a SIGHUP to it
+# keeps the running config) instead of failing later: an update_period of
+# 10**309 used to pass --dump and raise OverflowError in the cycle schedule.
+# The ranges are documented in docs/man/vhostmd.conf.5 (section LIMITS).
+# update_period: upstream's minimum 1 s; at most one day (a longer period is
+# not monitoring any more, and the schedule's float arithmetic stays exact).
+UPDATE_PERIOD_RANGE = (1, 86400)
+# max_channels: one open socket per VM; 65536 is far beyond the fds a process
+# gets (the virtio transport also caps itself at what RLIMIT_NOFILE allows).
+MAX_CHANNELS_RANGE = (1, 65536)
+# expiration_time: raised to 3 x update_period anyway (upstream), so its
+# maximum is three times the longest period.
+EXPIRATION_TIME_RANGE = (1, 3 * UPDATE_PERIOD_RANGE[1])
+# <size> times its unit: MIN_DISK_SIZE..MAX_DISK_SIZE bytes (upstream's range).
+# Upstream reads numbers with strtol/atoi: ASCII digits with an optional sign.
+# Python's int() would also take "1_000" or Arabic-Indic digits; refuse those.
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+# Longer digit strings are out of every range above: never convert them (no
+# huge ints, no int()'s 4300-digit ValueError) and shorten them in messages.
+_MAX_DIGITS = 18
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,9 @@ class MetricSpec:
     action: str  # element text, leading/trailing whitespace stripped
     unit: str | None  # None when absent or empty (rendered only if non-empty)
     variables: Tuple[Variable, ...] = ()
+    # A built-in source field (vhostmd_py.native.catalogue) instead of a
+    # shell action (then action is ""), from <source>FIELD</source>.
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +102,37 @@ class VirtioConfig:
     channel_path: str
     max_channels: int
     expiration_time: int  # effective: max(configured, 3 * update_period), as upstream
+
+
+DEFAULT_STATE_DIR = "/var/lib/vhostmd"
+DEFAULT_RETENTION = 7 * 86400
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """``<globals><history>``: the RRD history (present = enabled)."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    retention: int = DEFAULT_RETENTION  # seconds a gone VM's files are kept
+    publish: bool = False  # consolidated values as metrics for the guests
+    rrdcached: str | None = None  # rrdcached address (unix:/path or host:port)
+    heartbeat: int | None = None  # seconds; None: 2 * update_period (at least 10)
+
+    def effective_heartbeat(self, update_period: int) -> int:
+        """The heartbeat in force for this update period."""
+        if self.heartbeat is not None:
+            return self.heartbeat
+        return max(2 * update_period, 10)
+
+
+def parse_duration(text: str) -> int:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds (ValueError otherwise)."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"'{text}' is not a duration (a number with s, m, h, d or w)")
+    return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
 @dataclass(frozen=True)
@@ -86,6 +148,11 @@ class Config:
     transports: Tuple[str, ...]
     virtio: VirtioConfig
     metrics: Tuple[MetricSpec, ...]
+    history: HistoryConfig | None = None  # None: no <history>, the history is off
+    # vhostmd-py extension (issue 14): the optional <alarms> and <accounting>
+    # sections (vhostmd_py/monitor_config.py); None when absent.
+    alarms: AlarmsConfig | None = None
+    accounting: AccountingConfig | None = None
 
     def host_metrics(self) -> Tuple[MetricSpec, ...]:
         """Metrics evaluated once per cycle, in config order."""
@@ -127,7 +194,9 @@ def parse_config(data: bytes, *, file: str = "<config>", dtd: StrPath | None = N
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as err:
         line = err.lineno if err.lineno else None
-        raise ConfigError(file, f"XML syntax error: {err.msg}", line) from err
+        reason = f"XML syntax error: {err.msg}"
+        hint = _ampersand_hint(data, line, str(err.msg))
+        raise ConfigError(file, f"{reason}{hint}", line) from err
     for node in root.iter(etree.Entity):
         # resolve_entities=False leaves them as nodes; their text would be
         # silently missing from an action, so refuse instead.
@@ -137,7 +206,39 @@ def parse_config(data: bytes, *, file: str = "<config>", dtd: StrPath | None = N
     grammar = _load_dtd(file, dtd)
     if not grammar.validate(root):
         raise _dtd_error(file, [*grammar.error_log])  # type: ignore[misc]
-    return _convert(root, file)
+    return _with_monitoring(_convert(root, file), root, file, grammar)
+
+
+def _with_monitoring(config: Config, root: etree._Element, file: str, grammar: etree.DTD) -> Config:
+    """Add the optional <alarms> and <accounting> sections (vhostmd-py extension)."""
+    alarms, accounting = root.find("alarms"), root.find("accounting")
+    if alarms is None and accounting is None:
+        return config
+    from .monitor_config import parse_accounting, parse_alarms
+
+    return replace(
+        config,
+        alarms=parse_alarms(alarms, file, grammar) if alarms is not None else None,
+        accounting=parse_accounting(accounting, file, grammar) if accounting is not None else None,
+    )
+
+
+def _ampersand_hint(data: bytes, line: int | None, message: str) -> str:
+    """A hint for the commonest syntax error in actions: a raw `&` (`a && b`, `cmd &`).
+
+    libxml only says "xmlParseEntityRef: no name" (or "EntityRef: expecting
+    ';'"), which names nothing an operator wrote; the shell's `&&` must be
+    written `&amp;&amp;` in XML.
+    """
+    if line is None or "EntityRef" not in message:
+        return ""
+    lines = data.splitlines()
+    if not 1 <= line <= len(lines) or b"&" not in lines[line - 1]:
+        return ""
+    return (
+        " (a raw '&' in the text: in XML write '&&' as '&amp;&amp;' and '&' as '&amp;', "
+        "or put the action in <![CDATA[ ... ]]>)"
+    )
 
 
 def _dtd_error(file: str, entries: List[Any]) -> ConfigError:
@@ -167,21 +268,63 @@ def _text(elem: etree._Element) -> str:
     return str(elem.xpath("string()")).strip()
 
 
-def _int(elem: etree._Element, file: str, what: str) -> int:
-    raw = _text(elem)
-    try:
-        return int(raw, 10)
-    except ValueError as err:
-        raise ConfigError(file, f"{what} '{raw}' is not an integer", _line(elem)) from err
+def _shown(raw: str) -> str:
+    """RAW for a message; a 310-digit number is cut to its start and its length."""
+    if len(raw) <= _MAX_DIGITS + 2:
+        return raw
+    return f"{raw[:12]}...({len(raw)} characters)"
+
+
+def _integer(raw: str, file: str, what: str, elem: etree._Element, low: int, high: int,
+             unit: str) -> int:
+    """RAW as an int within LOW..HIGH, else ConfigError naming WHAT, the range and the line."""
+    allowed = f"allowed: {low} to {high}{unit}"
+    if not _INTEGER.match(raw):
+        raise ConfigError(
+            file, f"{what} '{_shown(raw)}' is not an integer ({allowed})", _line(elem)
+        )
+    if len(raw.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+        raise ConfigError(file, f"{what} {_shown(raw)} is out of range ({allowed})", _line(elem))
+    value = int(raw, 10)
+    if value > high:
+        raise ConfigError(file, f"{what} {value} is out of range ({allowed})", _line(elem))
+    return value
+
+
+def _int(elem: etree._Element, file: str, what: str, bounds: Tuple[int, int], unit: str,
+         below: str) -> int:
+    """<WHAT> as an int in BOUNDS; BELOW is upstream's wording for a value under the minimum."""
+    low, high = bounds
+    value = _integer(_text(elem), file, what, elem, low, high, unit)
+    if value < low:
+        # Upstream's message first (golden daemon-cli/period-zero), then the range.
+        raise ConfigError(
+            file,
+            f"Specified {below} ({value}) less than minimum supported ({low}) "
+            f"(allowed: {low} to {high}{unit})",
+            _line(elem),
+        )
+    return value
 
 
 def _disk_size(elem: etree._Element, file: str) -> int:
     unit = str(elem.get("unit", ""))
     raw = _text(elem)
-    try:
-        number = int(raw, 10)
-    except ValueError as err:
-        raise ConfigError(file, f"disk size '{raw}' is not an integer", _line(elem)) from err
+    if not _INTEGER.match(raw):
+        raise ConfigError(
+            file,
+            f"disk size '{_shown(raw)}' is not an integer "
+            f"(allowed: {MIN_DISK_SIZE} to {MAX_DISK_SIZE} bytes, with unit k or m)",
+            _line(elem),
+        )
+    if len(raw.lstrip("+-").lstrip("0")) > _MAX_DIGITS:
+        raise ConfigError(
+            file,
+            f"Specified metrics disk size ({_shown(raw)}) not within supported range: "
+            f"({MIN_DISK_SIZE} - {MAX_DISK_SIZE})",
+            _line(elem),
+        )
+    number = int(raw, 10)
     factor = _UNITS.get(unit)
     if factor is None:
         # Upstream reports -1 for an unknown unit (daemon-cli/size-bad-unit);
@@ -243,26 +386,59 @@ def _virtio(globals_: etree._Element, file: str, update_period: int) -> VirtioCo
             channel_path = _text(cp)
         mc = virtio.find("max_channels")
         if mc is not None:
-            max_channels = _int(mc, file, "max_channels")
-            if max_channels < 1:
-                raise ConfigError(
-                    file,
-                    f"Specified max_channels ({max_channels}) less than minimum supported (1)",
-                    _line(mc),
-                )
+            max_channels = _int(mc, file, "max_channels", MAX_CHANNELS_RANGE, "", "max_channels")
         et = virtio.find("expiration_time")
         if et is not None:
-            expiration = _int(et, file, "expiration_time")
-            if expiration < 1:
-                raise ConfigError(
-                    file,
-                    f"Specified expiration_time ({expiration}) less than minimum supported (1)",
-                    _line(et),
-                )
+            expiration = _int(
+                et, file, "expiration_time", EXPIRATION_TIME_RANGE, " seconds", "expiration_time"
+            )
     # Upstream raises it so a channel never expires between two updates
     # (FACTS section 4: effective expiration = max(expiration_time, 3 x period)).
     expiration = max(expiration, 3 * update_period)
     return VirtioConfig(channel_path, max_channels, expiration)
+
+
+def _history(globals_: etree._Element, file: str, update_period: int) -> HistoryConfig | None:
+    elem = globals_.find("history")
+    if elem is None:
+        return None
+    line = _line(elem)
+    state_dir = str(elem.get("state_dir", DEFAULT_STATE_DIR)).strip()
+    if not os.path.isabs(state_dir):
+        raise ConfigError(file, f"history state_dir '{state_dir}' is not an absolute path", line)
+    retention = DEFAULT_RETENTION
+    raw = elem.get("retention")
+    if raw is not None:
+        try:
+            retention = parse_duration(str(raw))
+        except ValueError as err:
+            raise ConfigError(file, f"history retention: {err}", line) from err
+    publish_raw = str(elem.get("publish", "no")).strip().lower()
+    if publish_raw not in ("yes", "no"):
+        raise ConfigError(file, f"history publish '{publish_raw}' is not yes or no", line)
+    daemon = elem.get("rrdcached")
+    daemon = str(daemon).strip() if daemon is not None and str(daemon).strip() else None
+    heartbeat = None
+    raw = elem.get("heartbeat")
+    if raw is not None:
+        try:
+            heartbeat = parse_duration(str(raw))
+        except ValueError as err:
+            raise ConfigError(file, f"history heartbeat: {err}", line) from err
+        if heartbeat <= update_period:
+            raise ConfigError(
+                file,
+                f"history heartbeat ({heartbeat} s) must be longer than the update period "
+                f"({update_period} s)",
+                line,
+            )
+    return HistoryConfig(
+        state_dir=state_dir,
+        retention=retention,
+        publish=publish_raw == "yes",
+        rrdcached=daemon,
+        heartbeat=heartbeat,
+    )
 
 
 def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
@@ -275,10 +451,12 @@ def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
     action_elem = elem.find("action")
     name = _text(name_elem) if name_elem is not None else ""
     action = _text(action_elem) if action_elem is not None else ""
+    source_elem = elem.find("source")
+    source = _source(source_elem, file, mtype, context) if source_elem is not None else None
     if not name:
         log.warning("%s: skipping metric without a name", where)
         return None
-    if not action:
+    if source is None and not action:
         log.warning("%s: skipping metric %s: empty action", where, name)
         return None
     if mtype not in (*METRIC_TYPES, "group", "xml") or context not in CONTEXTS:
@@ -310,7 +488,47 @@ def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
         action=action,
         unit=str(unit) if unit else None,
         variables=tuple(variables),
+        source=source,
     )
+
+
+def _source(elem: etree._Element, file: str, mtype: str, context: str) -> str:
+    """A <source> field name, checked against the catalogue, the metric's type and context."""
+    from .native.catalogue import known_fields, lookup
+
+    name = _text(elem)
+    field = lookup(name)
+    if field is None:
+        raise ConfigError(
+            file,
+            f"unknown built-in source field '{name}'; known: {', '.join(known_fields())}",
+            _line(elem),
+        )
+    if field.context != context:
+        raise ConfigError(
+            file,
+            f"built-in source field '{name}' is for context '{field.context}', "
+            f"the metric has context '{context}'",
+            _line(elem),
+        )
+    allowed = field.compatible_types()
+    if mtype not in allowed:
+        raise ConfigError(
+            file,
+            f"built-in source field '{name}' gives {field.kind} values: metric type "
+            f"'{mtype}' cannot hold them (use {', '.join(allowed)})",
+            _line(elem),
+        )
+    parent = elem.getparent()
+    given = len(parent.findall("variable")) if parent is not None else 0
+    if field.kind == "group" and given > len(field.variables):
+        raise ConfigError(
+            file,
+            f"built-in source field '{name}' gives {len(field.variables)} values "
+            f"({', '.join(field.variables)}): too many <variable> elements",
+            _line(elem),
+        )
+    return name
 
 
 def _convert(root: etree._Element, file: str) -> Config:
@@ -332,16 +550,13 @@ def _convert(root: etree._Element, file: str) -> Config:
             UPSTREAM_READ_BLOCK,
         )
     period_elem = _child(globals_, "update_period")
-    update_period = _int(period_elem, file, "update_period")
-    if update_period < 1:
-        raise ConfigError(
-            file,
-            f"Specified update period ({update_period}) less than minimum supported (1)",
-            _line(period_elem),
-        )
+    update_period = _int(
+        period_elem, file, "update_period", UPDATE_PERIOD_RANGE, " seconds", "update period"
+    )
     path = _text(_child(globals_, "path")) or DEFAULT_PATH
     transports = _transports(globals_, file)
     virtio = _virtio(globals_, file, update_period)
+    history = _history(globals_, file, update_period)
     metrics_elem = root.find("metrics")
     metrics: List[MetricSpec] = []
     if metrics_elem is not None:
@@ -359,6 +574,7 @@ def _convert(root: etree._Element, file: str) -> Config:
         transports=transports,
         virtio=virtio,
         metrics=tuple(metrics),
+        history=history,
     )
 
 
@@ -370,10 +586,12 @@ def _child(parent: etree._Element, tag: str) -> etree._Element:
 
 __all__: Sequence[str] = (
     "Config",
+    "HistoryConfig",
     "MetricSpec",
     "Variable",
     "VirtioConfig",
     "default_dtd_path",
     "load_config",
     "parse_config",
+    "parse_duration",
 )

@@ -38,14 +38,20 @@ from typing import TYPE_CHECKING, Any, Callable, List, Tuple, TypeVar
 
 from vhostmd_py import render
 from vhostmd_py.errors import ContentTooLargeError, VhostmdError
+from vhostmd_py.logsetup import LIFECYCLE
 from vhostmd_py.model import VM, Snapshot
 from vhostmd_py.process import install_loop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
+    from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
+    from vhostmd_py.monitor import Monitor
+    from vhostmd_py.native.source import NativeSource
     from vhostmd_py.runner import ActionRunner
+    from vhostmd_py.sources import SourceRegistry
+    from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio.server import VirtioServer
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,18 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _needs_vms(config: Config) -> bool:
-    return "virtio" in config.transports or any(m.context == "vm" for m in config.metrics)
+    from vhostmd_py.native.catalogue import needs_libvirt
+
+    return (
+        "virtio" in config.transports
+        or any(m.context == "vm" for m in config.metrics)
+        # Built-in host fields read from libvirt (node info) need its connection.
+        or needs_libvirt([m.source for m in config.metrics if m.source is not None])
+        # The history, alarms and accounting read every VM's counters.
+        or config.history is not None
+        or config.alarms is not None
+        or config.accounting is not None
+    )
 
 
 class Daemon:
@@ -136,6 +153,8 @@ class Daemon:
         publish: bool = True,
         use_virtio: bool = True,
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
+        stats_source: Callable[[List[VM]], StatsSnapshot] | None = None,
+        monitor_factory: Callable[[Config], Monitor] | None = None,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -154,6 +173,12 @@ class Daemon:
         self._disk: MetricsDisk | None = None
         self._virtio: VirtioServer | None = None
         self._worker = BlockingWorker()
+        self._native: NativeSource | None = None  # built-in metrics, created on first use
+        # The history (config <history>): fed each cycle from stats_source, a
+        # blocking call run on the worker thread that returns the cycle's raw
+        # statistics (the built-in sources). Without a source it stays off.
+        self._stats_source = stats_source
+        self._history: History | None = None
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self._reload_requested = False
@@ -164,6 +189,37 @@ class Daemon:
         # --once turns a failure into a non-zero exit status.
         self.last_publish_ok: bool | None = None
         self._published_any = False
+        self._announced = False  # ops: the first-publish line was logged
+        # --- alarms and accounting (issue 14): fed each cycle with the raw
+        # statistics (_cycle_stats), like the history.
+        self._monitor_factory = monitor_factory
+        self.monitor: Monitor | None = None
+        self._update_monitor(config)
+
+    def _update_monitor(self, config: Config) -> None:
+        from vhostmd_py.monitor import Monitor, wanted
+
+        if not wanted(config):
+            if self.monitor is not None:
+                self.monitor.close()
+            self.monitor = None
+        elif self.monitor is not None:
+            self.monitor.reconfigure(config)
+        elif self._monitor_factory is not None:
+            self.monitor = self._monitor_factory(config)
+        else:
+            self.monitor = Monitor(config, uri=self.uri)
+
+    async def _monitor_cycle(self, stats: StatsSnapshot | None, snapshot: Snapshot) -> Snapshot:
+        """Feed the alarms and the accounting; add their guest metrics."""
+        assert self.monitor is not None
+        if stats is not None:
+            try:
+                # On the libvirt worker: observing can cap or restore a VM's rate.
+                await self._worker.call(self.monitor.observe, stats)
+            except VhostmdError as err:
+                log.error("alarms/accounting: %s", err)
+        return self.monitor.decorate(snapshot)
 
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
@@ -233,6 +289,7 @@ class Daemon:
             if _needs_vms(self.config):
                 self._vms = self._make_vms(self.config)
             await self._start_virtio(self.config)
+            self._start_history(self.config)
             await self._loop(max_cycles)
         finally:
             # Handlers stay until the shutdown is done: removing them first
@@ -257,7 +314,7 @@ class Daemon:
                 return  # stopped while the cycle ran
             self.cycles += 1
             took = self._clock() - started
-            log.debug("cycle %d took %.3f s", self.cycles, took)
+            self._log_cycle(took)  # ops: -v line per cycle
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
             next_start += self.config.update_period
@@ -304,7 +361,20 @@ class Daemon:
         vms: List[VM] = []
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
-        snapshot = await collect(config, vms, self._runner)
+        if self._stats_source is None and (self._history is not None or self.monitor is not None):
+            from vhostmd_py.native.catalogue import COUNTER_FIELDS
+
+            # Sampled in the same libvirt call as the built-in metrics.
+            self._native_source().extra_fields = COUNTER_FIELDS
+        native = self._native
+        sampled = native.last_snapshot if native is not None else None
+        snapshot = await collect(config, vms, self._runner, sources=self._sources(config))
+        if self._history is not None or self.monitor is not None:
+            stats = await self._cycle_stats(vms, sampled)
+            if self._history is not None and stats is not None:
+                snapshot = self._observe_history(self._history, snapshot, stats)
+            if self.monitor is not None:
+                snapshot = await self._monitor_cycle(stats, snapshot)
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
@@ -312,6 +382,115 @@ class Daemon:
             self._publish(self._disk, snapshot)
         if self._virtio is not None:
             self._virtio.update(snapshot)
+        self._log_first_publish(snapshot)  # ops: shown at the default level
+
+    # --- ops: what an operator sees (logsetup.LIFECYCLE, -v) ------------------
+
+    def _log_first_publish(self, snapshot: Snapshot) -> None:
+        """Once per daemon life: the first cycle whose metrics reached a transport."""
+        if self._announced or (self._disk is not None and not self.last_publish_ok):
+            return
+        if self._disk is None and self._virtio is None:
+            return
+        self._announced = True
+        where = [f"disk {self._disk.path}"] if self._disk is not None else []
+        if self._virtio is not None:
+            where.append("virtio")
+        metrics, vms = _counts(snapshot)
+        logging.getLogger(LIFECYCLE).info(
+            "first metrics published on %s: %d metrics, %d VMs", " and ".join(where), metrics, vms
+        )
+
+    def _log_cycle(self, took: float) -> None:
+        """-v: one line per cycle (what was published, how long it took)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        metrics, vms = _counts(self.last_snapshot) if self.last_snapshot else (0, 0)
+        log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)
+
+    def _sources(self, config: Config) -> SourceRegistry | None:
+        """Shell actions, and the built-in source when CONFIG names one (kept across cycles)."""
+        if not any(m.source is not None for m in config.metrics):
+            return None
+        from vhostmd_py.native.source import is_builtin
+        from vhostmd_py.sources import ShellActionSource, SourceRegistry
+
+        shell = ShellActionSource(self._runner, path=config.path)
+        return SourceRegistry(shell, [(is_builtin, self._native_source())])
+
+    def _native_source(self) -> NativeSource:
+        """The built-in source, created on first use and kept across cycles."""
+        if self._native is None:
+            from vhostmd_py.native.source import NativeSource
+
+            # Same worker thread and connection as the VM listing: libvirt
+            # calls stay off the loop and one outage is one outage.
+            self._native = NativeSource(
+                connection=lambda: self._vms.connection() if self._vms is not None else None,
+                run_blocking=lambda fn: self._worker.call(fn),
+                timeout=self._libvirt_timeout,
+            )
+        return self._native
+
+    # --- history -------------------------------------------------------------------
+
+    @property
+    def history(self) -> History | None:
+        """The history in force (None when off)."""
+        return self._history
+
+    def _start_history(self, config: Config) -> None:
+        if config.history is None:
+            return
+        from vhostmd_py.history.core import History
+
+        try:
+            self._history = History(config.history, update_period=config.update_period)
+        except VhostmdError as err:
+            log.error("History disabled: %s", err)
+            return
+        log.info("Recording history in %s", config.history.state_dir)
+
+    async def _stop_history(self) -> None:
+        history, self._history = self._history, None
+        if history is not None:
+            # Waits for the queued RRD writes: off the event loop.
+            await asyncio.get_running_loop().run_in_executor(None, history.close)
+
+    async def _cycle_stats(
+        self, vms: List[VM], sampled: StatsSnapshot | None
+    ) -> StatsSnapshot | None:
+        """This cycle's raw statistics (the built-in metrics' sample when they took one).
+
+        None when they could not be read in time (logged): the history then
+        records a gap and the alarms skip the cycle; publishing goes on.
+        """
+        try:
+            if self._stats_source is not None:  # a scripted source (tests, benchmarks)
+                return await asyncio.wait_for(
+                    self._worker.call(self._stats_source, vms), self._libvirt_timeout
+                )
+            native = self._native_source()
+            if native.last_snapshot is not None and native.last_snapshot is not sampled:
+                return native.last_snapshot  # sampled by collect(), our fields included
+            return await native.sample(native.extra_fields, vms)
+        except asyncio.TimeoutError:
+            log.error(
+                "statistics not read within %.0f s: skipped this cycle", self._libvirt_timeout
+            )
+        except Exception:  # history, alarms and accounting must never cost the metrics
+            log.exception("reading the cycle's statistics failed")
+        return None
+
+    def _observe_history(
+        self, history: History, snapshot: Snapshot, stats: StatsSnapshot
+    ) -> Snapshot:
+        """Feed the history with the cycle's statistics, add the published values."""
+        try:
+            return history.decorate(snapshot, history.observe(stats))
+        except Exception:  # the history must never cost the metrics
+            log.exception("history update failed")
+        return snapshot
 
     async def _list_vms(self, source: LibvirtVMs) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""
@@ -436,7 +615,11 @@ class Daemon:
         )
         if virtio_changed:
             await self._stop_virtio()
+        history_changed = (new.history, new.update_period) != (old.history, old.update_period)
+        if history_changed:
+            await self._stop_history()
         self.config = new
+        self._update_monitor(new)
         old_runner, self._runner = self._runner, self._runner_factory(new)
         old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
         if self._vms is not None and (not _needs_vms(new) or virtio_changed):
@@ -448,6 +631,8 @@ class Daemon:
                 await self._start_virtio(new)
             except (OSError, VhostmdError) as err:
                 log.error("Unable to restart the virtio transport: %s", err)
+        if history_changed:
+            self._start_history(new)
         log.info("Reloaded configuration from %s", new.file)
 
     # --- shutdown ----------------------------------------------------------------
@@ -458,7 +643,13 @@ class Daemon:
         except (OSError, VhostmdError) as err:
             log.warning("Closing the virtio transport: %s", err)
         await self._close_vms()
+        try:
+            await self._stop_history()
+        except (OSError, VhostmdError) as err:
+            log.warning("Closing the history: %s", err)
         self._worker.shutdown()
+        if self.monitor is not None:
+            self.monitor.close()
         # Kills and reaps any action a cancelled cycle left behind.
         self._runner.close()
         self.close_disk()
@@ -479,6 +670,12 @@ class Daemon:
         disk, self._disk = self._disk, None
         if disk is not None:
             disk.close()
+
+
+def _counts(snapshot: Snapshot) -> Tuple[int, int]:
+    """(metric elements, VMs) of a cycle, for the operator's log lines."""
+    blocks = (snapshot.host, *(b.xml for b in snapshot.vms))
+    return sum(b.count(b"<metric ") for b in blocks), len(snapshot.vms)
 
 
 def describe_config(config: Config) -> Tuple[str, ...]:

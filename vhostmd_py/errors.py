@@ -105,3 +105,24 @@ class PrivilegeError(VhostmdError):
     def __init__(self, user: str, reason: str) -> None:
         self.user = user
         super().__init__(reason, f"cannot run as user '{user}': {reason}")
+
+
+# --- alarms and accounting (vhostmd-py extension, issue 14) -------------------
+
+
+class StateFileError(VhostmdError):
+    """A state file (alarms, accounting) cannot be read or written atomically."""
+
+    def __init__(self, path: StrPath, reason: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(reason, f"state file {self.path}: {reason}")
+
+
+class ShapingError(VhostmdError):
+    """libvirt refused to read or change a VM interface's bandwidth parameters."""
+
+    def __init__(self, vm: str, device: str, reason: str, *, gone: bool = False) -> None:
+        self.vm = vm
+        self.device = device
+        self.gone = gone  # the domain (or the interface) no longer exists
+        super().__init__(reason, f"VM {vm} interface {device}: {reason}")

@@ -20,7 +20,10 @@ on stderr at every re-connection attempt; real drivers do not.
 
 Every method is blocking (libvirt-python is): the daemon calls them from one
 worker thread. `libvirt` is imported lazily so that guests, which install
-without libvirt-python, can import the package.
+without libvirt-python, can import the package. A host installed without the
+`[host]` extra has no libvirt-python either: that is said once, in one line
+with the way to install it, and the daemon publishes host metrics only
+(it used to log a 15-line ImportError traceback every cycle).
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from vhostmd_py.model import VM
 from vhostmd_py.safexml import safe_parser
 
 log = logging.getLogger(__name__)
+
+MISSING_LIBVIRT = (
+    "libvirt-python is not installed (%s): VM metrics and the virtio transport are off, "
+    "publishing host metrics only; install it with pip install 'vhostmd-py[host]' "
+    "or your distribution's python3-libvirt"
+)
 
 _handler_lock = threading.Lock()
 _handler_installed = False
@@ -76,6 +85,9 @@ class LibvirtVMs:
         self._libvirt: Any = None
         self._conn: Any = None
         self._down = False
+        # Set when `import libvirt` failed: said once, never retried (a package
+        # installed into a running interpreter's path needs a restart anyway).
+        self._missing: str | None = None
         # (id, uuid) -> channel path: the live XML is fetched once per domain life.
         self._channels: Dict[Tuple[int, str], str | None] = {}
 
@@ -84,10 +96,20 @@ class LibvirtVMs:
         """Whether a connection is currently open."""
         return self._conn is not None
 
-    def _module(self) -> Any:
-        if self._libvirt is None:
-            import libvirt
+    @property
+    def available(self) -> bool:
+        """Whether libvirt-python can be imported (logs the one line when it cannot)."""
+        return self._module() is not None
 
+    def _module(self) -> Any:
+        """The libvirt module, or None when libvirt-python is missing (logged once)."""
+        if self._libvirt is None and self._missing is None:
+            try:
+                import libvirt
+            except ImportError as err:
+                self._missing = str(err)
+                log.warning(MISSING_LIBVIRT, err)
+                return None
             _silence_default_handler(libvirt)
             self._libvirt = libvirt
         return self._libvirt
@@ -98,6 +120,8 @@ class LibvirtVMs:
     def _open(self) -> Any:
         """An open connection, re-opened after a loss; None (logged once) when impossible."""
         libvirt = self._module()
+        if libvirt is None:
+            return None
         if self._conn is not None:
             try:
                 if self._conn.isAlive():
@@ -132,9 +156,18 @@ class LibvirtVMs:
             except Exception as err:  # closing a dead connection may fail; nothing to do
                 log.debug("closing libvirt connection: %s", err)
 
+    def connection(self) -> Any:
+        """The open connection (re-opened after a loss), or None; for built-in sources.
+
+        Blocking, like every method: call it from the same worker thread.
+        """
+        return self._open()
+
     def list_running(self) -> List[VM]:
         """The running domains in libvirt's listing order; [] when libvirt is unreachable."""
         libvirt = self._module()
+        if libvirt is None:
+            return []
         # One retry: a libvirtd restart between cycles costs nothing when it is back.
         for attempt in (1, 2):
             conn = self._open()

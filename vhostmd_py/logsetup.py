@@ -2,7 +2,14 @@
 
 Upstream logs with vu_log(): syslog when daemonized, stderr in the
 foreground (-d), and -v adds informational lines. We keep the destinations;
--v gives INFO and -vv DEBUG (per-cycle timing lines).
+-v gives INFO (plus one line per cycle: metrics, VMs, duration) and -vv DEBUG.
+
+At the default level an operator still sees that the daemon is alive: the
+start-up line and the first successful publish go to the LIFECYCLE logger,
+which stays at INFO whatever -v says (two lines per daemon life, in the
+foreground and in syslog alike). Making all of INFO the default would
+print every metric's action at start-up (upstream's -v lines); raising these
+two lines to WARNING would make them look like a problem.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ from typing import TextIO
 
 SYSLOG_ADDRESS = "/dev/log"
 IDENT = "vhostmd"
+# The daemon's "started" and "first metrics published" lines (see above).
+LIFECYCLE = "vhostmd_py.lifecycle"
 
 
 def level_for(verbose: int) -> int:
@@ -49,5 +58,8 @@ def setup_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level_for(verbose))
+    # A logger with its own level passes its records to the root's handler
+    # even when the root's level is higher: INFO for these lines only.
+    logging.getLogger(LIFECYCLE).setLevel(min(logging.INFO, level_for(verbose)))
     logging.captureWarnings(True)
     return handler

@@ -140,6 +140,8 @@ def run(opts: Options) -> int:
             return _fail(message)
         if notify is not None:
             notify(None)
+        if not opts.dump:
+            _log_started(opts, config)
         try:
             if opts.dump:
                 return _dump(daemon)
@@ -211,6 +213,24 @@ def _stop_signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _log_started(opts: Options, config: Config) -> None:
+    """The start-up line, shown at the default level (logsetup.LIFECYCLE)."""
+    from vhostmd_py import __version__, logsetup
+
+    disk = f", disk {config.disk_path}" if "vbd" in config.transports else ""
+    logging.getLogger(logsetup.LIFECYCLE).info(
+        "vhostmd-py %s started (pid %d): %s, %d metrics, every %d s, transports %s%s, libvirt %s",
+        __version__,
+        os.getpid(),
+        config.file,
+        len(config.metrics),
+        config.update_period,
+        ",".join(config.transports),
+        disk,
+        opts.uri or "(default URI)",
+    )
+
+
 def _preload(config: Config) -> Callable[[str], Config]:
     """Load now what the daemon would load lazily later; the config loader to reload with.
 
@@ -234,8 +254,17 @@ def _preload(config: Config) -> Callable[[str], Config]:
     vhostmd_py.render.xml_validator()
     if "virtio" in config.transports:
         import vhostmd_py.virtio.server
+    if any(m.source is not None for m in config.metrics) or config.history is not None:
+        import vhostmd_py.native.source
+    if config.history is not None:
+        import vhostmd_py.history.core
+    if config.alarms is not None or config.accounting is not None:
+        import vhostmd_py.monitor
     if "virtio" in config.transports or any(m.context == "vm" for m in config.metrics):
-        import libvirt  # noqa: F401
+        # Without libvirt-python the daemon publishes host metrics only (said
+        # once by LibvirtVMs); -u must not turn that into a start-up failure.
+        with contextlib.suppress(ImportError):
+            import libvirt  # noqa: F401
     dtd = default_dtd_path()
     try:
         fd = os.open(dtd, os.O_RDONLY)  # kept for the process's life, by design

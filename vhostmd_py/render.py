@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import List, Tuple
@@ -64,8 +65,9 @@ from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 
 from .config import MetricSpec
 from .model import VM, Snapshot
+from .native.catalogue import device_metric_name
 from .safexml import safe_parser
-from .sources import describe
+from .sources import PerDevice, RawValue, describe
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +215,20 @@ def xml_validator() -> XmlMetricValidator:
 def render_value(
     metric: MetricSpec,
     vm: VM | None,
-    raw: bytes | None,
+    raw: RawValue,
     validator: XmlMetricValidator | None = None,
 ) -> bytes:
     """The <metric> element(s) for one metric's raw value (b"" when left out)."""
     if raw is None:
         return b""
+    if isinstance(raw, PerDevice):
+        # A per-device built-in field: one element per device, named after it.
+        return b"".join(
+            render_value(
+                replace(metric, name=device_metric_name(metric.name, dev)), vm, v, validator
+            )
+            for dev, v in raw.values
+        )
     value = raw.rstrip(_TRAILING_WS)
     if metric.type == "xml":
         problem = (validator or xml_validator()).problem(value)

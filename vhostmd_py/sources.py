@@ -11,6 +11,7 @@ without touching rendering or transports: give it to a SourceRegistry route.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import (
     TYPE_CHECKING,
     Callable,
@@ -19,6 +20,7 @@ from typing import (
     Protocol,
     Sequence,
     Tuple,
+    Union,
     runtime_checkable,
 )
 
@@ -41,10 +43,25 @@ XML_VALUE_CAP = 2047
 Request = Tuple[MetricSpec, Optional[VM]]
 
 
+@dataclass(frozen=True)
+class PerDevice:
+    """The values of a per-device built-in field: one element per (device name, raw value).
+
+    The collector renders one <metric> per device, named after the device
+    (vhostmd_py.native.catalogue.device_metric_name).
+    """
+
+    values: Tuple[Tuple[str, bytes], ...]
+
+
+# A source's answer: value bytes, values per device, or None (left out, logged).
+RawValue = Union[bytes, PerDevice, None]
+
+
 class MetricSource(Protocol):
     """Produces one metric's raw value."""
 
-    async def collect(self, metric: MetricSpec, vm: VM | None) -> bytes | None:
+    async def collect(self, metric: MetricSpec, vm: VM | None) -> RawValue:
         """The value bytes, or None after logging why there is none."""
         ...
 
@@ -53,7 +70,7 @@ class MetricSource(Protocol):
 class BatchMetricSource(MetricSource, Protocol):
     """A source that serves a whole cycle's requests in one call (cheaper per metric)."""
 
-    async def collect_many(self, requests: Sequence[Request]) -> List[bytes | None]:
+    async def collect_many(self, requests: Sequence[Request]) -> Sequence[RawValue]:
         """collect() for each (metric, vm) of REQUESTS, in order."""
         ...
 

@@ -76,8 +76,20 @@ class VmStats:
 class HostStats:
     """The host's counters and sizes this cycle."""
 
-    hostname: str | None = None
+    hostname: str | None = None  # libvirt's virConnectGetHostname (virsh hostname)
+    nodename: str | None = None  # os.uname().nodename (hostname(1))
+    vendor: str | None = None  # os-release VENDOR_NAME, else NAME
+    hypervisor: str | None = None  # virConnectGetType: "QEMU", "TEST", ...
+    hypervisor_version: int | None = None  # virConnectGetVersion, packed major*1e6+minor*1e3+micro
+    libvirt_version: int | None = None  # virConnectGetLibVersion, packed likewise
     cpus: int | None = None  # logical CPUs (nodeinfo / online CPUs)
+    node_memory_mib: int | None = None  # nodeinfo memory size, MiB (virNodeGetInfo >> 10)
+    online_cpus: int | None = None  # CPUs listed in /sys/devices/system/cpu/online
+    page_size: int = 4096  # bytes, os.sysconf("SC_PAGE_SIZE")
+    # Derived per second from two /proc/vmstat samples (the previous cycle's,
+    # or one second apart on the first cycle, as the shell action did).
+    page_in_rate: int | None = None  # KiB paged in per second (pgpgin)
+    page_fault_rate: int | None = None  # page faults per second (pgfault)
     # /proc/stat's aggregate "cpu" line in USER_HZ ticks by name (user, nice,
     # system, idle, iowait, irq, softirq, steal, guest, guest_nice).
     cpu_ticks: Mapping[str, int] = field(default_factory=dict)

@@ -1,0 +1,258 @@
+"""The round-robin store: one rrdtool file per host and per VM, in a state directory.
+
+Layout of the state directory::
+
+    STATE_DIR/host.rrd            the host
+    STATE_DIR/vm/UUID.rrd         one per VM, by libvirt UUID
+    STATE_DIR/index.json          uuid -> name, last seen (see index.py)
+
+Every data source is a GAUGE fed with the values the daemon derived
+(rates.py), so the counter semantics live in one place (ours) and rrdtool
+only consolidates. Each file has AVERAGE, MIN, MAX and LAST archives at four
+resolutions, XenServer's layout (:func:`archive_layout`): the update period
+for 10 minutes, 1 minute for 2 hours, 1 hour for 1 week and 1 day for 1 year.
+
+Files are created under a temporary name and renamed, so a kill -9 never
+leaves a half-made file under the real name; the directories are fsync'ed once
+per cycle that created files (:meth:`RrdStore.sync_dirs`), not once per file
+(1000 fsyncs made the first cycle at N = 1000 take seconds). A file torn by a
+power loss fails rrdtool's checks on the next start: it is moved aside to
+``NAME.corrupt`` and a new one is made. A daemon restart goes on
+with the same files: updates not later than a file's last update are skipped,
+and the first cycle after a restart writes unknown values (no counter baseline
+yet), so the downtime shows as a gap and never as a spike.
+
+With ``daemon`` (an rrdcached address such as ``unix:/run/rrdcached.sock``)
+updates go through rrdcached, which batches the disk writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Sequence, Tuple
+
+import rrdtool
+
+from vhostmd_py.errors import StrPath
+from vhostmd_py.history.errors import HistoryError
+
+log = logging.getLogger(__name__)
+
+CFS = ("AVERAGE", "MIN", "MAX", "LAST")
+XFF = 0.5
+
+# (resolution, coverage) in seconds, XenServer's archives.
+ARCHIVE_TARGETS = ((0, 600), (60, 7200), (3600, 7 * 86400), (86400, 366 * 86400))
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One GAUGE data source: name (rrdtool's, <= 19 chars), bounds, unit, meaning."""
+
+    name: str
+    minimum: float | None
+    maximum: float | None
+    unit: str
+    description: str
+
+    def spec(self, heartbeat: int) -> str:
+        """``DS:name:GAUGE:heartbeat:min:max``."""
+        lo = "U" if self.minimum is None else f"{self.minimum:g}"
+        hi = "U" if self.maximum is None else f"{self.maximum:g}"
+        return f"DS:{self.name}:GAUGE:{heartbeat}:{lo}:{hi}"
+
+
+VM_SOURCES: Tuple[DataSource, ...] = (
+    DataSource("cpu", 0, 100, "%", "CPU utilisation of all vCPUs (100 = every vCPU busy)"),
+    DataSource("net_rx", 0, None, "bytes/s", "bytes received, all interfaces"),
+    DataSource("net_tx", 0, None, "bytes/s", "bytes sent, all interfaces"),
+    DataSource("net_rx_pkts", 0, None, "packets/s", "packets received, all interfaces"),
+    DataSource("net_tx_pkts", 0, None, "packets/s", "packets sent, all interfaces"),
+    DataSource("disk_rd", 0, None, "bytes/s", "bytes read, all disks"),
+    DataSource("disk_wr", 0, None, "bytes/s", "bytes written, all disks"),
+    DataSource("disk_rd_req", 0, None, "requests/s", "read requests, all disks"),
+    DataSource("disk_wr_req", 0, None, "requests/s", "write requests, all disks"),
+)
+
+HOST_SOURCES: Tuple[DataSource, ...] = (
+    DataSource("cpu", 0, 100, "%", "CPU utilisation of all CPUs (busy: not idle, not iowait)"),
+    DataSource("iowait", 0, 100, "%", "CPU time waiting for I/O"),
+    DataSource("steal", 0, 100, "%", "CPU time stolen by the hypervisor below us"),
+    DataSource("load1", 0, None, "", "1-minute load average"),
+    DataSource("mem_used", 0, 100, "%", "memory in use (MemTotal - MemAvailable)"),
+)
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def archive_layout(step: int) -> Tuple[Tuple[int, int], ...]:
+    """(steps per row, rows) of each archive for this step, finest first, no duplicates."""
+    layout: Dict[int, int] = {}
+    for resolution, coverage in ARCHIVE_TARGETS:
+        steps = max(1, round(resolution / step)) if resolution else 1
+        rows = max(1, math.ceil(coverage / (steps * step)))
+        layout[steps] = max(rows, layout.get(steps, 0))
+    return tuple(sorted(layout.items()))
+
+
+def create_args(step: int, heartbeat: int, sources: Sequence[DataSource], start: int) -> List[str]:
+    """rrdtool create's arguments (after the file name)."""
+    args = ["--step", str(step), "--start", str(start)]
+    args += [ds.spec(heartbeat) for ds in sources]
+    for steps, rows in archive_layout(step):
+        args += [f"RRA:{cf}:{XFF}:{steps}:{rows}" for cf in CFS]
+    return args
+
+
+def format_update(wall: float, values: Sequence[float | None]) -> str:
+    """``TIME:v1:v2...`` with U for unknown values (millisecond timestamps)."""
+    parts = [f"{wall:.3f}"]
+    for v in values:
+        parts.append("U" if v is None or math.isnan(v) else repr(float(v)))
+    return ":".join(parts)
+
+
+class RrdStore:
+    """The RRD files of one state directory (all calls blocking; one thread at a time)."""
+
+    def __init__(
+        self,
+        state_dir: StrPath,
+        *,
+        step: int,
+        heartbeat: int,
+        daemon: str | None = None,
+    ) -> None:
+        self.state_dir = os.fspath(state_dir)
+        self.vm_dir = os.path.join(self.state_dir, "vm")
+        self.step = step
+        self.heartbeat = heartbeat
+        self.daemon = daemon
+        self._last: Dict[str, float] = {}  # path -> last update time written
+        self._daemon_failed = False
+
+    # --- paths ------------------------------------------------------------------
+
+    def host_path(self) -> str:
+        """The host's file."""
+        return os.path.join(self.state_dir, "host.rrd")
+
+    def vm_path(self, uuid: str) -> str:
+        """A VM's file (raises HistoryError for a UUID unfit for a file name)."""
+        if not _SAFE_KEY.match(uuid):
+            raise HistoryError(self.vm_dir, f"VM UUID {uuid!r} cannot name a file")
+        return os.path.join(self.vm_dir, f"{uuid}.rrd")
+
+    def prepare(self) -> None:
+        """Create the state directory and its vm/ subdirectory (mode 0755)."""
+        try:
+            os.makedirs(self.vm_dir, mode=0o755, exist_ok=True)
+        except OSError as err:
+            raise HistoryError(self.vm_dir, f"cannot create: {err.strerror or err}") from err
+
+    # --- files ------------------------------------------------------------------
+
+    def ensure(self, path: str, sources: Sequence[DataSource], now: float) -> bool:
+        """Open or create a file; True when it was created. Remembers its last update."""
+        if path in self._last:
+            return False
+        if os.path.exists(path):
+            try:
+                # last() drops the sub-second part of the last update.
+                self._last[path] = float(rrdtool.last(path)) + 0.999
+                return False
+            except rrdtool.OperationalError as err:
+                bad = f"{path}.corrupt"
+                log.warning(
+                    "%s is not a usable RRD (%s): moved to %s, starting anew", path, err, bad
+                )
+                try:
+                    os.replace(path, bad)
+                except OSError as move_err:
+                    raise HistoryError(path, f"cannot move aside: {move_err}") from move_err
+        self._create(path, sources, now)
+        return True
+
+    def _create(self, path: str, sources: Sequence[DataSource], now: float) -> None:
+        start = int(now) - self.step
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            rrdtool.create(tmp, *create_args(self.step, self.heartbeat, sources, start))
+            os.replace(tmp, path)
+        except (rrdtool.OperationalError, OSError) as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise HistoryError(path, f"cannot create RRD: {err}") from err
+        self._last[path] = float(start)
+        log.debug("created %s", path)
+
+    def sync_dirs(self) -> None:
+        """fsync the state directory and vm/ (after creating files)."""
+        for path in (self.vm_dir, self.state_dir):
+            try:
+                _fsync_dir(path)
+            except OSError as err:
+                raise HistoryError(path, f"cannot fsync: {err.strerror or err}") from err
+
+    def update(self, path: str, wall: float, values: Sequence[float | None]) -> bool:
+        """Add one sample; False when skipped (not later than the file's last update)."""
+        last = self._last.get(path)
+        if last is not None and wall <= last:
+            log.debug("%s: skipping update at %.3f, last update %.3f", path, wall, last)
+            return False
+        line = format_update(wall, values)
+        try:
+            if self.daemon is not None and not self._daemon_failed:
+                try:
+                    rrdtool.update("--daemon", self.daemon, path, line)
+                except rrdtool.OperationalError as err:
+                    if "rrdcached" not in str(err) and "connect" not in str(err):
+                        raise
+                    log.error(
+                        "rrdcached at %s failed (%s): writing files directly", self.daemon, err
+                    )
+                    self._daemon_failed = True
+                    rrdtool.update(path, line)
+            else:
+                rrdtool.update(path, line)
+        except rrdtool.OperationalError as err:
+            raise HistoryError(path, f"update failed: {err}") from err
+        self._last[path] = wall
+        return True
+
+    def forget(self, path: str) -> None:
+        """Stop tracking and remove a file (flushing rrdcached's pending updates first)."""
+        self._last.pop(path, None)
+        if self.daemon is not None and not self._daemon_failed:
+            try:
+                rrdtool.flushcached("--daemon", self.daemon, path)
+            except rrdtool.OperationalError as err:
+                log.debug("flushing %s before removal: %s", path, err)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise HistoryError(path, f"cannot remove: {err.strerror or err}") from err
+
+    def flush(self) -> None:
+        """Ask rrdcached to write what it holds for our files (no-op without it)."""
+        if self.daemon is None or self._daemon_failed or not self._last:
+            return
+        try:
+            rrdtool.flushcached("--daemon", self.daemon, *sorted(self._last))
+        except rrdtool.OperationalError as err:
+            log.warning("rrdcached at %s did not flush: %s", self.daemon, err)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
