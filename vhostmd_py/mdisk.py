@@ -119,6 +119,8 @@ def _pwrite_zeros(fd: int, start: int, end: int) -> None:
 
 
 def _refuse_special(path: str, mode: int) -> None:
+    if stat.S_ISLNK(mode):
+        raise DiskIOError(path, "is a symbolic link: refusing to follow it", errno_mod.ELOOP)
     if stat.S_ISDIR(mode):
         raise DiskIOError(path, "is a directory, not a metrics disk", errno_mod.EISDIR)
     if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
