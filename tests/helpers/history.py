@@ -5,17 +5,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Sequence, Tuple
 
-from test_e2e_daemon import CONFIG_TAIL, METRIC
-
+from helpers.daemon import CONFIG_TAIL, METRIC
 from vhostmd_py.config import Config, load_config
 from vhostmd_py.daemon import Daemon
 from vhostmd_py.history.core import History
 from vhostmd_py.history.rates import DerivedValues
 from vhostmd_py.model import Snapshot
 from vhostmd_py.runner import ActionRunner
-from vhostmd_py.stats import HostStats, StatsSnapshot
+from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmStats
 
 WALL0 = 1_700_000_000.0  # a multiple of 5: samples fall on RRD step boundaries
 MONO0 = 1000.0
@@ -163,3 +162,84 @@ def run_scripted(
         daemon.close_disk()
     source.record()  # the last cycle (the closed history keeps its last values)
     return source
+
+
+# --- one scripted sequence, with the values it must give (hand-computed) ---
+
+UUID = "11111111-2222-3333-4444-555555555555"
+WRAP = 2**32
+
+# Per cycle: dt, vm id, cpu_time (ns), vnet0 (rx, tx, rx_pk, tx_pk), vda (rd, wr, rd_req, wr_req)
+VM_SCRIPT: List[
+    Tuple[float, int, int, Tuple[int, int, int, int], Tuple[int, int, int, int | None]]
+] = [
+    (0, 1, 10 * 10**9, (1000, WRAP - 1000, 10, 10), (0, 0, 0, 0)),  # first sample
+    (5, 1, 15 * 10**9, (6000, WRAP - 500, 60, 20), (51200, 0, 5, None)),  # wr_req absent
+    (5, 1, 40 * 10**9, (6000, 500, 60, 20), (51200, 5000, 5, 10)),  # tx wraps; CPU > 100 %
+    (5, 1, 1 * 10**9, (1000, 1500, 60, 20), (51200, 5000, 5, 20)),  # cpu and rx go down
+    (30, 1, 2 * 10**9, (2000, 2500, 70, 30), (51200, 5000, 5, 30)),  # gap > heartbeat (10 s)
+    (5, 1, 4 * 10**9, (7000, 2500, 70, 30), (51200, 5000, 5, 30)),
+    (5, 2, 9 * 10**9, (9000, 3000, 80, 40), (61200, 6000, 6, 31)),  # restarted: new id
+    (5, 2, 14 * 10**9, (10000, 3000, 80, 40), (61200, 6000, 6, 31)),
+]
+
+# Per cycle: user, system, idle, iowait ticks (USER_HZ 100, 2 CPUs: 1000 ticks per 5 s)
+HOST_SCRIPT = [
+    (1000, 500, 8000, 100),
+    (1300, 600, 8500, 200),  # busy 400 of 1000 -> 40 %, iowait 10 %
+    (1800, 600, 9000, 200),  # 50 %
+    (2050, 600, 9750, 200),  # 25 %
+    (2500, 600, 14800, 200),  # after the gap: unknown
+    (3500, 600, 14800, 200),  # 100 %
+    (3500, 600, 15800, 200),  # 0 %
+    (4000, 600, 16300, 200),  # 50 %
+]
+
+# Hand-computed expectations, per cycle.
+EXPECT_VM_CPU = [None, 50.0, 100.0, None, None, 20.0, None, 50.0]
+EXPECT_RX = [None, 1000.0, 0.0, None, None, 1000.0, None, 200.0]
+EXPECT_TX = [None, 100.0, None, 200.0, None, 0.0, None, 0.0]
+EXPECT_RX_PK = [None, 10.0, 0.0, 0.0, None, 0.0, None, 0.0]
+EXPECT_RD = [None, 10240.0, 0.0, 0.0, None, 0.0, None, 0.0]
+EXPECT_WR = [None, 0.0, 1000.0, 0.0, None, 0.0, None, 0.0]
+EXPECT_WR_REQ = [None, None, None, 2.0, None, 0.0, None, 0.0]
+EXPECT_HOST = [None, 40.0, 50.0, 25.0, None, 100.0, 0.0, 50.0]
+EXPECT_IOWAIT = [None, 10.0, 0.0, 0.0, None, 0.0, 0.0, 0.0]
+
+
+def scripted_ticks() -> List[Tick]:
+    ticks = []
+    for (dt, vid, cpu, net, blk), (user, system, idle, iowait) in zip(VM_SCRIPT, HOST_SCRIPT):
+        vm = VmStats(
+            uuid=UUID,
+            name="web1",
+            id=vid,
+            vcpus=2,
+            cpu_time=cpu,
+            nics=(
+                NetStats(
+                    "vnet0", rx_bytes=net[0], tx_bytes=net[1], rx_packets=net[2], tx_packets=net[3]
+                ),
+            ),
+            disks=(
+                BlockStats("vda", rd_bytes=blk[0], wr_bytes=blk[1], rd_req=blk[2], wr_req=blk[3]),
+            ),
+        )
+        host = HostStats(
+            cpus=2,
+            cpu_ticks={
+                "user": user,
+                "nice": 0,
+                "system": system,
+                "idle": idle,
+                "iowait": iowait,
+                "irq": 0,
+                "softirq": 0,
+                "steal": 0,
+            },
+            clock_ticks=100,
+            meminfo={"MemTotal": 1000, "MemAvailable": 250},
+            loadavg=(0.5, 0.25, 0.125),
+        )
+        ticks.append(Tick(dt, host, (vm,)))
+    return ticks

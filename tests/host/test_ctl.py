@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from helpers.history import WALL0, Tick, run_scripted, write_history_config
-from test_history_rates import UUID
+from helpers.history import UUID, WALL0, Tick, run_scripted, write_history_config
 
 from vhostmd_py.stats import BlockStats, HostStats, NetStats, VmStats
 

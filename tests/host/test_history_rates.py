@@ -6,90 +6,27 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
-from helpers.history import Tick, run_scripted, write_history_config
-from test_e2e_daemon import metrics_of
+from helpers.daemon import metrics_of
+from helpers.history import (
+    EXPECT_HOST,
+    EXPECT_IOWAIT,
+    EXPECT_RD,
+    EXPECT_RX,
+    EXPECT_RX_PK,
+    EXPECT_TX,
+    EXPECT_VM_CPU,
+    EXPECT_WR,
+    EXPECT_WR_REQ,
+    UUID,
+    VM_SCRIPT,
+    run_scripted,
+    scripted_ticks,
+    write_history_config,
+)
 
 from vhostmd_py.history.rates import Counter, CounterBook, advance, derive
 from vhostmd_py.render import document
-from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmStats
-
-UUID = "11111111-2222-3333-4444-555555555555"
-WRAP = 2**32
-
-# Per cycle: dt, vm id, cpu_time (ns), vnet0 (rx, tx, rx_pk, tx_pk), vda (rd, wr, rd_req, wr_req)
-VM_SCRIPT: List[
-    Tuple[float, int, int, Tuple[int, int, int, int], Tuple[int, int, int, int | None]]
-] = [
-    (0, 1, 10 * 10**9, (1000, WRAP - 1000, 10, 10), (0, 0, 0, 0)),  # first sample
-    (5, 1, 15 * 10**9, (6000, WRAP - 500, 60, 20), (51200, 0, 5, None)),  # wr_req absent
-    (5, 1, 40 * 10**9, (6000, 500, 60, 20), (51200, 5000, 5, 10)),  # tx wraps; CPU > 100 %
-    (5, 1, 1 * 10**9, (1000, 1500, 60, 20), (51200, 5000, 5, 20)),  # cpu and rx go down
-    (30, 1, 2 * 10**9, (2000, 2500, 70, 30), (51200, 5000, 5, 30)),  # gap > heartbeat (10 s)
-    (5, 1, 4 * 10**9, (7000, 2500, 70, 30), (51200, 5000, 5, 30)),
-    (5, 2, 9 * 10**9, (9000, 3000, 80, 40), (61200, 6000, 6, 31)),  # restarted: new id
-    (5, 2, 14 * 10**9, (10000, 3000, 80, 40), (61200, 6000, 6, 31)),
-]
-
-# Per cycle: user, system, idle, iowait ticks (USER_HZ 100, 2 CPUs: 1000 ticks per 5 s)
-HOST_SCRIPT = [
-    (1000, 500, 8000, 100),
-    (1300, 600, 8500, 200),  # busy 400 of 1000 -> 40 %, iowait 10 %
-    (1800, 600, 9000, 200),  # 50 %
-    (2050, 600, 9750, 200),  # 25 %
-    (2500, 600, 14800, 200),  # after the gap: unknown
-    (3500, 600, 14800, 200),  # 100 %
-    (3500, 600, 15800, 200),  # 0 %
-    (4000, 600, 16300, 200),  # 50 %
-]
-
-# Hand-computed expectations, per cycle.
-EXPECT_VM_CPU = [None, 50.0, 100.0, None, None, 20.0, None, 50.0]
-EXPECT_RX = [None, 1000.0, 0.0, None, None, 1000.0, None, 200.0]
-EXPECT_TX = [None, 100.0, None, 200.0, None, 0.0, None, 0.0]
-EXPECT_RX_PK = [None, 10.0, 0.0, 0.0, None, 0.0, None, 0.0]
-EXPECT_RD = [None, 10240.0, 0.0, 0.0, None, 0.0, None, 0.0]
-EXPECT_WR = [None, 0.0, 1000.0, 0.0, None, 0.0, None, 0.0]
-EXPECT_WR_REQ = [None, None, None, 2.0, None, 0.0, None, 0.0]
-EXPECT_HOST = [None, 40.0, 50.0, 25.0, None, 100.0, 0.0, 50.0]
-EXPECT_IOWAIT = [None, 10.0, 0.0, 0.0, None, 0.0, 0.0, 0.0]
-
-
-def _ticks() -> List[Tick]:
-    ticks = []
-    for (dt, vid, cpu, net, blk), (user, system, idle, iowait) in zip(VM_SCRIPT, HOST_SCRIPT):
-        vm = VmStats(
-            uuid=UUID,
-            name="web1",
-            id=vid,
-            vcpus=2,
-            cpu_time=cpu,
-            nics=(
-                NetStats(
-                    "vnet0", rx_bytes=net[0], tx_bytes=net[1], rx_packets=net[2], tx_packets=net[3]
-                ),
-            ),
-            disks=(
-                BlockStats("vda", rd_bytes=blk[0], wr_bytes=blk[1], rd_req=blk[2], wr_req=blk[3]),
-            ),
-        )
-        host = HostStats(
-            cpus=2,
-            cpu_ticks={
-                "user": user,
-                "nice": 0,
-                "system": system,
-                "idle": idle,
-                "iowait": iowait,
-                "irq": 0,
-                "softirq": 0,
-                "steal": 0,
-            },
-            clock_ticks=100,
-            meminfo={"MemTotal": 1000, "MemAvailable": 250},
-            loadavg=(0.5, 0.25, 0.125),
-        )
-        ticks.append(Tick(dt, host, (vm,)))
-    return ticks
+from vhostmd_py.stats import HostStats, StatsSnapshot, VmStats
 
 
 def _approx(values: List[float | None]) -> List[object]:
@@ -99,7 +36,7 @@ def _approx(values: List[float | None]) -> List[object]:
 def test_rates_and_cpu_through_the_daemon_cycle(tmp_path: Path) -> None:
     """First sample, wrap, reset, gap, absent counter and VM restart give hand-computed values."""
     config = write_history_config(tmp_path / "c.xml", tmp_path / "state")
-    source = run_scripted(config, _ticks())
+    source = run_scripted(config, scripted_ticks())
     assert len(source.derived) == len(VM_SCRIPT)
     vms = [d.vms[0] if d is not None else None for d in source.derived]
     assert all(vm is not None for vm in vms)
@@ -130,7 +67,7 @@ def _published(source_doc: bytes) -> Dict[Tuple[str, str], str]:
 def test_published_metrics_follow_the_derived_values(tmp_path: Path) -> None:
     """publish=yes: the guest document carries CPU % and 1-minute averages (xff 0.5)."""
     config = write_history_config(tmp_path / "c.xml", tmp_path / "state")
-    source = run_scripted(config, _ticks())
+    source = run_scripted(config, scripted_ticks())
     docs = [document(s) for s in source.published if s is not None]
     assert len(docs) == len(VM_SCRIPT)
     assert _published(docs[0]) == {}  # the first sample: nothing known, nothing invented
@@ -158,7 +95,7 @@ def test_published_metrics_follow_the_derived_values(tmp_path: Path) -> None:
 def test_publish_off_leaves_the_document_alone(tmp_path: Path) -> None:
     """publish=no records history but publishes nothing new."""
     config = write_history_config(tmp_path / "c.xml", tmp_path / "state", publish="no")
-    source = run_scripted(config, _ticks()[:3])
+    source = run_scripted(config, scripted_ticks()[:3])
     assert source.derived[-1] is not None and source.derived[-1].host.cpu_pct == 50.0
     docs = [document(s) for s in source.published if s is not None]
     assert all(_published(d) == {} for d in docs)

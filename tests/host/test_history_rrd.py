@@ -12,8 +12,17 @@ from typing import Dict, Iterator, List
 
 import pytest
 import rrdtool
-from helpers.history import WALL0, ScriptedClock, Tick, run_scripted, write_history_config
-from test_history_rates import EXPECT_VM_CPU, UUID, VM_SCRIPT, _ticks
+from helpers.history import (
+    EXPECT_VM_CPU,
+    UUID,
+    VM_SCRIPT,
+    WALL0,
+    ScriptedClock,
+    Tick,
+    run_scripted,
+    write_history_config,
+)
+from helpers.history import scripted_ticks as _ticks
 
 from vhostmd_py.history.index import Index, VmEntry, read_index, write_index
 from vhostmd_py.history.rrd import archive_layout

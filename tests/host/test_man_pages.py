@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from typing import List
+from typing import Callable, List
 
 import click
 import pytest
 from helpers import REPO
 from lxml import etree
 from vhostmd_guest import cli as guest_cli
-from vhostmd_py.mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE
+from vhostmd_wire.disk import MAX_DISK_SIZE, MIN_DISK_SIZE
 
 from vhostmd_py import cli as host_cli
 from vhostmd_py import config as host_config
@@ -43,7 +43,7 @@ def test_page_renders_without_warnings(page: str) -> None:
     assert f"{name.upper()}({section})" in render(page)
 
 
-def _options(command: click.Command) -> List[str]:
+def _click_options(command: click.Command) -> List[str]:
     names: List[str] = []
     for param in command.params:
         if isinstance(param, click.Option):
@@ -51,15 +51,24 @@ def _options(command: click.Command) -> List[str]:
     return names
 
 
+def _getopt_options() -> List[str]:
+    """vm-dump-metrics' options from its getopt_long table (the guest has no click)."""
+    short = [f"-{c}" for c in guest_cli._SHORT if c != ":"]
+    return short + [f"--{name.rstrip('=')}" for name in guest_cli._LONG]
+
+
 @pytest.mark.parametrize(
-    ("page", "command"),
-    [("vhostmd.8", host_cli.command), ("vm-dump-metrics.1", guest_cli.command)],
+    ("page", "options_of"),
+    [
+        ("vhostmd.8", lambda: _click_options(host_cli.command)),
+        ("vm-dump-metrics.1", _getopt_options),
+    ],
 )
-def test_every_option_is_described(page: str, command: click.Command) -> None:
-    """Each option of the command (read from its click definition) is in OPTIONS."""
+def test_every_option_is_described(page: str, options_of: Callable[[], List[str]]) -> None:
+    """Each option of the command (from its click definition or getopt table) is in OPTIONS."""
     text = render(page)
     options = text.split("OPTIONS", 1)[1].split("\nEXIT STATUS", 1)[0]
-    names = _options(command)
+    names = options_of()
     assert len(names) >= 10
     missing = [n for n in names if not re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", options)]
     assert not missing
