@@ -48,7 +48,12 @@
  *  - timeout_ms after its start, SIGKILL to the worker's process group (the
  *    worker goes with it; the next action gets a new one).
  *  - done when both fifos are at EOF and the worker reported the status (or
- *    died and was reaped); after a kill, at most kill_grace_ms more (a
+ *    died and was reaped). Once the status is in, the fifos get linger_ms
+ *    more: past that, a background child still holds the action's output
+ *    (`sleep 1000 &` in the action: upstream's read() never returns), so the
+ *    fifos are closed, what was read is the output, the status the action's
+ *    own (VH_LINGERED), and the worker's process group is killed with what
+ *    the action left in it. After a kill, at most kill_grace_ms more (a
  *    grandchild that called setsid() keeps a fifo open forever): then the
  *    fifos are closed, the worker reaped if it can be, else reported
  *    VH_UNREAPED for the caller to reap later.
@@ -75,6 +80,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -114,6 +120,9 @@ struct worker {
     int status;
     int killed;
     int64_t deadline;     /* timeout, then (killed) end of the grace        */
+    int64_t linger_at;    /* 0, or: status in, fifos still open; close them
+                             and kill the group at this time (linger_ms)    */
+    int lingered;         /* ended so: report the status line's status      */
     int p_in, p_st, p_out, p_err, p_pid;  /* this round's pollfd indexes    */
 };
 
@@ -356,6 +365,8 @@ static int start_job(struct worker *w, size_t job, const struct vh_job *j,
     w->have_status = 0;
     w->status = 0;
     w->killed = 0;
+    w->linger_at = 0;
+    w->lingered = 0;
     push_command(w);
     return 0;
 }
@@ -474,6 +485,16 @@ static void drop_worker(struct worker *w)
     close_fd(&w->st_fd);
     close_fd(&w->pid_fd);
     w->pid = 0;
+}
+
+/* A job ended by its linger: the result is the action's own exit status (the
+ * one its status line gave), not the worker's SIGKILL. */
+static void settle_lingered(const struct worker *w, struct vh_result *r)
+{
+    if (w->lingered) {
+        r->status = w->status << 8;
+        r->flags |= VH_REAPED;
+    }
 }
 
 /* Ends w's job: fifos removed and closed, result published. */
@@ -688,10 +709,25 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
             } else if (!w->killed && now >= w->deadline) {
                 r->flags |= VH_TIMEOUT;
                 kill_worker(w, now, lim->kill_grace_ms);
+            } else if (!w->killed && w->linger_at && now >= w->linger_at) {
+                /* The action has exited but something it started still holds
+                 * its output open (`sleep 1000 &`, 50 background children).
+                 * Upstream's read() would wait for ever; we take what was read,
+                 * close the fifos (a writer that escaped the group dies of
+                 * SIGPIPE at its next write) and kill what it left in the
+                 * worker's process group, the worker with it (the next action
+                 * gets a fresh one). */
+                drain_job(w, &jobs[w->job], r, scratch);
+                close_fd(&w->out_fd);
+                close_fd(&w->err_fd);
+                r->flags |= VH_LINGERED;
+                w->lingered = 1;
+                kill_worker(w, now, lim->kill_grace_ms);
             } else if (w->killed && now >= w->deadline) {
                 /* Grace over: stop waiting for fifos a stray process holds. */
                 if (!reap(w, r))
                     r->flags |= VH_UNREAPED;
+                settle_lingered(w, r);
                 finish_job(w, results, state, shared, fifo_prefix, path_o, path_size, now);
                 drop_worker(w);
                 nbusy--;
@@ -771,6 +807,7 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
                         tick = 1;
                     continue;
                 }
+                settle_lingered(w, r);
                 drop_worker(w);
             } else {
                 continue;
@@ -794,6 +831,8 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
                 continue;
             if (w->has_job && w->deadline < wake)
                 wake = w->deadline;
+            if (w->has_job && !w->killed && w->linger_at && w->linger_at < wake)
+                wake = w->linger_at;
             w->p_in = w->wbuf ? watch(pfds, &np, w->in_fd, POLLOUT) : -1;
             w->p_st = watch(pfds, &np, w->st_fd, POLLIN);
             w->p_out = watch(pfds, &np, w->out_fd, POLLIN);
@@ -837,6 +876,8 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
                 /* The subshell has ended (status) or the worker has: a fifo
                  * it never opened will never report EOF by itself. */
                 probe = (w->have_status && !had) || (w->gone && !was_gone);
+                if (w->have_status && !had && w->has_job && lim->linger_ms >= 0)
+                    w->linger_at = now_ns() + (int64_t)lim->linger_ms * 1000000;
             }
             if (!w->has_job)
                 continue;
@@ -867,5 +908,12 @@ int vh_run_batch(const char *shell, const char *fifo_prefix,
     free(state);
     free(path_o);
     posix_spawnattr_destroy(&attr);
+    return 0;
+}
+
+int vh_set_child_subreaper(int on)
+{
+    if (prctl(PR_SET_CHILD_SUBREAPER, on ? 1 : 0, 0, 0, 0) != 0)
+        return -errno;
     return 0;
 }

@@ -47,6 +47,11 @@ struct vh_limits {
     int kill_grace_ms;     /* after SIGKILL, how long to wait for pipes and exit    */
     uint64_t max_output;   /* bytes read from stdout or stderr before SIGKILL       */
     unsigned max_running;  /* at most this many of THIS batch at once (>= 1)        */
+    int linger_ms;         /* after the action's exit status arrived, how long its
+                              fifos may stay open (a background child holding its
+                              stdout); then they are closed, what was read is the
+                              output, and the worker's process group is killed.
+                              < 0: wait for EOF until the timeout (upstream hangs) */
 };
 
 #define VH_REAPED      1    /* status is valid                                  */
@@ -56,6 +61,9 @@ struct vh_limits {
 #define VH_SPAWN_ERROR 16   /* worker spawn, fifo or pipe failed: see error     */
 #define VH_UNREAPED    32   /* gave up waiting after the kill grace: pid lives  */
 #define VH_STARTED     64   /* the child was spawned                            */
+#define VH_LINGERED    128  /* exited, but its output stayed open linger_ms: the
+                               fifos were closed, its process group killed; status
+                               is the action's own exit status                  */
 
 /* Written (native-endian uint32) to the abort pipe: a job index, or this. */
 #define VH_ABORT_ALL   4294967295
@@ -67,6 +75,11 @@ struct vh_limits {
  * pipe the caller writes job indexes (or VH_ABORT_ALL) to; -1 for none.
  * Returns 0, or -errno when the batch could not be set up (no result is
  * then valid). */
+/* prctl(PR_SET_CHILD_SUBREAPER, on): what an action leaves running when its
+ * parent exits (setsid, double fork) is reparented to us instead of init, so
+ * the daemon can reap and end it. 0, or -errno. */
+int vh_set_child_subreaper(int on);
+
 int vh_run_batch(const char *shell, const char *fifo_prefix,
                  const struct vh_job *jobs, size_t njobs,
                  struct vh_shared *shared, const struct vh_limits *lim,

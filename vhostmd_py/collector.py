@@ -10,12 +10,19 @@ REVERSE config order, because upstream prepends each parsed metric to a list.
 
 The action runner is passed in (the daemon makes it): this module never
 imports the runner binding, so it loads no compiled module.
+
+With a deadline (the daemon's cycles: docs/DESIGN.md, Concurrency) the
+values are taken at the deadline at the latest: the shell source returns by
+then with what is ready (its late actions run on, see ShellActionSource);
+another source still working then is cancelled and its metrics left out.
+Upstream waits for the slowest action, for ever if one hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Awaitable, Dict, List, Sequence, Tuple
 
 from .config import Config
@@ -36,6 +43,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Past the deadline, how long the shell source may take to hand over what is
+# ready before the collector stops waiting for it (bookkeeping only).
+DEADLINE_SLACK = 0.05
+
 
 async def _single(source: MetricSource, request: Request) -> Sequence[RawValue]:
     metric, vm = request
@@ -46,15 +57,21 @@ async def _single(source: MetricSource, request: Request) -> Sequence[RawValue]:
         return [None]
 
 
-async def _batch(source: BatchMetricSource, requests: List[Request]) -> Sequence[RawValue]:
+async def _batch(
+    source: BatchMetricSource, requests: List[Request], deadline: float | None
+) -> Sequence[RawValue]:
     try:
+        if deadline is not None and isinstance(source, ShellActionSource):
+            return await source.collect_many(requests, deadline=deadline)
         return await source.collect_many(requests)
     except Exception:  # a faulty source must not cost the other sources' metrics
         log.exception("Error retrieving %d metric(s): the source failed", len(requests))
         return [None] * len(requests)
 
 
-async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List[RawValue]:
+async def _raw_values(
+    registry: SourceRegistry, requests: List[Request], deadline: float | None = None
+) -> List[RawValue]:
     """Every request's raw value: one call per batch source, one task per other request."""
     by_source: Dict[int, Tuple[MetricSource, List[int]]] = {}
     for place, (metric, _) in enumerate(requests):
@@ -64,13 +81,35 @@ async def _raw_values(registry: SourceRegistry, requests: List[Request]) -> List
     order: List[List[int]] = []
     for source, places in by_source.values():
         if isinstance(source, BatchMetricSource):
-            calls.append(_batch(source, [requests[p] for p in places]))
+            calls.append(_batch(source, [requests[p] for p in places], deadline))
             order.append(places)
         else:
             calls.extend(_single(source, requests[p]) for p in places)
             order.extend([p] for p in places)
     values: List[RawValue] = [None] * len(requests)
-    for places, got in zip(order, await asyncio.gather(*calls)):
+    if deadline is None:
+        outcomes = await asyncio.gather(*calls)
+    else:
+        tasks = [asyncio.ensure_future(c) for c in calls]
+        try:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - time.monotonic())
+                               + DEADLINE_SLACK)
+        except asyncio.CancelledError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        outcomes = []
+        for places, task in zip(order, tasks):
+            if task.done():
+                outcomes.append(task.result())
+                continue
+            # A source that ignores the deadline: left out this cycle.
+            task.cancel()
+            log.warning("Error retrieving %d metric(s): no value by the cycle's deadline",
+                        len(places))
+            outcomes.append([None] * len(places))
+    for places, got in zip(order, outcomes):
         for place, value in zip(places, got):
             values[place] = value
     return values
@@ -92,8 +131,12 @@ async def collect(
     runner: ActionRunner,
     *,
     sources: SourceRegistry | None = None,
+    deadline: float | None = None,
 ) -> Snapshot:
-    """Collect and render one cycle's metrics for the host and VMS (in their order)."""
+    """Collect and render one cycle's metrics for the host and VMS (in their order).
+
+    DEADLINE (time.monotonic()): values not ready by then are left out.
+    """
     registry = sources or _default_registry(config, runner)
     validator = xml_validator()
     # Reverse config order, as upstream (it prepends to its metric list).
@@ -102,7 +145,7 @@ async def collect(
     requests: List[Request] = [(m, None) for m in host]
     for vm in vms:
         requests.extend((m, vm) for m in per_vm)
-    raws = await _raw_values(registry, requests)
+    raws = await _raw_values(registry, requests, deadline)
     rendered = [render_value(m, vm, raw, validator) for (m, vm), raw in zip(requests, raws)]
     host_xml = b"".join(rendered[: len(host)])
     blocks: List[VmBlock] = []

@@ -16,7 +16,15 @@ Upstream differences (SPEC section 7, FACTS section 5), all deliberate:
 - upstream finishes the whole cycle after SIGTERM (525 s with 1000 VMs); we
   cancel it, the runner kills the running actions, and we exit at once;
 - upstream has no SIGHUP handling; we reload the configuration and keep the
-  old one when the new one is invalid.
+  old one when the new one is invalid;
+- upstream's cycle waits for its slowest action, for ever if one hangs; ours
+  has a deadline (cycle start + period - margin, margin = 20 % of the period,
+  at most 2 s; never less than MIN_ACTION_WINDOW after the VM listing) and
+  publishes what is ready then; an action still running goes on under its
+  timeout and is not started again while it runs (ShellActionSource);
+- upstream leaves what actions start in the background to init; we are the
+  subreaper of our actions' orphans and bound and end them
+  (vhostmd_py.orphans).
 
 What a reload applies: metrics, actions' PATH, update_period, transports, the
 disk (re-created when its path or size changed; the old one is closed with
@@ -49,8 +57,9 @@ if TYPE_CHECKING:
     from vhostmd_py.mdisk import MetricsDisk
     from vhostmd_py.monitor import Monitor
     from vhostmd_py.native.source import NativeSource
+    from vhostmd_py.orphans import OrphanReaper
     from vhostmd_py.runner import ActionRunner
-    from vhostmd_py.sources import SourceRegistry
+    from vhostmd_py.sources import ShellActionSource, SourceRegistry
     from vhostmd_py.stats import StatsSnapshot
     from vhostmd_py.virtio.server import VirtioServer
 
@@ -65,6 +74,14 @@ LIBVIRT_TIMEOUT = 5.0
 # How long a cancelled cycle may take to wind down (children killed) before we
 # stop waiting for it: the whole stop must fit in 2 seconds (SPEC section 7).
 CANCEL_GRACE = 1.2
+# The cycle's deadline: its start + period - margin; the margin (this share of
+# the period, at most MAX_MARGIN s) is for rendering and publishing, so each
+# cycle publishes before the next one is due even when an action hangs.
+DEADLINE_MARGIN = 0.2
+MAX_MARGIN = 2.0
+# Actions always get at least this long after the VM listing (a slow libvirt
+# may already have used the cycle's budget: publish late rather than empty).
+MIN_ACTION_WINDOW = 0.2
 
 
 class BlockingWorker:
@@ -155,6 +172,7 @@ class Daemon:
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
         stats_source: Callable[[List[VM]], StatsSnapshot] | None = None,
         monitor_factory: Callable[[Config], Monitor] | None = None,
+        reap_orphans: bool = False,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -169,6 +187,10 @@ class Daemon:
         self._pending_list: asyncio.Future[List[VM]] | None = None
         self._libvirt_stuck = False
         self._runner = runner_factory(config)
+        self._source: ShellActionSource | None = None  # made with the runner, on first use
+        self._reap_orphans = reap_orphans
+        self._orphans: OrphanReaper | None = None
+        self._deadlines = True
         self._vms: LibvirtVMs | None = None
         self._disk: MetricsDisk | None = None
         self._virtio: VirtioServer | None = None
@@ -276,9 +298,26 @@ class Daemon:
 
     # --- the loop ----------------------------------------------------------------
 
-    async def run(self, *, max_cycles: int | None = None, signals: bool = True) -> None:
-        """Run cycles until stopped (or MAX_CYCLES cycles), then release everything."""
+    async def run(
+        self,
+        *,
+        max_cycles: int | None = None,
+        signals: bool = True,
+        deadlines: bool | None = None,
+    ) -> None:
+        """Run cycles until stopped (or MAX_CYCLES cycles), then release everything.
+
+        DEADLINES (default: only without MAX_CYCLES, i.e. not for --once and
+        --dump, which want every value once): publish each cycle by its
+        deadline with the values that are ready.
+        """
         loop = asyncio.get_running_loop()
+        self._deadlines = max_cycles is None if deadlines is None else deadlines
+        if self._reap_orphans and self._orphans is None:
+            from vhostmd_py.orphans import OrphanReaper, enable_subreaper
+
+            if enable_subreaper():
+                self._orphans = OrphanReaper(max_age=self._runner.timeout)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         if signals:
@@ -310,8 +349,11 @@ class Daemon:
                 await self._reload()
                 next_start = self._clock()
             started = self._clock()
-            if not await self._run_cycle():
+            period = self.config.update_period
+            due = started + period - min(MAX_MARGIN, DEADLINE_MARGIN * period)
+            if not await self._run_cycle(due if self._deadlines else None):
                 return  # stopped while the cycle ran
+            self._sweep_orphans()
             self.cycles += 1
             took = self._clock() - started
             self._log_cycle(took)  # ops: -v line per cycle
@@ -331,10 +373,19 @@ class Daemon:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), next_start - now)
 
-    async def _run_cycle(self) -> bool:
-        """One cycle, cancelled by a stop request; False when stopped."""
+    def _sweep_orphans(self) -> None:
+        if self._orphans is None:
+            return
+        try:
+            self._orphans.sweep(self._runner.worker_pids())
+        except OSError as err:  # /proc unreadable: metrics matter more
+            log.debug("sweeping actions' orphans: %s", err)
+
+    async def _run_cycle(self, due: float | None = None) -> bool:
+        """One cycle (publishing by DUE, on self._clock), cancelled by a stop request;
+        False when stopped."""
         assert self._stop is not None
-        cycle = asyncio.ensure_future(self._cycle())
+        cycle = asyncio.ensure_future(self._cycle(due))
         stopper = asyncio.ensure_future(self._stop.wait())
         try:
             await asyncio.wait({cycle, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -354,13 +405,17 @@ class Daemon:
             log.error("Metrics update failed: %s", error, exc_info=error)
         return True
 
-    async def _cycle(self) -> None:
+    async def _cycle(self, due: float | None = None) -> None:
         from vhostmd_py.collector import collect
 
         config = self.config
         vms: List[VM] = []
         if self._vms is not None and _needs_vms(config):
             vms = await self._list_vms(self._vms)
+        deadline = None
+        if due is not None:
+            # self._clock may be a test's; the sources wait on time.monotonic().
+            deadline = time.monotonic() + max(due - self._clock(), MIN_ACTION_WINDOW)
         if self._stats_source is None and (self._history is not None or self.monitor is not None):
             from vhostmd_py.native.catalogue import COUNTER_FIELDS
 
@@ -368,7 +423,9 @@ class Daemon:
             self._native_source().extra_fields = COUNTER_FIELDS
         native = self._native
         sampled = native.last_snapshot if native is not None else None
-        snapshot = await collect(config, vms, self._runner, sources=self._sources(config))
+        snapshot = await collect(
+            config, vms, self._runner, sources=self._sources(config), deadline=deadline
+        )
         if self._history is not None or self.monitor is not None:
             stats = await self._cycle_stats(vms, sampled)
             if self._history is not None and stats is not None:
@@ -408,15 +465,18 @@ class Daemon:
         metrics, vms = _counts(self.last_snapshot) if self.last_snapshot else (0, 0)
         log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)
 
-    def _sources(self, config: Config) -> SourceRegistry | None:
-        """Shell actions, and the built-in source when CONFIG names one (kept across cycles)."""
-        if not any(m.source is not None for m in config.metrics):
-            return None
-        from vhostmd_py.native.source import is_builtin
+    def _sources(self, config: Config) -> SourceRegistry:
+        """Shell actions, and the built-in source when CONFIG names one; both kept across cycles."""
         from vhostmd_py.sources import ShellActionSource, SourceRegistry
 
-        shell = ShellActionSource(self._runner, path=config.path)
-        return SourceRegistry(shell, [(is_builtin, self._native_source())])
+        if self._source is None or self._source.runner is not self._runner:
+            # One source across cycles: it knows which actions still run.
+            self._source = ShellActionSource(self._runner, path=config.path)
+        if not any(m.source is not None for m in config.metrics):
+            return SourceRegistry(self._source)
+        from vhostmd_py.native.source import is_builtin
+
+        return SourceRegistry(self._source, [(is_builtin, self._native_source())])
 
     def _native_source(self) -> NativeSource:
         """The built-in source, created on first use and kept across cycles."""
@@ -621,7 +681,7 @@ class Daemon:
         self.config = new
         self._update_monitor(new)
         old_runner, self._runner = self._runner, self._runner_factory(new)
-        old_runner.close()  # between cycles: nothing runs, this only reaps leftovers
+        old_runner.close()  # kills what still runs past its cycle's deadline, reaps leftovers
         if self._vms is not None and (not _needs_vms(new) or virtio_changed):
             await self._close_vms()
         if self._vms is None and _needs_vms(new):
@@ -650,8 +710,12 @@ class Daemon:
         self._worker.shutdown()
         if self.monitor is not None:
             self.monitor.close()
-        # Kills and reaps any action a cancelled cycle left behind.
+        # Kills and reaps any action a cancelled cycle left behind, and those
+        # still running past their cycle's deadline.
         self._runner.close()
+        if self._orphans is not None:
+            # After the runner: its workers are gone, their leftovers are ours.
+            self._orphans.end_all()
         self.close_disk()
 
     async def _close_vms(self) -> None:

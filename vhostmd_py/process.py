@@ -100,6 +100,8 @@ def run(opts: Options) -> int:
         config_loader=load_config,
         publish=not opts.dump,
         use_virtio=not opts.once,
+        # The subreaper of what actions leave running (vhostmd_py.orphans).
+        reap_orphans=True,
     )
     if opts.once and "virtio" in config.transports:
         # Publishing on virtio means answering guests' requests as they come;
@@ -245,6 +247,7 @@ def _preload(config: Config) -> Callable[[str], Config]:
     import concurrent.futures.thread  # noqa: F401 - used lazily by the runner
 
     import vhostmd_py.collector
+    import vhostmd_py.orphans
     import vhostmd_py.render
     import vhostmd_py.runner
     import vhostmd_py.sources

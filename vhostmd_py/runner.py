@@ -27,7 +27,15 @@ Deviations).
 The environment is the daemon's with PATH replaced by the config's
 ``<path>`` (upstream setenv()s PATH in its own environment before popen()).
 
-Done when: both fifos are closed and the worker reported the exit status.
+Done when: both fifos are closed and the worker reported the exit status;
+once the status is in, the fifos get ``linger`` seconds more, then what was
+read is the output and what the action left in its worker's process group
+(a ``sleep 1000 &`` holding its stdout: upstream's read() waits for ever) is
+killed (``ActionResult.lingered``).
+Results per action: ``submit_many()`` returns one ``ActionJob`` per command
+at once; C stores each job's end (``end_ns``, atomically, last) as it comes,
+so ``collect_ready()`` can hand out the results of the jobs that ended while
+others of their batch still run (the collector's cycle deadline).
 Failures (exit status != 0, signal, timeout, output over ``max_output``,
 cancellation) make the metric absent for the cycle (upstream leaves out a
 metric whose action fails). Bounds: ``timeout`` per action from its start
@@ -68,6 +76,10 @@ DEFAULT_MAX_OUTPUT = 1024 * 1024
 DEFAULT_STDERR_CAP = 4096
 # After SIGKILL, how long we wait for the output fifos to close before giving up.
 KILL_GRACE = 2.0
+# After the action's exit status arrived, how long its output may stay open (a
+# background child holding its stdout) before we take what was read and kill
+# what it left in its process group. Upstream waits for EOF for ever.
+LINGER = 0.5
 # A cancelled run() waits at most this long for its child to be killed and
 # reaped (the daemon allows a cancelled cycle 1.2 s: daemon.CANCEL_GRACE).
 CANCEL_WAIT = 1.0
@@ -153,6 +165,9 @@ class ActionResult:
     overflow: bool = False  # output exceeded max_output: killed
     cancelled: bool = False
     spawn_error: str | None = None
+    # Exited, but left something holding its output open for `linger` s: the
+    # output is what was read by then, that something was killed.
+    lingered: bool = False
 
     @property
     def ok(self) -> bool:
@@ -190,6 +205,8 @@ _F_OVERFLOW = lib.VH_OVERFLOW
 _F_ABORTED = lib.VH_ABORTED
 _F_SPAWN_ERROR = lib.VH_SPAWN_ERROR
 _F_UNREAPED = lib.VH_UNREAPED
+_F_STARTED = lib.VH_STARTED
+_F_LINGERED = lib.VH_LINGERED
 _ABORT_ALL = struct.pack("=I", lib.VH_ABORT_ALL)
 _INT_MAX = 2**31 - 1  # C int milliseconds: ~24 days
 # Output buffers are written by C before they are read: no need to zero the
@@ -202,15 +219,35 @@ def _not_run(reason: str) -> ActionResult:
     return ActionResult(None, b"", 0, b"", 0.0, spawn_error=reason)
 
 
+def _convert(batch: _Batch, i: int) -> ActionResult:
+    """Job I's ActionResult from the C result and buffers of BATCH (C is done with it)."""
+    r = batch.results[i]
+    flags = r.flags
+    if flags & _F_SPAWN_ERROR:
+        return _not_run(os.strerror(r.error))
+    errcap = batch.errcap
+    return ActionResult(
+        returncode=os.waitstatus_to_exitcode(r.status) if flags & _F_REAPED else None,
+        stdout=ffi.buffer(batch.outs + batch.offsets[i], r.out_len)[:],
+        stdout_size=r.out_total,
+        stderr=ffi.buffer(batch.errs + i * errcap, r.err_len)[:] if r.err_len else b"",
+        duration=(r.end_ns - r.start_ns) / 1e9,
+        timed_out=bool(flags & _F_TIMEOUT),
+        overflow=bool(flags & _F_OVERFLOW),
+        cancelled=bool(flags & _F_ABORTED),
+        lingered=bool(flags & _F_LINGERED),
+    )
+
+
 def default_batch_threads() -> int:
     """Threads running batches at once: one per CPU, at most 4 (bench/README.md, Actions)."""
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class _Job:
-    """One run() call waiting for its batch."""
+class ActionJob:
+    """One submitted action: ``future`` gets its ActionResult (see submit_many)."""
 
-    __slots__ = ("batch", "cap", "command", "future", "index", "path")
+    __slots__ = ("batch", "cap", "command", "future", "index", "path", "submitted")
 
     def __init__(self, command: bytes, cap: int, path: str, future: asyncio.Future[ActionResult]):
         self.command = command
@@ -219,6 +256,14 @@ class _Job:
         self.future = future
         self.batch: _Batch | None = None
         self.index = 0
+        self.submitted = time.monotonic()
+
+    def done(self) -> bool:
+        """True once the result is in ``future``."""
+        return self.future.done()
+
+
+_Job = ActionJob
 
 
 class _Batch:
@@ -240,6 +285,7 @@ class _Batch:
         "jobs",
         "keep",
         "lock",
+        "offsets",
         "outs",
         "prefix",
         "results",
@@ -256,9 +302,11 @@ class _Batch:
         self.errs = errs = _new_uncleared("unsigned char[]", max(1, n * errcap))
         self.results = ffi.new("struct vh_result[]", n)
         self.keep = keep = [ffi.new("char[]", j.command) for j in jobs]
+        self.offsets: List[int] = []
         envps: Dict[str, Any] = {}
         offset = 0
         for i, job in enumerate(jobs):
+            self.offsets.append(offset)
             job.batch = self
             job.index = i
             c = cjobs[i]
@@ -368,6 +416,7 @@ class ActionRunner:
         kill_grace: float = KILL_GRACE,
         batch_threads: int | None = None,
         runtime_dir: str | None = None,
+        linger: float | None = LINGER,
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
@@ -377,8 +426,11 @@ class ActionRunner:
         threads = default_batch_threads() if batch_threads is None else batch_threads
         if threads < 1:
             raise ValueError("batch_threads must be at least 1")
-        if max_output < 0 or stderr_cap < 0 or kill_grace < 0:
-            raise ValueError("max_output, stderr_cap and kill_grace must not be negative")
+        if max_output < 0 or stderr_cap < 0 or kill_grace < 0 or (linger is not None
+                                                                  and linger < 0):
+            raise ValueError(
+                "max_output, stderr_cap, kill_grace and linger must not be negative"
+            )
         self.path = path
         self.uri = uri
         self.timeout = timeout
@@ -387,13 +439,14 @@ class ActionRunner:
         self.stderr_cap = stderr_cap
         self.shell = shell
         self.kill_grace = kill_grace
+        self.linger = linger  # None: wait for EOF until the timeout
         self.batch_threads = threads
         self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)
         self._envps: Dict[str, Tuple[Any, List[Any]]] = {}
         self._shared = ffi.new("struct vh_shared *")
         self._shared.slots = concurrency
-        self._pending: Dict[asyncio.AbstractEventLoop, List[_Job]] = {}
+        self._pending: Dict[asyncio.AbstractEventLoop, List[ActionJob]] = {}
         self._batches: Set[_Batch] = set()
         self._unreaped: Set[int] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -428,49 +481,96 @@ class ActionRunner:
         3000 actions costs 3000 small job records instead of 3000 asyncio
         tasks (~2.5 MB and their scheduling; bench/README.md, Cycle). A batch that cannot be started
         (EMFILE, no fifo directory) gives its actions a ``spawn_error``.
+        Cancelled: every action of COMMANDS is killed before this returns.
         """
-        results: List[ActionResult | None] = [None] * len(commands)
-        jobs: List[_Job] = []
-        places: List[int] = []
+        jobs = self.submit_many(commands, path=path)
+        try:
+            await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
+        except asyncio.CancelledError:
+            await self.cancel(jobs)
+            raise
+        return [self.result_of(j) for j in jobs]
+
+    def submit_many(
+        self, commands: Sequence[Tuple[str, int]], *, path: str | None = None
+    ) -> List[ActionJob]:
+        """Queue each (COMMAND, CAP) of COMMANDS; one ActionJob each, in order (on the loop).
+
+        Every submit of one loop iteration joins one batch. A job's future is
+        resolved when its batch ends, or earlier by collect_ready() once C
+        reports the job over; an unrunnable command's future is resolved at
+        once. Nobody waiting does not stop a job: it runs to its end or its
+        timeout (cancel() or cancel_all() kill it).
+        """
         loop = asyncio.get_running_loop()
         job_path = self.path if path is None else path
-        for place, (command, cap) in enumerate(commands):
+        out: List[ActionJob] = []
+        queued: List[ActionJob] = []
+        for command, cap in commands:
+            job = ActionJob(b"", cap, job_path, loop.create_future())
+            out.append(job)
             if "\x00" in command:
-                results[place] = _not_run("NUL character in command")
+                job.future.set_result(_not_run("NUL character in command"))
                 continue
             try:
-                raw = os.fsencode(command)
+                job.command = os.fsencode(command)
             except UnicodeEncodeError as err:  # lone surrogates: no bytes to exec
-                results[place] = _not_run(f"command not encodable: {err}")
+                job.future.set_result(_not_run(f"command not encodable: {err}"))
                 continue
-            jobs.append(_Job(raw, cap, job_path, loop.create_future()))
-            places.append(place)
-        if jobs:
+            queued.append(job)
+        if queued:
             pending = self._pending.get(loop)
             if pending is None:
                 pending = self._pending[loop] = []
-                # Every run_many() of this loop iteration joins the batch
-                # (FIFO: the tasks a gather() created all run before this).
+                # Every submit of this loop iteration joins the batch (FIFO:
+                # the tasks a gather() created all run before this).
                 loop.call_soon(self._flush, loop)
-            pending.extend(jobs)
-            try:
-                done = await asyncio.gather(*(j.future for j in jobs), return_exceptions=True)
-            except asyncio.CancelledError:
-                await self._cancel(jobs)
-                raise
-            for place, outcome in zip(places, done):
-                if isinstance(outcome, BaseException):
-                    reason = outcome.reason if isinstance(outcome, ActionError) else str(outcome)
-                    outcome = _not_run(reason)
-                results[place] = outcome
-        out: List[ActionResult] = []
-        for result in results:
-            assert result is not None  # every place is filled above
-            out.append(result)
+            pending.extend(queued)
         return out
 
-    async def _cancel(self, jobs: List[_Job]) -> None:
-        """The daemon is stopping: no child of JOBS may outlive the cycle.
+    @staticmethod
+    def result_of(job: ActionJob) -> ActionResult:
+        """The result of a done JOB (a batch that could not run: a spawn_error result)."""
+        outcome = job.future.exception() if not job.future.cancelled() else None
+        if job.future.cancelled():
+            return _not_run("cancelled")
+        if outcome is not None:
+            reason = outcome.reason if isinstance(outcome, ActionError) else str(outcome)
+            return _not_run(reason)
+        return job.future.result()
+
+    def collect_ready(self, jobs: Sequence[ActionJob]) -> None:
+        """Resolve the futures of JOBS that C has finished although their batch runs on.
+
+        C stores a job's end_ns last and atomically, after its output and
+        status (csrc/runner.c, finish_job): a non-zero end_ns means the
+        result is complete and C never touches it again.
+        """
+        for job in jobs:
+            batch = job.batch
+            if batch is None or job.future.done():
+                continue
+            if batch.results[job.index].end_ns:
+                job.future.set_result(_convert(batch, job.index))
+
+    def worker_pids(self) -> Set[int]:
+        """Pids of the worker shells of the batches running now (and of a few that ended).
+
+        Read while C runs: a pid is stored when its worker's first job
+        starts, so a worker spawned a few microseconds ago may be missing
+        (vhostmd_py.orphans only ends a process seen as an orphan twice).
+        """
+        pids: Set[int] = set()
+        for batch in self._batches:
+            results = batch.results
+            for i in range(len(batch.jobs)):
+                r = results[i]
+                if r.flags & _F_STARTED:
+                    pids.add(r.pid)
+        return pids
+
+    async def cancel(self, jobs: Sequence[ActionJob]) -> None:
+        """Kill JOBS (the daemon is stopping): none of their children outlives this call.
 
         asyncio.gather() ends at the FIRST cancelled child, so what must be
         true when the cycle's cancellation completes is done here
@@ -479,6 +579,9 @@ class ActionRunner:
         stuck past that is waited for without blocking the loop (polling:
         this is the stop path only).
         """
+        for job in jobs:
+            if job.batch is None and not job.future.done():
+                job.future.cancel()  # not flushed yet: _flush skips it
         started = [j for j in jobs if j.batch is not None]
         mine: Dict[_Batch, int] = {}
         for job in started:
@@ -511,8 +614,15 @@ class ActionRunner:
             return
         self._reap_orphans()
         if self._pool is None:
+            # A batch whose action outlives its cycle (the cycle publishes at
+            # its deadline without it) keeps its thread until that action
+            # ends (at worst its timeout); the next cycles' batches must not
+            # queue behind it, so there are threads to spare: such a batch
+            # holds a running action, i.e. one of max_concurrency slots.
+            # Idle threads are reused: normally only batch_threads exist.
             self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.batch_threads, thread_name_prefix="vhostmd-actions"
+                max_workers=self.batch_threads + self.max_concurrency,
+                thread_name_prefix="vhostmd-actions",
             )
         # WHY split: one poll loop per CPU shares our own per-action work
         # (fifos, reads, a few syscalls) between cores while the workers'
@@ -577,13 +687,16 @@ class ActionRunner:
         """Worker thread: run the batch in C, turn its results into ActionResults."""
         jobs = batch.jobs
         n = len(jobs)
-        outs, errs, errcap, results = batch.outs, batch.errs, batch.errcap, batch.results
+        results = batch.results
         try:
             limits = ffi.new("struct vh_limits *")
             limits.timeout_ms = min(_INT_MAX, max(1, math.ceil(self.timeout * 1000)))
             limits.kill_grace_ms = min(_INT_MAX, math.ceil(self.kill_grace * 1000))
             limits.max_output = self.max_output
             limits.max_running = batch.share
+            limits.linger_ms = (
+                -1 if self.linger is None else min(_INT_MAX, math.ceil(self.linger * 1000))
+            )
             rc = lib.vh_run_batch(
                 self._shell,
                 batch.prefix,
@@ -599,34 +712,16 @@ class ActionRunner:
         if rc != 0:
             raise ActionError("(batch)", f"cannot run actions: {os.strerror(-rc)}")
         out: List[ActionResult] = []
-        buffer = ffi.buffer
-        offset = 0
         for i in range(n):
             r = results[i]
-            flags = r.flags
-            if flags & _F_SPAWN_ERROR:
-                result = _not_run(os.strerror(r.error))
-            else:
-                if flags & _F_UNREAPED:
-                    self._unreaped.add(r.pid)
-                result = ActionResult(
-                    returncode=os.waitstatus_to_exitcode(r.status) if flags & _F_REAPED else None,
-                    stdout=buffer(outs + offset, r.out_len)[:],
-                    stdout_size=r.out_total,
-                    stderr=buffer(errs + i * errcap, r.err_len)[:] if r.err_len else b"",
-                    duration=(r.end_ns - r.start_ns) / 1e9,
-                    timed_out=bool(flags & _F_TIMEOUT),
-                    overflow=bool(flags & _F_OVERFLOW),
-                    cancelled=bool(flags & _F_ABORTED),
+            if r.flags & _F_UNREAPED and not r.flags & _F_SPAWN_ERROR:
+                self._unreaped.add(r.pid)
+                log.warning(
+                    "child %d still holds its output %.0f s after SIGKILL; abandoning it",
+                    r.pid,
+                    self.kill_grace,
                 )
-                if flags & _F_UNREAPED:
-                    log.warning(
-                        "child %d still holds its output %.0f s after SIGKILL; abandoning it",
-                        r.pid,
-                        self.kill_grace,
-                    )
-            offset += jobs[i].cap
-            out.append(result)
+            out.append(_convert(batch, i))
         return out
 
     def _reap_orphans(self) -> None:

@@ -485,3 +485,44 @@ def test_cut_utf8_sequence_trimmed(tmp_path: Path) -> None:
     config = Config(**{**config.__dict__, "metrics": (spec,)})
     snapshot = _collect(config, [])
     assert b"<value>" + b"a" * 254 + b"</value>" in snapshot.host
+
+
+# --- issue 11: the cycle's deadline -----------------------------------------------------
+
+def test_deadline_publishes_what_is_ready_and_never_restarts_a_running_action(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cycles with a deadline: the hung action is left out, started once, logged once; a slow
+    one still running at one deadline gives its value to the next cycle."""
+    starts = tmp_path / "starts"
+    hang = MetricSpec("Hang", "string", "host", f"echo x >> {starts}; sleep 30", None)
+    slow = MetricSpec("Slow", "string", "host", "sleep 0.6; echo late", None)
+    fast = MetricSpec("Fast", "string", "vm", "echo NAME", None)
+    config = Config(**{**load_config(DATA / "injection.xml").__dict__,
+                       "metrics": (hang, slow, fast)})
+    runner = ActionRunner(path=config.path, timeout=20)
+    source = ShellActionSource(runner, path=config.path)
+    vms = [VM(1, "one", "00000000-0000-4000-8000-000000000001")]
+
+    async def cycles() -> List[tuple]:
+        out = []
+        for _ in range(3):
+            begun = time.monotonic()
+            snap = await collect(config, vms, runner, sources=SourceRegistry(source),
+                                 deadline=begun + 0.4)
+            out.append((time.monotonic() - begun, snap))
+        return out
+
+    with caplog.at_level(logging.WARNING):
+        results = asyncio.run(cycles())
+    runner.close()
+    for took, snap in results:
+        assert took < 1.0  # by the deadline (0.4 s), not the hung action's 30 s
+        assert b"<value>one</value>" in snap.vms[0].xml
+        assert b"Hang" not in snap.host
+    assert b"Slow" not in results[0][1].host  # 0.6 s: past the first deadline
+    assert b"<value>late</value>" in results[1][1].host  # ended within the second cycle
+    assert starts.read_text() == "x\n"  # never started twice while it runs
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("metric Hang: action still running" in m for m in messages) == 1
+    assert sum("metric Slow" in m and "has ended" in m for m in messages) == 1

@@ -774,3 +774,65 @@ def _children() -> List[int]:
             except OSError:
                 continue
     return found
+
+
+# --- issue 11: actions that outlive their output, results before the batch ends -------
+
+@pytest.mark.parametrize("action", ["sleep 60 & echo bg",
+                                    "for i in $(seq 50); do sleep 60 & done; echo fifty"])
+def test_background_child_holding_stdout_lingers_then_is_killed(action: str) -> None:
+    """Exited, but children hold its stdout: the value after `linger`, the children killed."""
+    runner = ActionRunner(path=PATH, timeout=30, linger=0.3)
+    marker = f"60.{os.getpid()}{time.monotonic_ns() % 1000000:06d}"
+    start = time.monotonic()
+    result = _run(action.replace("60", marker), runner)
+    elapsed = time.monotonic() - start
+    runner.close()
+    assert result.ok and result.lingered and not result.timed_out
+    assert result.stdout in (b"bg\n", b"fifty\n")
+    assert 0.3 <= elapsed < 5  # not the 30 s timeout (upstream: for ever)
+    deadline = time.monotonic() + 2
+    while _with_marker(marker) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _with_marker(marker) == []
+
+
+def test_linger_none_waits_for_eof_until_the_timeout() -> None:
+    """linger=None keeps the old rule: the held output is waited for until the timeout."""
+    runner = ActionRunner(path=PATH, timeout=0.5, linger=None)
+    result = _run("sleep 5 & echo bg", runner)
+    runner.close()
+    assert result.timed_out and not result.lingered
+
+
+def test_collect_ready_hands_out_results_while_the_batch_runs() -> None:
+    """A finished job's result is available while another job of its batch still runs."""
+    runner = ActionRunner(path=PATH, timeout=10, batch_threads=1)
+
+    async def main() -> tuple:
+        jobs = runner.submit_many([("sleep 3", 255), ("echo quick", 255)])
+        await asyncio.sleep(0.5)
+        assert not any(j.done() for j in jobs)  # the batch has not ended
+        runner.collect_ready(jobs)
+        slow, quick = jobs
+        got = (slow.done(), quick.done() and runner.result_of(quick))
+        await runner.cancel(jobs)
+        return got
+
+    slow_done, quick = asyncio.run(main())
+    runner.close()
+    assert not slow_done
+    assert quick and quick.ok and quick.stdout == b"quick\n"
+
+
+def _with_marker(marker: str) -> List[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if marker.encode() in fh.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found

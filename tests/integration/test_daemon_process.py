@@ -7,7 +7,7 @@ import pwd
 import signal
 import time
 from pathlib import Path
-from typing import Callable, List, TypeVar
+from typing import Callable, List, Tuple, TypeVar
 
 import pytest
 from helpers.daemon import Metric, Vhostmd, metrics_of, try_read, wait_for, write_config
@@ -462,3 +462,103 @@ def test_hung_libvirtd_does_not_stop_host_metrics(tmp_path: Path,
         assert code == 0 and took < 2.0, daemon.log()
     finally:
         hung.close()
+
+
+# --- issue 11: a stuck action must not stop publishing; actions' orphans ------------
+
+def _marker(tag: int) -> str:
+    """A sleep argument unique to this test run (found in /proc/*/cmdline afterwards)."""
+    return f"{tag}.{os.getpid()}{time.monotonic_ns() % 1000000:06d}"
+
+
+STUCK_ACTIONS = {
+    "hangs": "sleep {m}",
+    "background child keeps stdout": "sleep {m} & echo bg",
+    "closes stdout and sleeps": "exec >&-; sleep {m}",
+    "ignores SIGTERM": "trap '' TERM; sleep {m}",
+    "50 children on stdout": "for i in $(seq 50); do sleep {m} & done; echo fifty",
+}
+
+
+def _publications(disk: Path, seconds: float, others: List[Tuple[str, str]]) -> List[bytes]:
+    """Distinct documents read from DISK over SECONDS; each must hold every metric of OTHERS."""
+    seen: List[bytes] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        content = try_read(disk)
+        if content and (not seen or content != seen[-1]):
+            values = metrics_of(content)
+            missing = [key for key in others if key not in values]
+            assert not missing, (missing, content)
+            seen.append(content)
+        time.sleep(0.02)
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", sorted(STUCK_ACTIONS))
+def test_stuck_action_does_not_stop_publishing(
+    tmp_path: Path, spawn: Callable[..., Vhostmd], kind: str
+) -> None:
+    """Period 1, one stuck vm action, default 30 s timeout: >= 9 publishes in 10 s, each with
+    every other metric; nothing of the action left once the daemon has stopped."""
+    disk = tmp_path / "vhostmd0"
+    marker = _marker(987)
+    config = write_config(
+        tmp_path / "vhostmd.conf", disk,
+        [("Now", "string", "host", "date +%s%N"),
+         ("Answer", "int32", "host", "echo 42"),
+         ("Ident", "string", "vm", "echo NAME-VMID"),
+         ("Stuck", "string", "vm", STUCK_ACTIONS[kind].format(m=marker))],
+    )
+    daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
+    wait_for(lambda: try_read(disk), 15, "the first publish")
+    others = [("Now", "host"), ("Answer", "host"), ("Ident", "1")]
+    seen = _publications(disk, 10.0, others)
+    nows = {metrics_of(c)[("Now", "host")] for c in seen}
+    print(f"\n[{kind}] {len(nows)} distinct publishes in 10 s")  # the figure for the report
+    assert len(nows) >= 9, (len(nows), daemon.log())
+    assert len(processes_with(marker)) <= 51  # never started twice while it runs
+    code, took = daemon.stop()
+    assert code == 0 and took < 2.0, daemon.log()
+    wait_for(lambda: not processes_with(marker), 1, "no process of the action left")
+    log = daemon.log()
+    assert "Traceback" not in log
+    if kind in ("hangs", "closes stdout and sleeps", "ignores SIGTERM"):
+        # Reported once when the streak starts, not every cycle.
+        assert log.count("still running") == 1, log
+
+
+@pytest.mark.slow
+def test_detached_descendants_are_bounded_and_ended(
+    tmp_path: Path, spawn: Callable[..., Vhostmd]
+) -> None:
+    """An action leaving 50 children outside its process group every cycle (setsid, double
+    fork): bounded while the daemon runs, none left once it has stopped."""
+    disk = tmp_path / "vhostmd0"
+    marker = _marker(1000)
+    leave = (f"for i in $(seq 25); do setsid sleep {marker} >/dev/null 2>&1 & done; "
+             f"for i in $(seq 25); do (setsid sleep {marker} >/dev/null 2>&1 &); done; echo 50")
+    config = write_config(
+        tmp_path / "vhostmd.conf", disk,
+        [("Now", "string", "host", "date +%s%N"), ("Leaver", "int32", "host", leave)],
+    )
+    daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
+    wait_for(lambda: try_read(disk), 15, "the first publish")
+    peak = 0
+    seen = set()
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        peak = max(peak, len(processes_with(marker)))
+        content = try_read(disk)
+        if content:
+            seen.add(metrics_of(content)[("Now", "host")])
+        time.sleep(0.1)
+    print(f"\n[detached] {len(seen)} publishes in 8 s, at most {peak} left processes alive")
+    assert len(seen) >= 6, daemon.log()
+    # The bound (64) plus what one cycle's action left before the next sweep (50).
+    assert peak <= 64 + 50, (peak, daemon.log())
+    code, took = daemon.stop()
+    assert code == 0 and took < 2.0, daemon.log()
+    wait_for(lambda: not processes_with(marker), 1, "no detached descendant left")
+    assert "left behind by actions" in daemon.log()
