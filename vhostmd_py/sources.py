@@ -137,6 +137,9 @@ class ShellActionSource:
     it ends. The daemon keeps one source across cycles for this.
     """
 
+    # collect_many(requests, deadline=...) returns by the cycle's deadline.
+    honours_deadline = True
+
     def __init__(self, runner: ActionRunner, *, path: str | None = None) -> None:
         self.runner = runner
         self.path = path

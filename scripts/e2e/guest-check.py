@@ -11,7 +11,6 @@ corrupt it unnoticed (a broken line fails to decode).
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import os
 import re
@@ -100,8 +99,8 @@ def as_record(val: Any) -> Any:
             "vm_id": val.vm_id,
             "vm_uuid": val.vm_uuid,
         }
-    if dataclasses.is_dataclass(val) and not isinstance(val, type):
-        return dataclasses.asdict(val)
+    if hasattr(val, "_asdict"):  # the guest's frozen records are NamedTuples (Python 3.6)
+        return dict(val._asdict())
     if isinstance(val, bytes):
         return {"bytes_b64": base64.b64encode(val).decode()}
     return val

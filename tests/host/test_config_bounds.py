@@ -187,7 +187,8 @@ def test_daemon_refuses_huge_values_at_start_up(
 ) -> None:
     """`vhostmd -d [--once|--dump]` with 10**309: exit 1 at once, file:line, no traceback."""
     config = write(shm_dir / "vhostmd.conf", disk=str(shm_dir / "vhostmd0"), **{element: HUGE})
-    proc = vhostmd("-d", "-f", str(config), "-c", "test:///default", *mode)
+    pid = ["-p", str(shm_dir / "vhostmd.pid")]  # as root, -d alone takes /var/run's
+    proc = vhostmd("-d", "-f", str(config), "-c", "test:///default", *pid, *mode)
     err = proc.stderr.decode()
     assert proc.returncode == 1, err
     assert f"{config}:{LINES[element]}: " in err
@@ -237,7 +238,7 @@ def test_sighup_to_a_huge_value_keeps_the_running_config(
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-c", "from vhostmd_py.cli import main; main()",
-             "-d", "-f", str(config), "-c", "test:///default"],
+             "-d", "-f", str(config), "-c", "test:///default", "-p", str(log_path) + ".pid"],
             stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
     running.append(proc)

@@ -54,7 +54,8 @@ def daemon_log(shm_dir: Path) -> Iterator[Run]:
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-c", "from vhostmd_py.cli import main; main()",
-                 "-d", "-f", str(config), "-c", "test:///default", *args],
+                 "-d", "-f", str(config), "-c", "test:///default",
+                 "-p", str(shm_dir / f"vhostmd-{len(procs)}.pid"), *args],
                 stdout=subprocess.DEVNULL, stderr=log,
                 env=dict(os.environ, PYTHONPATH=str(REPO)),
             )

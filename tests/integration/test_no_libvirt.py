@@ -88,7 +88,9 @@ def test_one_line_over_three_cycles_and_host_metrics_published(shm_dir: Path) ->
     log_path = shm_dir / "stderr.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", NO_LIBVIRT, "-d", "-f", str(config), "-c", "test:///default"],
+            # -p: as root, -d alone would take the default /var/run/vhostmd.pid.
+            [sys.executable, "-c", NO_LIBVIRT, "-d", "-f", str(config), "-c", "test:///default",
+             "-p", str(shm_dir / "vhostmd.pid")],
             stdout=subprocess.DEVNULL, stderr=log, env=_env(),
         )
     try:

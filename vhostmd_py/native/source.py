@@ -34,8 +34,12 @@ log = logging.getLogger(__name__)
 
 # Bound on one cycle's libvirt reads (the daemon's LIBVIRT_TIMEOUT).
 DEFAULT_TIMEOUT = 5.0
-# The shell action sampled /proc/vmstat one second apart: the first cycle does too.
+# The shell action sampled /proc/vmstat one second apart: the first cycle does
+# too, when the cycle's deadline leaves room for it (at least MIN_RATE_INTERVAL
+# before it); otherwise the first rates are left out and the next cycle's come
+# from this cycle's sample.
 FIRST_RATE_INTERVAL = 1.0
+MIN_RATE_INTERVAL = 0.2
 
 RunBlocking = Callable[[Callable[[], Any]], Awaitable[Any]]
 
@@ -57,6 +61,9 @@ async def _in_executor(fn: Callable[[], Any]) -> Any:
 
 class NativeSource:
     """Built-in metrics; libvirt through CONNECTION (gives an open connection or None)."""
+
+    # collect_many(requests, deadline=...) returns by the cycle's deadline.
+    honours_deadline = True
 
     def __init__(
         self,
@@ -92,15 +99,23 @@ class NativeSource:
 
     # --- sampling ---------------------------------------------------------------
 
-    async def sample(self, fields: Sequence[str], vms: Sequence[VM]) -> StatsSnapshot:
-        """Read what FIELDS need, for the host and VMS, into one StatsSnapshot."""
+    async def sample(
+        self, fields: Sequence[str], vms: Sequence[VM], *, deadline: float | None = None
+    ) -> StatsSnapshot:
+        """Read what FIELDS need, for the host and VMS, into one StatsSnapshot.
+
+        DEADLINE (time.monotonic()): libvirt's answer is waited for until then
+        at most (and never longer than the timeout); what is late is left out.
+        """
         needs = needs_of(fields)
         groups = frozenset(needs & set(VM_GROUPS))
         want_static = "libvirt" in needs
         libvirt_job = None
         if (groups and vms) or want_static:
-            libvirt_job = self._libvirt(lambda: self._read_libvirt(want_static, groups, vms))
-        rates_job = self._rates() if "rates" in needs else None
+            libvirt_job = self._libvirt(
+                lambda: self._read_libvirt(want_static, groups, vms), deadline
+            )
+        rates_job = self._rates(deadline) if "rates" in needs else None
         got = await asyncio.gather(
             libvirt_job if libvirt_job is not None else _none(),
             rates_job if rates_job is not None else _none(),
@@ -127,14 +142,17 @@ class NativeSource:
         node = self.reader.node(conn, want_static, want_static)
         return node, self.reader.domains(conn, groups, vms)
 
-    async def _libvirt(self, fn: Callable[[], Any]) -> Any:
+    async def _libvirt(self, fn: Callable[[], Any], deadline: float | None = None) -> Any:
         """fn() in the worker, or None when it fails or exceeds the timeout (logged once)."""
         if self._pending is not None:
             if not self._pending.done():
                 return None  # still stuck in the previous cycle's call
             self._pending = None
         future = asyncio.ensure_future(self._run_blocking(fn))
-        done, _ = await asyncio.wait({future}, timeout=self.timeout)
+        timeout = self.timeout
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+        done, _ = await asyncio.wait({future}, timeout=timeout)
         if not done:
             self._pending = future
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -151,12 +169,19 @@ class NativeSource:
             log.warning("reading libvirt statistics failed, VM values left out: %s", err)
             return None
 
-    async def _rates(self) -> Tuple[int | None, int | None]:
+    async def _rates(self, deadline: float | None = None) -> Tuple[int | None, int | None]:
         now, vmstat = self._clock(), self.proc.vmstat()
         prev = self._prev_vmstat
         if prev is None:
-            await self._sleep(FIRST_RATE_INTERVAL)
-            prev = (now, vmstat)
+            # The baseline first: a cycle cancelled during the sleep leaves it
+            # for the next one.
+            self._prev_vmstat = prev = (now, vmstat)
+            interval = FIRST_RATE_INTERVAL
+            if deadline is not None:
+                interval = min(interval, deadline - time.monotonic() - MIN_RATE_INTERVAL)
+            if interval < MIN_RATE_INTERVAL:
+                return None, None  # no room before the deadline: rates from the next cycle
+            await self._sleep(interval)
             now, vmstat = self._clock(), self.proc.vmstat()
         self._prev_vmstat = (now, vmstat)
         elapsed = now - prev[0]
@@ -199,7 +224,9 @@ class NativeSource:
         """One metric's value (a cycle uses collect_many)."""
         return (await self.collect_many([(metric, vm)]))[0]
 
-    async def collect_many(self, requests: Sequence[Request]) -> List[RawValue]:
+    async def collect_many(
+        self, requests: Sequence[Request], *, deadline: float | None = None
+    ) -> List[RawValue]:
         """Sample once, then the raw value of each (metric, vm) of REQUESTS."""
         fields = sorted({m.source for m, _ in requests if m.source is not None}
                         | set(self.extra_fields))
@@ -209,7 +236,7 @@ class NativeSource:
             if vm is not None and vm.uuid not in seen:
                 seen.add(vm.uuid)
                 vms.append(vm)
-        snap = await self.sample(fields, vms)
+        snap = await self.sample(fields, vms, deadline=deadline)
         by_uuid = {v.uuid: v for v in snap.vms}
         self._missing_logged = {k for k in self._missing_logged if k[0] in seen or k[0] == ""}
         return [self.value(snap, by_uuid, metric, vm) for metric, vm in requests]
