@@ -179,7 +179,7 @@ def render(samples: Iterable[Sample]) -> str:
             continue
         family.seen[s.labels] = None
         if is_info:
-            pairs = s.labels + (("value", str(s.value)),)
+            pairs = (*s.labels, ("value", str(s.value)))
             family.lines.append(f"{sample_name}{_labels(pairs)} 1")
         else:
             number = scale_value(s.value, s.unit)  # type: ignore[arg-type]

@@ -80,7 +80,7 @@ FRESHNESS_CONTEXT = "host"
 
 def format_publication_time(seconds: float) -> str:
     """The text of a PublicationTime value: seconds since the epoch, 3 decimals."""
-    return "%.3f" % seconds
+    return f"{seconds:.3f}"
 
 
 def is_host_identity(text: str) -> bool:
