@@ -163,6 +163,8 @@ def to_openmetrics(doc: MetricsDocument) -> str:
 
 # --- the --watch table ----------------------------------------------------------------
 
+_VALUE_WIDTH = 40
+
 
 def _shown(value: Union[int, float, str]) -> str:
     if isinstance(value, str):
@@ -196,8 +198,10 @@ def render_table(
             where = f"vm {'' if m.vm_id is None else m.vm_id} {m.vm_uuid or ''}".strip()
         try:
             shown = _shown(m.value)
-        except MetricsError as err:
-            shown = f"<{err.reason}>"
+        except MetricsError:
+            shown = f"<invalid {m.type_name}>"
+        if len(shown) > _VALUE_WIDTH:  # a long string must not push the table off screen
+            shown = shown[: _VALUE_WIDTH - 3] + "..."
         rows.append((m.name, where, shown, m.unit or ""))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [head[:width]]

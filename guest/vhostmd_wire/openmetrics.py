@@ -60,6 +60,8 @@ UNIT_SUFFIXES = {
 RESERVED_SUFFIXES = ("_total", "_created", "_count", "_sum", "_bucket", "_gcount", "_gsum", "_info")
 
 _STRING_TYPE = "string"
+# An acronym's plural stays one word: CPUs -> cpus, not cp_us.
+_PLURAL = re.compile(r"([A-Z]{2,})s(?![a-z])")
 _CAMEL_1 = re.compile(r"([a-z0-9])([A-Z])")
 _CAMEL_2 = re.compile(r"([A-Z]+)([A-Z][a-z])")
 _NOT_NAME = re.compile(r"[^a-z0-9]+")
@@ -69,7 +71,8 @@ Number = Union[int, float]
 
 def snake_case(name: str) -> str:
     """TotalCPUTime -> total_cpu_time; anything outside [a-z0-9] becomes one "_"."""
-    text = _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", name.strip()))
+    text = _PLURAL.sub(r"\1S", name.strip())
+    text = _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", text))
     return _NOT_NAME.sub("_", text.lower()).strip("_") or "unnamed"
 
 
