@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import pytest
 from helpers.wiredisk import DiskWriter
@@ -19,11 +19,15 @@ IDENT_B = "fedcba9876543210fedcba9876543210"
 
 
 def document(
-    published: Optional[float], period: Optional[int] = 1, identity: Optional[str] = IDENT_A,
+    published: float | None,
+    period: int | None = 1,
+    identity: str | None = IDENT_A,
     extra: str = "",
 ) -> bytes:
     """A document as a host with freshness on (or off: None) renders it."""
-    parts = ['<metric type="uint32" context="host"><name>TotalPhyCPUs</name><value>8</value></metric>\n']
+    parts = [
+        '<metric type="uint32" context="host"><name>TotalPhyCPUs</name><value>8</value></metric>\n'
+    ]
     if published is not None:
         parts.append(
             f'<metric type="real64" context="host" unit="s"><name>{protocol.FRESHNESS_TIME}</name>'
@@ -31,7 +35,8 @@ def document(
         )
     if period is not None:
         parts.append(
-            f'<metric type="uint32" context="host" unit="s"><name>{protocol.FRESHNESS_PERIOD}</name>'
+            f'<metric type="uint32" context="host" unit="s">'
+            f"<name>{protocol.FRESHNESS_PERIOD}</name>"
             f"<value>{period}</value></metric>\n"
         )
     if identity is not None:
@@ -58,14 +63,18 @@ class FakeClocks:
 def reader_for(path: Path, clocks: FakeClocks) -> MetricsReader:
     return MetricsReader(
         DiskSource(path=str(path), busy_timeout=1.0),
-        clock=lambda: clocks.mono, sleep=lambda s: clocks.advance(s), wall_clock=lambda: clocks.wall,
+        clock=lambda: clocks.mono,
+        sleep=lambda s: clocks.advance(s),
+        wall_clock=lambda: clocks.wall,
     )
 
 
 def test_contract_constants() -> None:
     """The names and types the host publishes (one place: vhostmd_wire.protocol)."""
     assert (protocol.FRESHNESS_TIME, protocol.FRESHNESS_PERIOD, protocol.HOST_IDENTITY) == (
-        "PublicationTime", "UpdatePeriod", "HostIdentity",
+        "PublicationTime",
+        "UpdatePeriod",
+        "HostIdentity",
     )
     assert protocol.format_publication_time(1700000000.12345) == "1700000000.123"
     assert protocol.is_host_identity(IDENT_A)
@@ -99,7 +108,7 @@ def test_stale_within_two_periods_injected_clock(tmp_path: Path) -> None:
 
 
 def test_stale_by_monotonic_clock_despite_skew(tmp_path: Path) -> None:
-    """Guest wall clock an hour behind the host: the age rule cannot fire, the unchanged rule does."""
+    """Guest clock an hour behind the host: the age rule cannot fire, the unchanged rule does."""
     clocks = FakeClocks(wall=1_700_000_000.0)
     path = tmp_path / "vhostmd0"
     with DiskWriter.create(path) as disk:

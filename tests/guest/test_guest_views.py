@@ -30,7 +30,8 @@ DOC = protocol.document(
     b"<value>18446744073709551615</value></metric>\n",
     b'<metric type="real64" context="host" unit="s"><name>PublicationTime</name>'
     b"<value>1700000000.125</value></metric>\n",
-    b'<metric type="uint32" context="host" unit="s"><name>UpdatePeriod</name><value>5</value></metric>\n',
+    b'<metric type="uint32" context="host" unit="s"><name>UpdatePeriod</name>'
+    b"<value>5</value></metric>\n",
     b'<metric type="string" context="host"><name>HostIdentity</name>'
     b"<value>0123456789abcdef0123456789abcdef</value></metric>\n",
     b'<metric type="real32" context="host"><name>Load</name><value>0.1</value></metric>\n',
@@ -177,7 +178,9 @@ def test_watch_without_a_tty_prints_frames_and_shows_errors(tmp_path: Path) -> N
         writer.publish(DOC)
         proc = subprocess.Popen(
             [*_tool(), "--disk", str(disk), "--watch", "0.2", "--busy-timeout", "0.3"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
         )
         try:
             time.sleep(1.0)
@@ -207,7 +210,10 @@ def tmux(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     def call(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["tmux", "-S", sock, *args], capture_output=True, text=True, timeout=10,
+            ["tmux", "-S", sock, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
             env={**os.environ, "TERM": "xterm"},
         )
 
