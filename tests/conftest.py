@@ -6,10 +6,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List
 
 import pytest
-from helpers.daemon import Vhostmd
+
+if TYPE_CHECKING:
+    # helpers.daemon needs lxml, which the pypy3 guest tier does not have:
+    # imported where a test spawns the daemon, not when the guest tests load.
+    from helpers.daemon import Vhostmd
 
 REPO = Path(__file__).resolve().parent.parent
 _SHARED_GOLDEN = REPO.parent / "shared" / "golden"
@@ -58,6 +62,8 @@ def shm_dir(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture()
 def spawn(tmp_path: Path) -> Iterator[Callable[..., Vhostmd]]:
     """Start `vhostmd` processes that are always killed at the end of the test."""
+    from helpers.daemon import Vhostmd
+
     started: List[Vhostmd] = []
 
     def start(*args: str, env: Dict[str, str] | None = None, cwd: Path | None = None,

@@ -13,9 +13,12 @@ import getopt
 import logging
 import math
 import os
+import shutil
 import sys
-from typing import Callable, Dict, List, Optional, Sequence
+import time
+from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
+from .document import MAX_DISK_DOCUMENT, MAX_VIRTIO_DOCUMENT, MetricsDocument, parse_document
 from .errors import (
     DestinationError,
     DocumentError,
@@ -24,6 +27,7 @@ from .errors import (
     VirtioOpenError,
     VirtioTimeoutError,
 )
+from .freshness import StaleTracker
 from .libmetrics import write_metrics
 from .reader import (
     DEFAULT_BUSY_TIMEOUT,
@@ -33,12 +37,16 @@ from .reader import (
     fetch_virtio_metrics,
     fetch_xenstore_metrics,
 )
+from .views import render_table, to_json, to_openmetrics
 from .virtio import DEFAULT_PORT, DEFAULT_TIMEOUT
 from .xenstore import find_tool
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+FORMATS = ("xml", "json", "openmetrics")
+# ANSI: cursor home, clear screen (only written when stdout is a terminal).
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 # Upstream's usage() as built WITH_XENSTORE (our -x works), then our additions.
 _OPTIONS = (
@@ -55,6 +63,8 @@ _OPTIONS = (
     f" (default {DEFAULT_TIMEOUT:g}).\n"
     "\t     --sys-root DIR    sysfs root used to find the disk (default /sys).\n"
     "\t     --dev-root DIR    device directory used to find the disk (default /dev).\n"
+    "\t     --format FMT      Output format: xml (default, as read), json, openmetrics.\n"
+    "\t     --watch S         Show a table of the metrics every S seconds until Ctrl-C.\n"
     "\t-h | --help            Show this text.\n"
 )
 
@@ -166,6 +176,8 @@ def run(
     virtio_timeout: float,
     sys_root: str,
     dev_root: str,
+    fmt: str = "xml",
+    watch: Optional[float] = None,
     say: Say = _say,
 ) -> int:
     """Fetch from the chosen source(s) and write the result; returns the exit status."""
@@ -185,6 +197,8 @@ def run(
         # KVM guest has no xenstore tools: then that last step is skipped
         # silently, as in upstream's build without xenstore.
         chain = ["disk", "virtio"] + (["xenstore"] if find_tool() else [])
+    if watch is not None:
+        return watch_metrics(watch, chain, disk_source, virtio_source)
     for kind in chain:
         if kind == "disk":
             data = _from_disk(prog, disk_source, say)
@@ -193,10 +207,101 @@ def run(
         else:
             data = _from_xenstore(prog, say)
         if data is not None:
+            if fmt != "xml":
+                try:
+                    data = _render(_parse(kind, data), fmt)
+                except MetricsError as err:
+                    say(f"{prog}: {err}")
+                    return EXIT_FAIL
             # A destination that cannot be written is final: reading another
             # source would not help (upstream went on to try virtio).
             return _write(prog, data, dest, kind, say)
     return EXIT_FAIL
+
+
+def _parse(kind: str, data: bytes) -> MetricsDocument:
+    if kind == "disk":
+        return parse_document(data, source="metrics disk", max_size=MAX_DISK_DOCUMENT)
+    source = "virtio port" if kind == "virtio" else "xenstore"
+    return parse_document(data, source=source, max_size=MAX_VIRTIO_DOCUMENT)
+
+
+def _render(doc: MetricsDocument, fmt: str) -> bytes:
+    text = to_json(doc) if fmt == "json" else to_openmetrics(doc)
+    return text.encode("utf-8")
+
+
+def _fetch_document(
+    chain: Sequence[str], disk_source: DiskSource, virtio_source: VirtioSource
+) -> MetricsDocument:
+    """The first source of the chain that gives a document; MetricsError naming every failure."""
+    errors: List[str] = []
+    for kind in chain:
+        try:
+            if kind == "disk":
+                path, content = fetch_disk_metrics(disk_source)
+                return parse_document(content, source=f"metrics disk {path}")
+            if kind == "virtio":
+                reply = fetch_virtio_metrics(virtio_source)
+                return parse_document(
+                    reply, source=f"virtio port {virtio_source.port}", max_size=MAX_VIRTIO_DOCUMENT
+                )
+            return _parse(kind, fetch_xenstore_metrics())
+        except MetricsError as err:
+            errors.append(str(err))
+    raise MetricsError("; ".join(errors) or "no source to read")
+
+
+def watch_metrics(
+    interval: float,
+    chain: Sequence[str],
+    disk_source: DiskSource,
+    virtio_source: VirtioSource,
+    *,
+    out: Optional[TextIO] = None,
+    frames: Optional[int] = None,
+) -> int:
+    """--watch: a table every ``interval`` seconds until Ctrl-C (exit 0) or ``frames`` frames.
+
+    On a terminal each frame replaces the last (ANSI home + clear); otherwise
+    frames follow each other, separated by a blank line. A failed read is
+    shown in the frame (with the last document read, if any) and the watch
+    goes on: a busy or corrupt disk is often a passing state.
+    """
+    stream = sys.stdout if out is None else out
+    tty = stream.isatty()
+    tracker = StaleTracker(time.monotonic)
+    last: Optional[MetricsDocument] = None
+    shown = 0
+    try:
+        while frames is None or shown < frames:
+            error: Optional[str] = None
+            try:
+                last = _fetch_document(chain, disk_source, virtio_source)
+                unchanged = tracker.observe(last.raw)
+            except MetricsError as err:
+                error = str(err)
+                unchanged = tracker.unchanged_for()
+            width = shutil.get_terminal_size().columns if tty else 1 << 16
+            frame = render_table(
+                last, now=time.time(), unchanged_for=unchanged, error=error, width=width
+            )
+            if tty:
+                stream.write(CLEAR_SCREEN + frame)
+            else:
+                stream.write(("\n" if shown else "") + frame)
+            stream.flush()
+            shown += 1
+            if frames is None or shown < frames:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a watch ends: a clean exit, the last frame stays.
+        return EXIT_OK
+    except OSError as err:  # stdout gone (closed pipe, hang-up)
+        log.debug("watch: output failed: %s", err)
+        _detach_stdout()
+        return EXIT_FAIL
+    return EXIT_OK
 
 
 # getopt_long's table: short options, then long options ("=" takes a value).
@@ -213,6 +318,8 @@ _LONG = (
     "virtio-timeout=",
     "sys-root=",
     "dev-root=",
+    "format=",
+    "watch=",
     "help",
 )
 _SHORT_TO_LONG = {
@@ -300,6 +407,20 @@ def command(prog: str, args: Sequence[str]) -> int:
                 busy_timeout = _seconds(option, raw)
             else:
                 virtio_timeout = _seconds(option, raw)
+    fmt = given.get("--format")
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(
+            f"Invalid value for '--format': {fmt!r} is not one of "
+            + ", ".join(repr(f) for f in FORMATS)
+            + "."
+        )
+    watch: Optional[float] = None
+    if given.get("--watch") is not None:
+        watch = _seconds("--watch", given["--watch"] or "")
+        if watch <= 0:
+            raise UsageError(f"Invalid value for '--watch': {watch} is not in the range x>0.")
+        if fmt is not None or "--dest" in given:
+            raise UsageError("--watch shows a table on standard output: no --format or --dest")
     _setup_logging(prog, "--verbose" in given)
     return run(
         prog,
@@ -313,6 +434,8 @@ def command(prog: str, args: Sequence[str]) -> int:
         virtio_timeout=virtio_timeout,
         sys_root=given.get("--sys-root") or "/sys",
         dev_root=given.get("--dev-root") or "/dev",
+        fmt=fmt or "xml",
+        watch=watch,
     )
 
 

@@ -56,10 +56,13 @@ __all__ = [
     "dump_virtio_metrics",
     "dump_xenstore_metrics",
     "get_host_cpu_metrics",
+    "get_host_identity",
     "get_host_memory_metrics",
     "get_metric",
+    "get_metrics_age",
     "get_vm_cpu_metrics",
     "get_vm_memory_metrics",
+    "metrics_are_stale",
     "set_default_reader",
     "write_metrics",
 ]
@@ -274,6 +277,21 @@ def get_vm_cpu_metrics(*, reader: Optional[MetricsReader] = None) -> VmCpuMetric
         num_phys_cpus_utilized=_int(r, doc, "NumCPUs", ctx),
         total_cpu_time=_real(r, doc, "TotalCPUTime", ctx),
     )
+
+
+def get_metrics_age(*, reader: Optional[MetricsReader] = None) -> float:
+    """Seconds since the host published the document (MetricsReader.age)."""
+    return (reader or default_reader()).age()
+
+
+def metrics_are_stale(factor: float = 2.0, *, reader: Optional[MetricsReader] = None) -> bool:
+    """Whether the host has stopped updating the metrics (MetricsReader.is_stale)."""
+    return (reader or default_reader()).is_stale(factor)
+
+
+def get_host_identity(*, reader: Optional[MetricsReader] = None) -> Optional[str]:
+    """The host's HostIdentity, None when not published (MetricsReader.host_identity)."""
+    return (reader or default_reader()).host_identity()
 
 
 def write_metrics(data: bytes, dest: Optional[StrPath] = None) -> None:

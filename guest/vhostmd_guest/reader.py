@@ -32,6 +32,12 @@ from .document import (
     parse_document,
 )
 from .errors import DiskChecksumError, DiskFormatError, DiskIOError, StrPath
+from .freshness import (
+    StaleTracker,
+    document_age,
+    document_host_identity,
+    document_is_stale,
+)
 from .virtio import DEFAULT_PORT, DEFAULT_TIMEOUT, MAX_REPLY, read_virtio_metrics
 from .xenstore import read_xenstore_metrics
 
@@ -197,12 +203,17 @@ class MetricsReader:
         sys_root: StrPath = "/sys",
         clock: Clock = time.monotonic,
         sleep: Sleep = time.sleep,
+        wall_clock: Clock = time.time,
     ) -> None:
         self.source: Source = source if source is not None else DiskSource()
         self._given_uuid = vm_uuid.strip().lower() if vm_uuid else None
         self._sys_root = os.fspath(sys_root)
         self._clock = clock
         self._sleep = sleep
+        self._wall_clock = wall_clock
+        self._tracker = StaleTracker(clock)
+        self._identity_seen = False
+        self._identity: Optional[str] = None
         self._lock = threading.RLock()
         self._doc: Optional[MetricsDocument] = None
         self._disk: Optional[str] = None
@@ -229,8 +240,56 @@ class MetricsReader:
         """The current document, re-parsed only when the source's content changed."""
         with self._lock:
             if isinstance(self.source, VirtioSource):
-                return self._read_virtio(self.source)
-            return self._read_disk(self.source)
+                doc = self._read_virtio(self.source)
+            else:
+                doc = self._read_disk(self.source)
+            self._tracker.observe(doc.raw)
+            return doc
+
+    # --- freshness and host identity (freshness.py says precisely) --------------
+
+    def age(self) -> float:
+        """Seconds from the host's PublicationTime to the guest's wall clock (fresh read).
+
+        FreshnessUnavailableError when the host does not publish PublicationTime.
+        """
+        with self._lock:
+            return document_age(self.read(), self._wall_clock())
+
+    def is_stale(self, factor: float = 2.0) -> bool:
+        """True when the age exceeds factor x UpdatePeriod, or this reader has seen the
+        same document for longer than that by its monotonic clock (fresh read).
+
+        FreshnessUnavailableError when the host does not publish UpdatePeriod.
+        """
+        with self._lock:
+            doc = self.read()
+            return document_is_stale(
+                doc, self._wall_clock(), self._tracker.unchanged_for(), factor
+            )
+
+    def unchanged_for(self) -> float:
+        """Seconds (monotonic) since this reader first saw the bytes of its last read."""
+        with self._lock:
+            return self._tracker.unchanged_for()
+
+    def host_identity(self) -> Optional[str]:
+        """The host's HostIdentity (fresh read), None when the host does not publish one."""
+        with self._lock:
+            return document_host_identity(self.read())
+
+    def identity_changed(self) -> bool:
+        """True when the host identity differs from the one the previous call saw.
+
+        The first call records the identity and returns False; any difference
+        counts, also to or from None (moved to a host that does not publish).
+        """
+        with self._lock:
+            current = self.host_identity()
+            changed = self._identity_seen and current != self._identity
+            self._identity_seen = True
+            self._identity = current
+            return changed
 
     def _read_virtio(self, source: VirtioSource) -> MetricsDocument:
         reply = fetch_virtio_metrics(source, clock=self._clock)

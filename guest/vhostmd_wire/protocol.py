@@ -53,3 +53,36 @@ def virtio_reply(host: bytes, vm: bytes) -> bytes:
 def document(*parts: bytes) -> bytes:
     """The disk document: DOC_HEAD + the metric elements in order + DOC_TAIL."""
     return b"".join((DOC_HEAD, *parts, DOC_TAIL))
+
+
+# Freshness and identity (issue 15, opt-in on the host). The host publishes
+# these three host-context metrics when enabled; an upstream daemon (or the
+# option off) publishes none of them and the guest says "unknown".
+#
+# FRESHNESS_TIME: type real64, unit "s": seconds since the Unix epoch with
+#   exactly 3 decimals ("%.3f"), the wall-clock time the document was rendered.
+# FRESHNESS_PERIOD: type uint32, unit "s": the daemon's update period
+#   (seconds between publications), > 0.
+# HOST_IDENTITY: type string, no unit: 32 lowercase hex characters, a keyed
+#   hash that changes when the VM runs on another host and does not reveal
+#   the host's name.
+FRESHNESS_TIME = "PublicationTime"
+FRESHNESS_TIME_TYPE = "real64"
+FRESHNESS_PERIOD = "UpdatePeriod"
+FRESHNESS_PERIOD_TYPE = "uint32"
+FRESHNESS_UNIT = "s"
+HOST_IDENTITY = "HostIdentity"
+HOST_IDENTITY_TYPE = "string"
+HOST_IDENTITY_LENGTH = 32
+# All three are published in the host context.
+FRESHNESS_CONTEXT = "host"
+
+
+def format_publication_time(seconds: float) -> str:
+    """The text of a PublicationTime value: seconds since the epoch, 3 decimals."""
+    return f"{seconds:.3f}"
+
+
+def is_host_identity(text: str) -> bool:
+    """True when text is a well-formed HostIdentity value (32 lowercase hex chars)."""
+    return len(text) == HOST_IDENTITY_LENGTH and all(c in "0123456789abcdef" for c in text)
