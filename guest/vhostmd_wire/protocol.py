@@ -53,3 +53,10 @@ def virtio_reply(host: bytes, vm: bytes) -> bytes:
 def document(*parts: bytes) -> bytes:
     """The disk document: DOC_HEAD + the metric elements in order + DOC_TAIL."""
     return b"".join((DOC_HEAD, *parts, DOC_TAIL))
+
+# Freshness and identity (issue 15, opt-in on the host: <freshness/>): host
+# metrics telling a guest when the document was rendered, how often it is,
+# and which host rendered it (a keyed hash, never the host's name).
+FRESHNESS_TIME = "PublicationTime"  # real64, unit s: epoch seconds, 3 decimals
+FRESHNESS_PERIOD = "UpdatePeriod"  # uint32, unit s
+HOST_IDENTITY = "HostIdentity"  # string: 32 lowercase hex digits
