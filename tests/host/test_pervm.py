@@ -1,4 +1,4 @@
-"""Per-VM disks (issue 15 item 1): the libvirt hook run for real, the daemon with test-driver VMs."""
+"""Per-VM disks (issue 15 item 1): the libvirt hook run for real, the daemon with its VMs."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Iterator, List, Tuple
 import pytest
 from helpers import REPO
 from helpers.monitor import fast_clock
+from helpers.pervm import write_conf
 from lxml import etree
 from vhostmd_wire.disk import read_disk, read_header
 
@@ -29,41 +30,6 @@ HOOK = REPO / "conf" / "libvirt-hook-qemu"
 NODES = Path("/work/shared/golden/upstream/nodes")
 if not NODES.is_dir():
     NODES = REPO / "tests" / "data" / "golden" / "upstream" / "nodes"
-
-CONFIG = """<?xml version="1.0" ?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="k">64</size>
-    </disk>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-    {extra}
-  </globals>
-  <metrics>
-    <metric type="string" context="host">
-      <name>HostTag</name>
-      <action>echo host-tag</action>
-    </metric>
-    <metric type="string" context="vm">
-      <name>Ident</name>
-      <action>echo NAME-VMID-UUID</action>
-    </metric>
-  </metrics>
-</vhostmd>
-"""
-
-
-def write_conf(tmp: Path, extra: str) -> Path:
-    """A config with a shared disk in TMP and EXTRA in <globals>."""
-    path = tmp / "vhostmd.conf"
-    path.write_text(CONFIG.format(disk=tmp / "vhostmd0", extra=extra))
-    return path
-
 
 def domain_xml(uuid: str, name: str = "guest") -> bytes:
     """A domain XML as libvirt gives it to the hook (name and UUID are what matter)."""
@@ -129,7 +95,7 @@ def test_hook_replaces_a_planted_symlink_without_following_it(tmp_path: Path) ->
 
 
 def test_hook_refuses_a_directory_others_may_write(tmp_path: Path) -> None:
-    """A group/world-writable per-VM directory: no disk; the start fails only if the domain uses it."""
+    """A group/world-writable directory: no disk; the start fails only if the domain uses it."""
     conf = write_conf(tmp_path, f'<disk_per_vm path="{tmp_path}/pervm/%u"/>')
     (tmp_path / "pervm").mkdir()
     os.chmod(tmp_path / "pervm", 0o777)
