@@ -135,6 +135,42 @@ def parse_duration(text: str) -> int:
     return int(match.group(1)) * _DURATION_UNITS[match.group(2)]
 
 
+DEFAULT_IDENTITY_KEY = "/var/lib/vhostmd/identity.key"
+DEFAULT_MACHINE_ID = "/etc/machine-id"
+# The one substitution of a per-VM disk path: the VM's UUID (never its name:
+# a name is chosen by whoever defines the domain and must never reach a path).
+PERVM_UUID_TOKEN = "%u"
+# grace: how long a gone VM's disk is kept (seconds); a restart or a
+# migration back must not race its removal. Bounded like expiration_time.
+PERVM_GRACE_RANGE = EXPIRATION_TIME_RANGE
+
+
+@dataclass(frozen=True)
+class PerVmDiskConfig:
+    """``<globals><disk_per_vm>``: one metrics disk per running VM (present = enabled)."""
+
+    path: str  # absolute pattern with exactly one %u, in its last component
+    size: int  # bytes
+    grace: int  # seconds a gone VM's disk is kept before it is removed
+
+    def path_for(self, uuid: str) -> str:
+        """The disk path of the VM with this UUID (the caller checked the UUID's form)."""
+        return self.path.replace(PERVM_UUID_TOKEN, uuid)
+
+    @property
+    def directory(self) -> str:
+        """The directory holding every per-VM disk."""
+        return os.path.dirname(self.path)
+
+
+@dataclass(frozen=True)
+class FreshnessConfig:
+    """``<globals><freshness>``: PublicationTime, UpdatePeriod and HostIdentity host metrics."""
+
+    identity_key: str | None = DEFAULT_IDENTITY_KEY  # None: no HostIdentity (identity="no")
+    machine_id: str = DEFAULT_MACHINE_ID
+
+
 @dataclass(frozen=True)
 class Config:
     """A loaded, validated vhostmd.conf."""
@@ -153,6 +189,9 @@ class Config:
     # sections (vhostmd_py/monitor_config.py); None when absent.
     alarms: AlarmsConfig | None = None
     accounting: AccountingConfig | None = None
+    # vhostmd-py extension (issue 15): per-VM disks and freshness metrics.
+    disk_per_vm: PerVmDiskConfig | None = None
+    freshness: FreshnessConfig | None = None
 
     def host_metrics(self) -> Tuple[MetricSpec, ...]:
         """Metrics evaluated once per cycle, in config order."""
@@ -308,8 +347,11 @@ def _int(elem: etree._Element, file: str, what: str, bounds: Tuple[int, int], un
 
 
 def _disk_size(elem: etree._Element, file: str) -> int:
-    unit = str(elem.get("unit", ""))
-    raw = _text(elem)
+    return _size_of(_text(elem), str(elem.get("unit", "")), elem, file)
+
+
+def _size_of(raw: str, unit: str, elem: etree._Element, file: str) -> int:
+    """RAW times UNIT in bytes, within the disk limits, else ConfigError at ELEM's line."""
     if not _INTEGER.match(raw):
         raise ConfigError(
             file,
@@ -441,6 +483,66 @@ def _history(globals_: etree._Element, file: str, update_period: int) -> History
     )
 
 
+def _disk_per_vm(
+    globals_: etree._Element, file: str, disk_size: int, grace: int
+) -> PerVmDiskConfig | None:
+    elem = globals_.find("disk_per_vm")
+    if elem is None:
+        return None
+    line = _line(elem)
+    path = str(elem.get("path", "")).strip()
+    where = f"disk_per_vm path '{path}'"
+    if not os.path.isabs(path) or os.path.normpath(path) != path:
+        raise ConfigError(file, f"{where} is not a normalised absolute path", line)
+    directory, name = os.path.split(path)
+    if name.count(PERVM_UUID_TOKEN) != 1 or "%" in directory:
+        raise ConfigError(
+            file, f"{where} must hold {PERVM_UUID_TOKEN} (the VM's UUID) exactly once, "
+            "in its last component", line,
+        )
+    if "%" in name.replace(PERVM_UUID_TOKEN, ""):
+        raise ConfigError(
+            file, f"{where}: only {PERVM_UUID_TOKEN} (the VM's UUID) may be substituted", line
+        )
+    if directory == "/":
+        raise ConfigError(file, f"{where}: the disks need a directory of their own", line)
+    size = disk_size
+    raw = elem.get("size")
+    if raw is not None:
+        size = _size_of(str(raw).strip(), str(elem.get("unit", "")), elem, file)
+    elif elem.get("unit") is not None:
+        raise ConfigError(file, "disk_per_vm unit given without a size", line)
+    raw = elem.get("grace")
+    if raw is not None:
+        try:
+            grace = parse_duration(str(raw))
+        except ValueError as err:
+            raise ConfigError(file, f"disk_per_vm grace: {err}", line) from err
+        low, high = PERVM_GRACE_RANGE
+        if not low <= grace <= high:
+            raise ConfigError(
+                file, f"disk_per_vm grace {grace} is out of range (allowed: {low} to {high} "
+                "seconds)", line,
+            )
+    return PerVmDiskConfig(path=path, size=size, grace=grace)
+
+
+def _freshness(globals_: etree._Element, file: str) -> FreshnessConfig | None:
+    elem = globals_.find("freshness")
+    if elem is None:
+        return None
+    line = _line(elem)
+    paths = {}
+    for attr, default in (("identity_key", DEFAULT_IDENTITY_KEY),
+                          ("machine_id", DEFAULT_MACHINE_ID)):
+        value = str(elem.get(attr, default)).strip()
+        if not os.path.isabs(value):
+            raise ConfigError(file, f"freshness {attr} '{value}' is not an absolute path", line)
+        paths[attr] = value
+    key = paths["identity_key"] if str(elem.get("identity", "yes")) == "yes" else None
+    return FreshnessConfig(identity_key=key, machine_id=paths["machine_id"])
+
+
 def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
     """One <metric>, or None (logged) when it cannot be used."""
     where = f"{file}:{_line(elem)}"
@@ -557,6 +659,9 @@ def _convert(root: etree._Element, file: str) -> Config:
     transports = _transports(globals_, file)
     virtio = _virtio(globals_, file, update_period)
     history = _history(globals_, file, update_period)
+    # Default grace: the virtio expiration time (at least 3 update periods).
+    disk_per_vm = _disk_per_vm(globals_, file, disk_size, virtio.expiration_time)
+    freshness = _freshness(globals_, file)
     metrics_elem = root.find("metrics")
     metrics: List[MetricSpec] = []
     if metrics_elem is not None:
@@ -575,6 +680,8 @@ def _convert(root: etree._Element, file: str) -> Config:
         virtio=virtio,
         metrics=tuple(metrics),
         history=history,
+        disk_per_vm=disk_per_vm,
+        freshness=freshness,
     )
 
 
@@ -586,8 +693,10 @@ def _child(parent: etree._Element, tag: str) -> etree._Element:
 
 __all__: Sequence[str] = (
     "Config",
+    "FreshnessConfig",
     "HistoryConfig",
     "MetricSpec",
+    "PerVmDiskConfig",
     "Variable",
     "VirtioConfig",
     "default_dtd_path",

@@ -42,6 +42,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, List, Tuple, TypeVar
 
 from vhostmd_py import render
@@ -52,12 +53,14 @@ from vhostmd_py.process import install_loop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
+    from vhostmd_py.freshness import Freshness
     from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_vms import LibvirtVMs
     from vhostmd_py.mdisk import MetricsDisk
     from vhostmd_py.monitor import Monitor
     from vhostmd_py.native.source import NativeSource
     from vhostmd_py.orphans import OrphanReaper
+    from vhostmd_py.pervm import PerVmDisks
     from vhostmd_py.runner import ActionRunner
     from vhostmd_py.sources import ShellActionSource, SourceRegistry
     from vhostmd_py.stats import StatsSnapshot
@@ -141,6 +144,8 @@ def _needs_vms(config: Config) -> bool:
     return (
         "virtio" in config.transports
         or any(m.context == "vm" for m in config.metrics)
+        # One disk per running VM needs the running VMs.
+        or config.disk_per_vm is not None
         # Built-in host fields read from libvirt (node info) need its connection.
         or needs_libvirt([m.source for m in config.metrics if m.source is not None])
         # The history, alarms and accounting read every VM's counters.
@@ -173,6 +178,7 @@ class Daemon:
         stats_source: Callable[[List[VM]], StatsSnapshot] | None = None,
         monitor_factory: Callable[[Config], Monitor] | None = None,
         reap_orphans: bool = False,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.uri = uri
@@ -193,6 +199,13 @@ class Daemon:
         self._deadlines = True
         self._vms: LibvirtVMs | None = None
         self._disk: MetricsDisk | None = None
+        # vhostmd-py extension (issue 15): per-VM disks and freshness metrics,
+        # set up by open_disk() (before -u drops root) or on the first cycle.
+        self._wall = wall
+        self._pervm: PerVmDisks | None = None
+        self._freshness: Freshness | None = None
+        self._extensions_ready = False
+        self._listed_ok = True  # whether the last VM listing was libvirt's answer
         self._virtio: VirtioServer | None = None
         self._worker = BlockingWorker()
         self._native: NativeSource | None = None  # built-in metrics, created on first use
@@ -250,9 +263,32 @@ class Daemon:
         self._config_loader = loader
 
     def open_disk(self) -> None:
-        """Create the metrics disk when vbd is configured (raises DiskError)."""
+        """Create the metrics disk when vbd is configured (raises DiskError).
+
+        Also the per-VM disks' directory and the host identity (their files
+        may need root, which -u USER gives up right after this).
+        """
         if self._publish_enabled and "vbd" in self.config.transports:
             self._disk = self._create_disk(self.config)
+        self._pervm, self._freshness = self._make_extensions(self.config)
+        self._extensions_ready = True
+
+    def _make_extensions(self, config: Config) -> Tuple[PerVmDisks | None, Freshness | None]:
+        """The per-VM disks and the freshness metrics CONFIG asks for (raises VhostmdError)."""
+        pervm = freshness = None
+        if config.freshness is not None:
+            from vhostmd_py.freshness import Freshness
+
+            freshness = Freshness(config.freshness, config.update_period, wall=self._wall)
+        if config.disk_per_vm is not None and self._publish_enabled:
+            from vhostmd_py.pervm import PerVmDisks
+
+            pervm = PerVmDisks(config.disk_per_vm, max_disks=config.virtio.max_channels,
+                               clock=self._clock, disk_factory=self._disk_factory)
+            pervm.open()
+            log.info("Using per-VM metrics disks %s (%d bytes each)", config.disk_per_vm.path,
+                     config.disk_per_vm.size)
+        return pervm, freshness
 
     def _create_disk(self, config: Config) -> MetricsDisk:
         factory = self._disk_factory
@@ -327,6 +363,9 @@ class Daemon:
         try:
             if _needs_vms(self.config):
                 self._vms = self._make_vms(self.config)
+            if not self._extensions_ready:
+                self._pervm, self._freshness = self._make_extensions(self.config)
+                self._extensions_ready = True
             await self._start_virtio(self.config)
             self._start_history(self.config)
             await self._loop(max_cycles)
@@ -432,11 +471,16 @@ class Daemon:
                 snapshot = self._observe_history(self._history, snapshot, stats)
             if self.monitor is not None:
                 snapshot = await self._monitor_cycle(stats, snapshot)
+        if self._freshness is not None:
+            # Rendered now, into the host part every transport publishes.
+            snapshot = replace(snapshot, host=snapshot.host + self._freshness.render())
         self.last_snapshot = snapshot
         if not self._publish_enabled:
             return
         if self._disk is not None:
             self._publish(self._disk, snapshot)
+        if self._pervm is not None:
+            self._pervm.publish(snapshot, listed=self._listed_ok)
         if self._virtio is not None:
             self._virtio.update(snapshot)
         self._log_first_publish(snapshot)  # ops: shown at the default level
@@ -554,6 +598,7 @@ class Daemon:
 
     async def _list_vms(self, source: LibvirtVMs) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""
+        self._listed_ok = False  # until libvirt answers
         if self._pending_list is not None:
             if not self._pending_list.done():
                 return []  # the worker is still stuck in the previous call
@@ -576,7 +621,10 @@ class Daemon:
             log.info("libvirt at %s answers again", self.uri or "(default URI)")
             self._libvirt_stuck = False
         try:
-            return future.result()
+            vms = future.result()
+            # LibvirtVMs answers [] during an outage: then no VM is "gone".
+            self._listed_ok = getattr(source, "last_ok", True)
+            return vms
         except Exception:  # a bug or an odd libvirt failure must not cost the host metrics
             log.exception("listing the VMs failed: publishing without VM metrics")
             return []
@@ -665,6 +713,22 @@ class Daemon:
             except VhostmdError as err:
                 log.error("Not reloading %s, keeping the previous configuration: %s", new.file, err)
                 return
+        extensions_changed = (
+            (new.disk_per_vm, new.freshness, new.update_period, new.virtio.max_channels)
+            != (old.disk_per_vm, old.freshness, old.update_period, old.virtio.max_channels)
+        )
+        if extensions_changed:
+            try:
+                # The key may be unreadable after -u USER: keep the old config.
+                pervm, freshness = self._make_extensions(new)
+            except VhostmdError as err:
+                if new_disk is not None:
+                    new_disk.close()
+                log.error("Not reloading %s, keeping the previous configuration: %s", new.file, err)
+                return
+            if self._pervm is not None:
+                self._pervm.close()  # files stay: the guests keep the last document
+            self._pervm, self._freshness = pervm, freshness
         if new_disk is not None or not vbd:
             old_disk, self._disk = self._disk, new_disk if new_disk is not None else None
             self._published_any = False
@@ -717,6 +781,9 @@ class Daemon:
             # After the runner: its workers are gone, their leftovers are ours.
             self._orphans.end_all()
         self.close_disk()
+        pervm, self._pervm = self._pervm, None
+        if pervm is not None:
+            pervm.close()
 
     async def _close_vms(self) -> None:
         vms, self._vms = self._vms, None

@@ -40,6 +40,7 @@ __all__ = [
     "DiskIOError",
     "DiskSizeError",
     "DocumentError",
+    "IdentityError",
     "LibvirtError",
     "PidFileError",
     "PrivilegeError",
@@ -126,3 +127,14 @@ class ShapingError(VhostmdError):
         self.device = device
         self.gone = gone  # the domain (or the interface) no longer exists
         super().__init__(reason, f"VM {vm} interface {device}: {reason}")
+
+
+# --- freshness and identity (vhostmd-py extension, issue 15) ------------------
+
+
+class IdentityError(VhostmdError):
+    """The host identity's key or host id cannot be read or created."""
+
+    def __init__(self, path: StrPath, reason: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(reason, f"host identity {self.path}: {reason}")

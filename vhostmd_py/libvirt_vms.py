@@ -82,6 +82,7 @@ class LibvirtVMs:
     def __init__(self, uri: str | None, *, want_channels: bool = False) -> None:
         self.uri = uri
         self.want_channels = want_channels
+        self.last_ok = False  # whether the last list_running() was libvirt's answer
         self._libvirt: Any = None
         self._conn: Any = None
         self._down = False
@@ -164,7 +165,12 @@ class LibvirtVMs:
         return self._open()
 
     def list_running(self) -> List[VM]:
-        """The running domains in libvirt's listing order; [] when libvirt is unreachable."""
+        """The running domains in libvirt's listing order; [] when libvirt is unreachable.
+
+        last_ok tells the two [] apart (per-VM disks must not retire the disks
+        of VMs that merely could not be listed).
+        """
+        self.last_ok = False
         libvirt = self._module()
         if libvirt is None:
             return []
@@ -174,7 +180,9 @@ class LibvirtVMs:
             if conn is None:
                 return []
             try:
-                return self._list(conn)
+                vms = self._list(conn)
+                self.last_ok = True
+                return vms
             except libvirt.libvirtError as err:
                 self._drop()
                 if attempt == 2:

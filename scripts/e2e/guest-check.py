@@ -160,6 +160,47 @@ def libmetrics_calls() -> Dict[str, Any]:
     return out
 
 
+def pervm_device() -> str | None:
+    """This VM's own metrics disk (issue 15): the virtio disk with serial vhostmd-pervm."""
+    for dev in sorted(os.listdir("/sys/block")):
+        try:
+            with open(f"/sys/block/{dev}/serial", encoding="ascii") as f:
+                if f.read().strip() == "vhostmd-pervm":
+                    return f"/dev/{dev}"
+        except OSError:
+            continue
+    return None
+
+
+def pervm_checks(uuid: str, deadline: float) -> None:
+    """vm-dump-metrics -b and the libmetrics API on this VM's own disk."""
+    dev = pervm_device()
+    emit("pervm-device", {"device": dev})
+    if dev is None:
+        return
+    res = until(["-b", "--disk", dev], lambda out: uuid.encode() in out, deadline)
+    emit("pervm-dump-b", res)
+    note(f"per-VM -b rc={res['rc']} attempts={res['attempts']}")
+    out: Dict[str, Any] = {}
+    try:
+        from vhostmd_guest import libmetrics
+        from vhostmd_guest.reader import DiskSource, MetricsReader
+
+        reader = MetricsReader(DiskSource(dev))
+        for name, ctx in (("E2EIdent", libmetrics.METRIC_CONTEXT_VM),
+                          ("E2EAnswer", libmetrics.METRIC_CONTEXT_HOST),
+                          ("HostIdentity", libmetrics.METRIC_CONTEXT_HOST),
+                          ("UpdatePeriod", libmetrics.METRIC_CONTEXT_HOST)):
+            try:
+                val = libmetrics.get_metric(name, ctx, reader=reader)
+                out[f"{name}:{ctx.context_name}"] = {"ok": True, "value": as_record(val)}
+            except Exception as err:  # evidence for the host: record, don't stop
+                out[f"{name}:{ctx.context_name}"] = {"ok": False, "error": f"{err!r}"}
+    except Exception:
+        out["import"] = {"ok": False, "error": traceback.format_exc()}
+    emit("pervm-libmetrics", out)
+
+
 def main() -> int:
     """Gather the evidence and print it."""
     info: Dict[str, Any] = {"python": sys.version, "argv0": sys.executable}
@@ -206,6 +247,7 @@ def main() -> int:
     emit("dump-help", run_tool(["--help"]))
 
     emit("libmetrics", libmetrics_calls())
+    pervm_checks(uuid, time.monotonic() + 60.0)
     note("guest-check done")
     return 0
 

@@ -63,9 +63,18 @@ read_disk() {
     dd if="/dev/$1" bs=65536 count=4 2>/dev/null | tail -c +17 | tr -d '\000'
 }
 
+# The per-VM disk (issue 15) is the one with the serial vhostmd-pervm.
+find_pervm_disk() {
+    for b in /sys/block/vd*; do
+        [ "$(cat "$b/serial" 2>/dev/null)" = vhostmd-pervm ] && { basename "$b"; return 0; }
+    done
+    return 1
+}
+
 find_metrics_disk() {
     for b in /sys/block/vd*; do
         [ -e "$b" ] || continue
+        [ "$(cat "$b/serial" 2>/dev/null)" = vhostmd-pervm ] && continue
         dev=$(basename "$b")
         sig=$(dd if="/dev/$dev" bs=4 count=1 2>/dev/null)
         if [ "$sig" = "mvbd" ]; then
@@ -114,6 +123,18 @@ if [ "$mode" = "mini" ]; then
             cmp -s /tmp/disk /tmp/disk2 && break
         done
         echo "E2E-RESULT mini-disk $(base64 -w 0 < /tmp/disk)"
+    fi
+    # This VM's own disk, read with dd+sed only: the host's metrics and ours.
+    pdisk=$(find_pervm_disk) || pdisk=""
+    say "per-VM disk: ${pdisk:-none}"
+    if [ -n "$pdisk" ]; then
+        for _ in $(seq 30); do
+            read_disk "$pdisk" | sed -n '/^<metrics>$/,/^<\/metrics>$/p' > /tmp/pervm
+            read_disk "$pdisk" | sed -n '/^<metrics>$/,/^<\/metrics>$/p' > /tmp/pervm2
+            cmp -s /tmp/pervm /tmp/pervm2 && grep -q "uuid='$my_uuid'" /tmp/pervm && break
+            sleep 1
+        done
+        echo "E2E-RESULT mini-pervm $(base64 -w 0 < /tmp/pervm)"
     fi
     # Stay up (the host destroys this guest once the full guest is done) so
     # that the full guest's virtio check runs while both VMs are live.

@@ -325,6 +325,68 @@ def test_libmetrics_api(full: Dict[str, Any], e2e_run: Any) -> None:
     assert e2e_run[1][MINI]["uuid"].encode() not in vreply
 
 
+def _assert_freshness(doc: bytes) -> str:
+    """PublicationTime, UpdatePeriod and HostIdentity are in the host part; the identity."""
+    host = {m["name"]: m for m in _metrics(doc) if m["context"] == "host"}
+    published = host["PublicationTime"]
+    assert (published["type"], published["unit"]) == ("real64", "s")
+    # Rendered during this run (the guests ran for minutes at most).
+    assert abs(float(published["value"] or "") - time.time()) < 3600
+    assert (host["UpdatePeriod"]["type"], host["UpdatePeriod"]["value"]) == ("uint32", "1")
+    identity = host["HostIdentity"]["value"] or ""
+    assert re.fullmatch(r"[0-9a-f]{32}", identity), identity
+    return identity
+
+
+def _assert_own_disk(doc: bytes, domains: Dict[str, Any], me: str, other: str, vcpus: int) -> None:
+    """A per-VM disk's document: the host's metrics and ME's block, never OTHER's UUID."""
+    assert doc.startswith(b"<metrics>\n") and doc.endswith(b"</metrics>\n")
+    _assert_host_metrics(doc)
+    _assert_vm_block(doc, domains, me, vcpus)
+    assert domains[other]["uuid"].encode() not in doc
+    assert {m["uuid"] for m in _metrics(doc) if m["context"] == "vm"} == {domains[me]["uuid"]}
+
+
+def test_pervm_disk_full_guest(full: Dict[str, Any], e2e_run: Any) -> None:
+    """vm-dump-metrics -b --disk on the guest's own disk: host metrics and its own only."""
+    domains = e2e_run[1]
+    assert full["pervm-device"]["device"] == "/dev/vdc", full["pervm-device"]
+    rec = full["pervm-dump-b"]
+    assert rec["rc"] == 0, rec["stderr"]
+    doc = _stdout(rec)
+    _assert_own_disk(doc, domains, FULL, MINI, FULL_VCPUS)
+    identity = _assert_freshness(doc)
+    # The same host identity on the shared disk (one host).
+    assert _assert_freshness(_stdout(full["dump-b"])) == identity
+    api = full["pervm-libmetrics"]
+    assert api["E2EIdent:vm"]["value"]["value"] == _ident(domains, FULL), api
+    assert api["E2EAnswer:host"]["value"]["value"] == 42
+    assert api["HostIdentity:host"]["value"]["value"] == identity
+    assert api["UpdatePeriod:host"]["value"]["value"] == 1
+
+
+def test_pervm_disk_minimal_guest(mini: Dict[str, Any], e2e_run: Any) -> None:
+    """The busybox guest reads its own disk with dd+sed: its metrics only, never the other's."""
+    domains = e2e_run[1]
+    doc = mini["mini-pervm"]
+    _assert_own_disk(doc, domains, MINI, FULL, MINI_VCPUS)
+    _assert_freshness(doc)
+
+
+def test_pervm_hook_prepared_and_released(
+    e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """The hook made each disk at prepare and removed it at release."""
+    out = e2e_run[0]
+    lines = (out / "pervm-hook.txt").read_text().splitlines()
+    assert sorted(lines) == sorted([
+        f"{MINI} prepare 1", f"{FULL} prepare 1",
+        f"{MINI} release removed", f"{FULL} release removed",
+    ])
+    log = (out / "daemon.log").read_text()
+    assert "Using per-VM metrics disks" in log
+
+
 def test_daemon_stopped_cleanly(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> None:
     """Our daemon ran against qemu:///system without errors and exited 0 on SIGTERM."""
     out = e2e_run[0]

@@ -299,8 +299,8 @@ def test_entities_are_refused_not_expanded(golden: Path, tmp_path: Path) -> None
 def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     """vhostmd.dtd = upstream's with channel_path optional and <source>, plus optional extensions.
 
-    The extensions (<history> in <globals>; <alarms> and <accounting> after
-    <metrics>) only add elements: every upstream config stays valid.
+    The extensions (<history>, <disk_per_vm>, <freshness> in <globals>;
+    <alarms> and <accounting> after <metrics>) only add elements: every upstream config stays valid.
     """
     text = (repo_root / "vhostmd.dtd").read_text()
     history = text.index("<!-- vhostmd-py extension, optional: the RRD history")
@@ -312,7 +312,8 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
         "<!ELEMENT vhostmd (globals,metrics)>":
             ["<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?)>"],
         "<!ELEMENT globals (disk,virtio*,update_period,path,transport+)>":
-            ["<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?)>"],
+            ["<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?,"
+             "disk_per_vm?,freshness?)>"],
         "<!ELEMENT virtio (channel_path,max_channels,expiration_time)>":
             ["<!ELEMENT virtio (channel_path?,max_channels,expiration_time)>"],
         "<!ELEMENT metric (name,action,variable*)>":
