@@ -149,4 +149,5 @@ class Freshness:
     def render(self) -> bytes:
         """The metrics' elements, PublicationTime now."""
         now = format_publication_time(self._wall()).encode()
-        return render_metric(FRESHNESS_TIME_TYPE, FRESHNESS_TIME, now, None, FRESHNESS_UNIT) + self._tail
+        head = render_metric(FRESHNESS_TIME_TYPE, FRESHNESS_TIME, now, None, FRESHNESS_UNIT)
+        return head + self._tail
