@@ -4,16 +4,23 @@ Run on the host by scripts/e2e-guest (scripts/e2e/values.sh) while the guests
 run, with the daemon's interpreter (libvirt-python, vhostmd_wire). Each
 sample is, in this order:
 
-1. reading A: libvirt PER-DOMAIN calls (virDomainGetInfo, virDomainBlockStats
-   on the disks of the domain XML), not the bulk call our daemon makes on
-   QEMU, plus virNodeGetInfo and /proc/meminfo;
+1. reading A: libvirt's bulk statistics asked by this separate client
+   (virConnectGetAllDomainStats: cpu.time, vcpu.current, balloon.maximum,
+   block.N.*), and the PER-DOMAIN calls too (virDomainGetInfo,
+   virDomainBlockStats on the disks of the domain XML), plus virNodeGetInfo
+   and /proc/meminfo;
 2. wait until the metrics disk's header changed twice (two publications after
    A: the second one's values were sampled in a cycle that began after the
    first one, so after A);
 3. a stable read of the metrics disk (vhostmd_wire's reader);
 4. reading B, as A.
 
-So A <= published <= B must hold for every counter, with no tolerance. The
+So A <= published <= B must hold for every counter of the bulk reading, with
+no tolerance. virDomainGetInfo's CPU time is another clock (QEMU process
+ticks from /proc, USER_HZ resolution, where the bulk call reads the cgroup's
+nanoseconds): the test allows it two ticks (clk_tck is recorded).
+Once the burn has begun, one more sample is taken and then only the console
+is watched, so that sampling does not compete with the burning guest. The
 guest's console markers (E2E-READ-*, E2E-BURN-*) are timestamped with the
 host's clock as they appear, for the CPU % window. One JSON object per line
 in OUT, flushed as written (the script stops this process with SIGTERM).
@@ -84,7 +91,27 @@ class Sampler:
 
     def reading(self) -> Dict[str, Any]:
         """Per-domain libvirt calls for each running domain, node info, /proc/meminfo."""
-        out: Dict[str, Any] = {"wall": time.time(), "domains": {}}
+        out: Dict[str, Any] = {
+            "wall": time.time(), "domains": {}, "clk_tck": os.sysconf("SC_CLK_TCK")
+        }
+        bulk = {}
+        for dom, rec in self.conn.getAllDomainStats(
+            stats=libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_VCPU
+            | libvirt.VIR_DOMAIN_STATS_BALLOON | libvirt.VIR_DOMAIN_STATS_BLOCK,
+            flags=libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
+        ):
+            disks = {}
+            for i in range(int(rec.get("block.count", 0))):
+                disks[rec[f"block.{i}.name"]] = {
+                    "rd_req": int(rec.get(f"block.{i}.rd.reqs", -1)),
+                    "rd_bytes": int(rec.get(f"block.{i}.rd.bytes", -1)),
+                }
+            bulk[dom.name()] = {
+                "cpu_time": int(rec["cpu.time"]),
+                "vcpus": int(rec["vcpu.current"]),
+                "max_kib": int(rec["balloon.maximum"]),
+                "disks": disks,
+            }
         info = self.conn.getInfo()
         out["node_cpus"] = int(info[2])
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -111,6 +138,7 @@ class Sampler:
                 "vcpus": int(vcpus),
                 "cpu_time": int(cpu_time),
                 "disks": disks,
+                "bulk": bulk.get(name),
             }
         return out
 
@@ -178,9 +206,14 @@ def main() -> int:
     end = time.monotonic() + args.max_seconds
     written = 0
     with open(args.out, "a", encoding="utf-8") as out:
+        burn = f"{os.path.basename(args.console[0])}:E2E-BURN-START" if args.console else ""
+        after_burn = 0
         while not STOP and time.monotonic() < end:
+            if burn in sampler.seen:
+                after_burn += 1
             try:
-                sampler.sample()
+                if after_burn <= 1:
+                    sampler.sample()
             except Exception as err:  # evidence for the test: record, go on
                 sampler.records.append({"kind": "error", "error": f"{type(err).__name__}: {err}"})
             pause = time.monotonic() + args.interval
