@@ -100,6 +100,8 @@ def as_record(val: Any) -> Any:
             "vm_id": val.vm_id,
             "vm_uuid": val.vm_uuid,
         }
+    if isinstance(val, tuple) and hasattr(val, "_asdict"):  # the records are NamedTuples
+        return dict(val._asdict())
     if dataclasses.is_dataclass(val) and not isinstance(val, type):
         return dataclasses.asdict(val)
     if isinstance(val, bytes):
