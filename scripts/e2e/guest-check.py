@@ -67,6 +67,73 @@ def run_tool(args: List[str], timeout: float = 30.0) -> Dict[str, Any]:
     }
 
 
+# --- e2e values (issues 12, 13): disk reads, then a CPU burn ------------------
+# The host (scripts/e2e/host-values.py) timestamps the E2E-READ-* and
+# E2E-BURN-* markers as they appear on the console; the test reads the
+# history of the burn window with vhostmdctl.
+READ_BYTES = 64 << 20
+BURN_S = 30.0
+
+
+def root_device() -> str:
+    """The block device mounted as this chroot's root (the Debian image)."""
+    st = os.stat("/")
+    with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/uevent",
+              encoding="ascii") as f:
+        for line in f:
+            if line.startswith("DEVNAME="):
+                return "/dev/" + line.strip().split("=", 1)[1]
+    raise OSError("no DEVNAME for the root device")
+
+
+def direct_read(dev: str, total: int) -> int:
+    """Read TOTAL bytes of DEV with O_DIRECT (no page cache: every byte is a device read)."""
+    import mmap
+
+    chunk = 1 << 20
+    buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    done = 0
+    fd = os.open(dev, os.O_RDONLY | os.O_DIRECT)
+    try:
+        while done < total:
+            n = os.readv(fd, [buf])
+            if n <= 0:
+                break
+            done += n
+    finally:
+        os.close(fd)
+    return done
+
+
+def load_phase() -> None:
+    """Read the root disk with O_DIRECT, then burn every vCPU for BURN_S seconds."""
+    rec: Dict[str, Any] = {"cpus": os.cpu_count(), "burn_s": BURN_S}
+    try:
+        rec["device"] = root_device()
+        note("E2E-READ-START")
+        t = time.monotonic()
+        rec["read_bytes"] = direct_read(rec["device"], READ_BYTES)
+        rec["read_s"] = time.monotonic() - t
+        note("E2E-READ-END")
+    except OSError as err:
+        rec["read_error"] = str(err)
+    # One busy process per vCPU; the host sees them as guest CPU time.
+    workers = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    note("E2E-BURN-START")
+    t = time.monotonic()
+    time.sleep(BURN_S)
+    for w in workers:
+        w.kill()
+    for w in workers:
+        w.wait()
+    rec["burned_s"] = time.monotonic() - t
+    note("E2E-BURN-END")
+    emit("load", rec)
+
+
 def vm_uuids(doc: bytes) -> List[str]:
     """Distinct uuid attributes in a metrics document."""
     return sorted({m.decode() for m in re.findall(rb"uuid='([0-9a-f-]+)'", doc)})
@@ -249,6 +316,7 @@ def main() -> int:
     emit("libmetrics", libmetrics_calls())
     pervm_checks(uuid, time.monotonic() + 60.0)
     note("guest-check done")
+    load_phase()  # e2e values: last, it only loads the guest
     return 0
 
 

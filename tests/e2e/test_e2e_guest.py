@@ -22,6 +22,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from helpers.e2e_values import (
+    NATIVE_PREFIX,
+    cpu_history,
+    load_values,
+    marker,
+    png_size,
+    vhostmdctl,
+    window_stats,
+)
 from lxml import etree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -200,6 +209,8 @@ def _assert_vm_block(doc: bytes, domains: Dict[str, Any], name: str, vcpus: int)
     """This domain's vm metrics are there, tagged with its id and UUID, with real values."""
     d = domains[name]
     vm = {m["name"]: m for m in _metrics(doc) if m["context"] == "vm" and m["uuid"] == d["uuid"]}
+    # The built-in-source metrics are checked by the e2e value tests (end of file).
+    vm = {k: v for k, v in vm.items() if not (k or "").startswith(NATIVE_PREFIX)}
     assert set(vm) == {"E2EIdent", "NumCPUs", "TotalCPUTime"}, vm
     for m in vm.values():
         assert m["id"] == str(d["id"])
@@ -437,3 +448,148 @@ def test_interrupted_run_leaves_nothing(
     left = _leftover_processes(out)
     assert not left, f"left running after SIGTERM: {left}"
     assert not Path("/dev/shm/vhostmd-e2e").exists()
+
+
+# --- e2e values (issues 12, 13): built-in values against independent readings,
+# the bulk path, the history of a burning and an idle guest, the graph --------
+
+# Thresholds of issue 13 (per-vCPU-normalised CPU %, capped at 100).
+BURN_MIN_PCT = 50.0
+IDLE_MAX_PCT = 20.0
+
+
+def _native(rec: Dict[str, Any], uuid: str) -> Dict[str, int]:
+    """The E2ENative* values the document carried for a VM, as ints."""
+    return {k: int(v) for k, v in rec["doc"]["vms"].get(uuid, {}).items()}
+
+
+def test_builtin_values_take_the_bulk_path(
+    e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """On qemu:///system the VM fields come from getAllDomainStats, every group of them."""
+    log = (e2e_run[0] / "daemon.log").read_text()
+    for group in ("info", "block"):
+        assert f"libvirt statistics group {group}: bulk call" in log, log[-3000:]
+    assert "per-domain calls" not in log
+    assert "no bulk domain statistics" not in log
+
+
+def test_builtin_values_match_independent_readings(
+    e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """Every published built-in value against readings taken around it by another client.
+
+    Reading A, two publications, the document, reading B (host-values.py).
+    Bulk statistics asked by that client: A <= value <= B for the counters
+    (CPU time, read bytes and requests of every disk), equality for vCPUs and
+    maximum memory. Per-domain calls: virDomainBlockStats brackets the disk
+    counters exactly; virDomainGetInfo's CPU time (process ticks) within two
+    ticks. Host CPUs equal virNodeGetInfo, MemTotal /proc/meminfo's.
+    """
+    out, domains, _ = e2e_run
+    samples, _ = load_values(out)
+    checked = {FULL: 0, MINI: 0}
+    worst_tick_gap = 0
+    for rec in samples:
+        a, b, host = rec["before"], rec["after"], rec["doc"]["host"]
+        assert int(host["E2ENativeHostCpus"]) == a["node_cpus"] == b["node_cpus"]
+        assert int(host["E2ENativeHostMemTotal"]) == a["mem_total_kib"] // 1024
+        tick = 10**9 // a["clk_tck"]
+        for name in (FULL, MINI):
+            if name not in a["domains"] or name not in b["domains"]:
+                continue  # not running at both readings
+            da, db = a["domains"][name], b["domains"][name]
+            ba, bb = da["bulk"], db["bulk"]
+            assert da["uuid"] == db["uuid"] == domains[name]["uuid"]
+            got = _native(rec, da["uuid"])
+            assert got, f"{name} running at A and B but not in the document"
+            assert got["E2ENativeVcpus"] == ba["vcpus"] == da["vcpus"] == domains[name]["vcpus"]
+            assert got["E2ENativeMemMaxKib"] == ba["max_kib"] == da["max_kib"]
+            cpu = got["E2ENativeCpuTimeNs"]
+            assert ba["cpu_time"] <= cpu <= bb["cpu_time"], (name, rec)
+            assert da["cpu_time"] - 2 * tick <= cpu <= db["cpu_time"] + 2 * tick, (name, rec)
+            worst_tick_gap = max(worst_tick_gap, cpu - db["cpu_time"])
+            # One metric per disk of the domain XML, named .DEV.
+            per_dev = {k.split(".", 1)[1] for k in got if k.startswith(NATIVE_PREFIX + "DiskRd")}
+            assert per_dev == set(da["disks"]) == set(ba["disks"]), (per_dev, da["disks"])
+            for dev in da["disks"]:
+                for field, metric in (("rd_bytes", "DiskRdBytes"), ("rd_req", "DiskRdReq")):
+                    value = got[f"{NATIVE_PREFIX}{metric}.{dev}"]
+                    assert ba["disks"][dev][field] <= value <= bb["disks"][dev][field], rec
+                    assert da["disks"][dev][field] <= value <= db["disks"][dev][field], rec
+            checked[name] += 1
+    sys.stderr.write(
+        f"\ne2e values: bracketed samples per VM {checked}; published CPU time exceeded "
+        f"virDomainGetInfo's later reading by at most {worst_tick_gap / 1e6:.1f} ms\n"
+    )
+    assert checked[FULL] >= 3 and checked[MINI] >= 3, checked
+
+
+def test_builtin_counters_grow_with_the_guest(
+    full: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """CPU time grows while the guest runs; a disk's read bytes grow by what the guest read."""
+    out, domains, _ = e2e_run
+    samples, markers = load_values(out)
+    uuid = domains[FULL]["uuid"]
+    mine = [r for r in samples if _native(r, uuid)]
+    cpu = [_native(r, uuid)["E2ENativeCpuTimeNs"] for r in mine]
+    assert len(cpu) >= 3 and all(x < y for x, y in zip(cpu, cpu[1:])), cpu
+    load = full["load"]
+    assert "read_error" not in load, load
+    dev = load["device"].rsplit("/", 1)[1]
+    console = f"{FULL}-console.log"
+    read_start = marker(markers, console, "E2E-READ-START")
+    read_end = marker(markers, console, "E2E-READ-END")
+    # The last document whose reading B came before the guest began to read,
+    # and the first whose reading A came after it finished.
+    before = [r for r in mine if r["after"]["wall"] <= read_start]
+    after = [r for r in mine if r["before"]["wall"] >= read_end]
+    assert before and after, (read_start, read_end, [r["before"]["wall"] for r in mine])
+    key = f"{NATIVE_PREFIX}DiskRdBytes.{dev}"
+    grown = _native(after[0], uuid)[key] - _native(before[-1], uuid)[key]
+    sys.stderr.write(
+        f"\ne2e values: {FULL} {dev} read bytes grew {grown} across a guest O_DIRECT read "
+        f"of {load['read_bytes']} B in {load['read_s']:.2f} s; CPU time {cpu[0]} -> {cpu[-1]} ns "
+        f"over {len(cpu)} documents\n"
+    )
+    assert load["read_bytes"] >= 32 << 20
+    assert grown >= load["read_bytes"]
+
+
+def test_history_shows_burning_and_idle_guest(
+    full: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """vhostmdctl history: the guest burning its vCPUs above 50 %, the idle one below 20 %."""
+    out = e2e_run[0]
+    _, markers = load_values(out)
+    console = f"{FULL}-console.log"
+    # Skip the first seconds (the busy processes start, the rate needs two samples).
+    start = marker(markers, console, "E2E-BURN-START") + 5
+    end = marker(markers, console, "E2E-BURN-END") - 1
+    burner = window_stats(cpu_history(out / "history", FULL), start, end)
+    idle = window_stats(cpu_history(out / "history", MINI), start, end)
+    summary = {"window_s": round(end - start, 1), "burn_s": full["load"]["burned_s"],
+               FULL: burner, MINI: idle}
+    (out / "values-summary.json").write_text(json.dumps(summary, indent=1))
+    sys.stderr.write(f"\ne2e values: CPU % over the burn window {json.dumps(summary)}\n")
+    # At least half the window known at every step the RRD gives.
+    for got in (burner, idle):
+        assert got["known"] >= (end - start) / got["step"] / 2, summary
+    assert burner["mean"] > BURN_MIN_PCT, summary
+    assert idle["mean"] < IDLE_MAX_PCT and idle["max"] < IDLE_MAX_PCT, summary
+
+
+def test_graph_is_a_png_of_the_requested_size(
+    e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """vhostmdctl graph draws the burner's CPU % into a PNG of exactly WIDTH x HEIGHT."""
+    out = e2e_run[0]
+    png = out / "graph-full-cpu.png"
+    png.unlink(missing_ok=True)
+    proc = vhostmdctl(
+        "--state-dir", str(out / "history"), "graph", "--vm", FULL, "--metric", "cpu",
+        "--period", "day", "-o", str(png), "--width", "600", "--height", "200",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert png_size(png) == (600, 200)
