@@ -51,7 +51,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
 from ._runner import ffi, lib
 from .errors import ActionError
@@ -388,6 +388,8 @@ class ActionRunner:
         self.shell = shell
         self.kill_grace = kill_grace
         self.batch_threads = threads
+        # Told every run_many()'s results (the daemon's health counters, issue 15).
+        self.on_results: Callable[[Sequence[ActionResult]], None] | None = None
         self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)
         self._envps: Dict[str, Tuple[Any, List[Any]]] = {}
@@ -467,6 +469,8 @@ class ActionRunner:
         for result in results:
             assert result is not None  # every place is filled above
             out.append(result)
+        if self.on_results is not None:
+            self.on_results(out)
         return out
 
     async def _cancel(self, jobs: List[_Job]) -> None:
