@@ -43,7 +43,6 @@ from typing import (
     Dict,
     Iterator,
     List,
-    Optional,
     Protocol,
     Sequence,
     Tuple,
@@ -129,7 +128,7 @@ def snapshot_families(snapshot: Snapshot) -> List[Metric]:
     """
     families: Dict[str, _Family] = {}
     parser = safe_parser()
-    blocks: List[Tuple[Optional[VM], bytes]] = [(None, snapshot.host)]
+    blocks: List[Tuple[VM | None, bytes]] = [(None, snapshot.host)]
     blocks.extend((b.vm, b.xml) for b in snapshot.vms)
     for vm, xml in blocks:
         if not xml:
@@ -197,7 +196,7 @@ class VhostmdCollector:
     def __init__(self, daemon: DaemonView) -> None:
         self._daemon = daemon
         self._lock = threading.Lock()  # scrapes run on concurrent request threads
-        self._cached: Tuple[Optional[Snapshot], List[Metric]] = (None, [])
+        self._cached: Tuple[Snapshot | None, List[Metric]] = (None, [])
 
     def describe(self) -> List[Metric]:
         """Nothing up front: the names depend on the config (no registry-wide checks)."""
@@ -272,7 +271,7 @@ class _QuietHandler(WSGIRequestHandler):
 
     timeout = REQUEST_TIMEOUT
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib's name
+    def log_message(self, format: str, *args: object) -> None:
         log.debug("metrics endpoint: " + format, *args)
 
 
@@ -321,7 +320,9 @@ class MetricsEndpoint:
         self._thread.start()
         host = f"[{self.address}]" if family == socket.AF_INET6 else self.address
         # Shown at the default level: with port 0 this is where the port is said.
-        logging.getLogger(LIFECYCLE).info("serving OpenMetrics on http://%s:%d/metrics", host, self.port)
+        logging.getLogger(LIFECYCLE).info(
+            "serving OpenMetrics on http://%s:%d/metrics", host, self.port
+        )
 
     def close(self) -> None:
         """Stop serving and close the socket (requests in progress finish on their own)."""

@@ -9,9 +9,10 @@ Start-up order (why): the config is read and checked in the foreground so
 its errors reach the terminal; when daemonizing, the final process creates
 the pid file (it must hold *its* pid), then the disk, binds the OpenMetrics
 endpoint (<metrics_endpoint>; its server thread starts after the fork), then
-drops privileges (-u: the disk path and a port below 1024 need root), and only then tells the waiting
-parent it is up. So the parent's exit status says whether the daemon really
-started, which upstream's (always 0 once forked) does not. Exit codes are
+drops privileges (-u: the disk path and a port below 1024 need root), and
+only then tells the waiting parent it is up. So the parent's exit status says
+whether the daemon really started, which upstream's (always 0 once forked)
+does not. Exit codes are
 upstream's (FACTS section 5): every start-up failure exits 1.
 
 Signals: STOP_SIGNALS stop the daemon (upstream: SIGTERM, SIGINT, SIGQUIT),

@@ -31,7 +31,7 @@ from typing import Dict, Optional, Tuple
 PREFIX = "vhostmd"
 
 # unit as written in vhostmd.conf / the built-in catalogue -> (suffix, factor)
-_UNITS = {
+_UNITS: Dict[str, Tuple[str, float]] = {
     "ns": ("seconds", 1e-9),
     "us": ("seconds", 1e-6),
     "ms": ("seconds", 1e-3),
@@ -59,7 +59,7 @@ _UNITS = {
     "khz": ("hertz", 1e3),
     "mhz": ("hertz", 1e6),
     "ghz": ("hertz", 1e9),
-}  # type: Dict[str, Tuple[str, float]]
+}
 
 _RESERVED_SUFFIXES = (
     "_total", "_count", "_sum", "_bucket", "_created", "_info", "_gcount", "_gsum",
@@ -72,8 +72,7 @@ _UNDERSCORES = re.compile(r"_+")
 _VALID = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
-def snake_case(text):
-    # type: (str) -> str
+def snake_case(text: str) -> str:
     """``TotalCPUTime`` -> ``total_cpu_time``; other characters -> ``_`` (may be empty)."""
     text = _PLURAL_ACRONYM.sub(lambda m: m.group(1) + "S", text)
     text = _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", text))
@@ -81,8 +80,7 @@ def snake_case(text):
     return _UNDERSCORES.sub("_", text).strip("_").lower()
 
 
-def _unit(unit):
-    # type: (Optional[str]) -> Tuple[str, float]
+def _unit(unit: Optional[str]) -> Tuple[str, float]:
     if not unit or not unit.strip():
         return "", 1.0
     known = _UNITS.get(unit.strip().lower())
@@ -91,8 +89,7 @@ def _unit(unit):
     return snake_case(unit.replace("%", "percent").replace("/", "_per_")), 1.0
 
 
-def metric_name(context, name, unit):
-    # type: (str, str, Optional[str]) -> str
+def metric_name(context: str, name: str, unit: Optional[str]) -> str:
     """The OpenMetrics family name of vhostmd metric NAME in CONTEXT (host or vm) with UNIT."""
     scope = snake_case(context) or "unknown"
     base = snake_case(name) or "unnamed"
@@ -101,19 +98,17 @@ def metric_name(context, name, unit):
     suffix = _unit(unit)[0]
     if suffix and base != suffix and not base.endswith("_" + suffix):
         base = base + "_" + suffix
-    full = "{}_{}_{}".format(PREFIX, scope, base)
+    full = f"{PREFIX}_{scope}_{base}"
     if full.endswith(_RESERVED_SUFFIXES):
         full += "_value"
     return full
 
 
-def value_scale(unit):
-    # type: (Optional[str]) -> float
+def value_scale(unit: Optional[str]) -> float:
     """The factor taking a value in UNIT to the base unit metric_name's suffix names."""
     return _unit(unit)[1]
 
 
-def is_valid_name(name):
-    # type: (str) -> bool
+def is_valid_name(name: str) -> bool:
     """Whether NAME is a valid OpenMetrics metric name."""
     return _VALID.match(name) is not None
