@@ -131,6 +131,7 @@ class HistoryConfig:
 
 DEFAULT_ENDPOINT_ADDRESS = "127.0.0.1"
 DEFAULT_ENDPOINT_PORT = 9178
+ENDPOINT_PORT_RANGE = (0, 65535)  # 0: any free port
 
 
 @dataclass(frozen=True)
@@ -485,7 +486,8 @@ def _metrics_endpoint(globals_: etree._Element, file: str) -> EndpointConfig | N
     port = DEFAULT_ENDPOINT_PORT
     raw = elem.get("port")
     if raw is not None:
-        port = _integer(str(raw).strip(), file, "metrics_endpoint port", elem, 0, 65535, "")
+        low, high = ENDPOINT_PORT_RANGE
+        port = _integer(str(raw).strip(), file, "metrics_endpoint port", elem, low, high, "")
     return EndpointConfig(address=str(ip), port=port, allow_remote=allow_remote)
 
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import REPO
 from lxml import etree
 from vhostmd_guest import cli as guest_cli
-from vhostmd_py.mdisk_py import MAX_DISK_SIZE, MIN_DISK_SIZE
+from vhostmd_wire.disk import MAX_DISK_SIZE, MIN_DISK_SIZE
 
 from vhostmd_py import cli as host_cli
 from vhostmd_py import config as host_config
@@ -83,6 +83,7 @@ def test_limits_match_the_loader() -> None:
         ("max_channels", host_config.MAX_CHANNELS_RANGE),
         ("expiration_time", host_config.EXPIRATION_TIME_RANGE),
         ("size", (MIN_DISK_SIZE, MAX_DISK_SIZE)),
+        ("metrics_endpoint", host_config.ENDPOINT_PORT_RANGE),
     ):
         assert re.search(rf"<{element}>\s+{low} to {high}\b", limits), element
 
