@@ -267,3 +267,29 @@ def test_health_families_and_cache() -> None:
 def test_snapshot_families_skip_empty_blocks() -> None:
     """A VM without values yields no series; a host without values neither."""
     assert snapshot_families(Snapshot(host=b"", vms=(VmBlock(VM(1, "v", "u"), b""),))) == []
+
+
+def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
+    """One # EOF at the end; values re-encoded only for a new Snapshot; both formats parse."""
+    from prometheus_client.parser import text_string_to_metric_families as text_families
+
+    from vhostmd_py.endpoint import Exposition
+
+    view = View(_snapshot([VM(1, ODD, "u-1")]))
+    exposition = Exposition(VhostmdCollector(view))
+    body, kind = exposition.render("application/openmetrics-text; version=1.0.0")
+    assert kind.startswith("application/openmetrics-text")
+    text = body.decode()
+    assert text.count("# EOF") == 1 and text.endswith("# EOF\n")
+    got = {f.name: f for f in text_string_to_metric_families(text)}
+    assert got["vhostmd_vm_ident"].samples[0].labels["vm_name"] == ODD  # type: ignore[attr-defined]
+    view.health.record_cycle(0.3, vms=1)  # health is read on every render
+    again, _ = exposition.render("application/openmetrics-text; version=1.0.0")
+    assert again != body and again.endswith(body[body.index(b"# HELP vhostmd_host_"):])
+    plain, kind = exposition.render(None)
+    assert kind.startswith("text/plain") and b"# EOF" not in plain
+    names = {f.name for f in text_families(plain.decode())}
+    assert {"vhostmd_vm_ident_info", "vhostmd_cycle_duration_seconds"} <= names
+    view.last_snapshot = _snapshot([VM(2, "other", "u-2")])
+    fresh, _ = exposition.render("application/openmetrics-text; version=1.0.0")
+    assert b'vm_name="other"' in fresh and b"u-1" not in fresh
