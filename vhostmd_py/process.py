@@ -12,8 +12,8 @@ endpoint (<metrics_endpoint>; its server thread starts after the fork), then
 drops privileges (-u: the disk path and a port below 1024 need root), and
 only then tells the waiting parent it is up. So the parent's exit status says
 whether the daemon really started, which upstream's (always 0 once forked)
-does not. Exit codes are
-upstream's (FACTS section 5): every start-up failure exits 1.
+does not. Exit codes are upstream's (FACTS section 5): every start-up
+failure exits 1.
 
 Signals: STOP_SIGNALS stop the daemon (upstream: SIGTERM, SIGINT, SIGQUIT),
 SIGHUP reloads (ours; upstream has no handler), SIGPIPE is ignored
