@@ -10,12 +10,14 @@ grammar and accepted when valid.
 
 Our grammar is upstream's with one relaxation (SPEC section 1):
 ``channel_path`` is optional in ``<virtio>`` so the README example loads,
-and one optional extension: ``<history .../>`` last in ``<globals>`` (the
-RRD history, vhostmd_py/history), so every upstream config stays valid.
+and optional extensions last in ``<globals>``: ``<history .../>`` (the RRD
+history, vhostmd_py/history) then ``<metrics_endpoint .../>`` (the OpenMetrics
+endpoint, vhostmd_py/endpoint), so every upstream config stays valid.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -127,6 +129,20 @@ class HistoryConfig:
         return max(2 * update_period, 10)
 
 
+DEFAULT_ENDPOINT_ADDRESS = "127.0.0.1"
+DEFAULT_ENDPOINT_PORT = 9178
+ENDPOINT_PORT_RANGE = (0, 65535)  # 0: any free port
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """``<globals><metrics_endpoint>``: the OpenMetrics endpoint (present = enabled)."""
+
+    address: str = DEFAULT_ENDPOINT_ADDRESS  # an IP literal; loopback unless allow_remote
+    port: int = DEFAULT_ENDPOINT_PORT  # 0: any free port (logged)
+    allow_remote: bool = False
+
+
 def parse_duration(text: str) -> int:
     """``90``, ``90s``, ``15m``, ``12h``, ``7d``, ``2w`` -> seconds (ValueError otherwise)."""
     match = _DURATION.match(text)
@@ -185,6 +201,8 @@ class Config:
     virtio: VirtioConfig
     metrics: Tuple[MetricSpec, ...]
     history: HistoryConfig | None = None  # None: no <history>, the history is off
+    # vhostmd-py extension (issue 15): None when there is no <metrics_endpoint>.
+    metrics_endpoint: EndpointConfig | None = None
     # vhostmd-py extension (issue 14): the optional <alarms> and <accounting>
     # sections (vhostmd_py/monitor_config.py); None when absent.
     alarms: AlarmsConfig | None = None
@@ -543,6 +561,38 @@ def _freshness(globals_: etree._Element, file: str) -> FreshnessConfig | None:
     return FreshnessConfig(identity_key=key, machine_id=paths["machine_id"])
 
 
+def _metrics_endpoint(globals_: etree._Element, file: str) -> EndpointConfig | None:
+    elem = globals_.find("metrics_endpoint")
+    if elem is None:
+        return None
+    line = _line(elem)
+    address = str(elem.get("address", DEFAULT_ENDPOINT_ADDRESS)).strip()
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        raise ConfigError(
+            file, f"metrics_endpoint address '{address}' is not an IPv4 or IPv6 address", line
+        ) from None
+    allow_raw = str(elem.get("allow_remote", "no")).strip().lower()
+    if allow_raw not in ("yes", "no"):
+        raise ConfigError(file, f"metrics_endpoint allow_remote '{allow_raw}' is not yes or no",
+                          line)
+    allow_remote = allow_raw == "yes"
+    if not ip.is_loopback and not allow_remote:
+        raise ConfigError(
+            file,
+            f"metrics_endpoint address {ip} is not a loopback address: the endpoint shows "
+            "every VM's name and metrics; set allow_remote=\"yes\" to serve it there",
+            line,
+        )
+    port = DEFAULT_ENDPOINT_PORT
+    raw = elem.get("port")
+    if raw is not None:
+        low, high = ENDPOINT_PORT_RANGE
+        port = _integer(str(raw).strip(), file, "metrics_endpoint port", elem, low, high, "")
+    return EndpointConfig(address=str(ip), port=port, allow_remote=allow_remote)
+
+
 def _metric(elem: etree._Element, file: str) -> MetricSpec | None:
     """One <metric>, or None (logged) when it cannot be used."""
     where = f"{file}:{_line(elem)}"
@@ -662,6 +712,7 @@ def _convert(root: etree._Element, file: str) -> Config:
     # Default grace: the virtio expiration time (at least 3 update periods).
     disk_per_vm = _disk_per_vm(globals_, file, disk_size, virtio.expiration_time)
     freshness = _freshness(globals_, file)
+    endpoint = _metrics_endpoint(globals_, file)
     metrics_elem = root.find("metrics")
     metrics: List[MetricSpec] = []
     if metrics_elem is not None:
@@ -682,6 +733,7 @@ def _convert(root: etree._Element, file: str) -> Config:
         history=history,
         disk_per_vm=disk_per_vm,
         freshness=freshness,
+        metrics_endpoint=endpoint,
     )
 
 
@@ -693,6 +745,7 @@ def _child(parent: etree._Element, tag: str) -> etree._Element:
 
 __all__: Sequence[str] = (
     "Config",
+    "EndpointConfig",
     "FreshnessConfig",
     "HistoryConfig",
     "MetricSpec",

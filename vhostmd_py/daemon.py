@@ -47,12 +47,14 @@ from typing import TYPE_CHECKING, Any, Callable, List, Tuple, TypeVar
 
 from vhostmd_py import render
 from vhostmd_py.errors import ContentTooLargeError, VhostmdError
+from vhostmd_py.health import Health
 from vhostmd_py.logsetup import LIFECYCLE
 from vhostmd_py.model import VM, Snapshot
 from vhostmd_py.process import install_loop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
+    from vhostmd_py.endpoint import MetricsEndpoint
     from vhostmd_py.freshness import Freshness
     from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_vms import LibvirtVMs
@@ -192,7 +194,11 @@ class Daemon:
         self._libvirt_timeout = libvirt_timeout
         self._pending_list: asyncio.Future[List[VM]] | None = None
         self._libvirt_stuck = False
-        self._runner = runner_factory(config)
+        # The daemon's own health, for the OpenMetrics endpoint (issue 15):
+        # recorded whether or not an endpoint serves it (a few additions a cycle).
+        self.health = Health()
+        self._endpoint: MetricsEndpoint | None = None
+        self._runner = self._make_runner(config)
         self._source: ShellActionSource | None = None  # made with the runner, on first use
         self._reap_orphans = reap_orphans
         self._orphans: OrphanReaper | None = None
@@ -256,6 +262,11 @@ class Daemon:
                 log.error("alarms/accounting: %s", err)
         return self.monitor.decorate(snapshot)
 
+    def _make_runner(self, config: Config) -> ActionRunner:
+        runner = self._runner_factory(config)
+        runner.on_results = self.health.record_actions
+        return runner
+
     # --- start-up (synchronous, before privileges are dropped) ---------------
 
     def set_config_loader(self, loader: Callable[[str], Config]) -> None:
@@ -289,6 +300,34 @@ class Daemon:
             log.info("Using per-VM metrics disks %s (%d bytes each)", config.disk_per_vm.path,
                      config.disk_per_vm.size)
         return pervm, freshness
+
+    def open_endpoint(self) -> None:
+        """Bind the OpenMetrics endpoint when <metrics_endpoint> asks for one (EndpointError)."""
+        endpoint_config = self.config.metrics_endpoint
+        if endpoint_config is None or self._endpoint is not None:
+            return
+        from vhostmd_py.endpoint import MetricsEndpoint
+
+        endpoint = MetricsEndpoint.for_config(endpoint_config, self)
+        endpoint.start()
+        self._endpoint = endpoint
+
+    @property
+    def endpoint(self) -> MetricsEndpoint | None:
+        """The OpenMetrics endpoint serving this daemon, when one was opened."""
+        return self._endpoint
+
+    def close_endpoint(self) -> None:
+        """Stop the OpenMetrics endpoint (idempotent)."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            endpoint.close()
+
+    @property
+    def virtio_connections(self) -> int:
+        """virtio channels connected now (0 without the virtio transport)."""
+        server = self._virtio
+        return server.connections if server is not None else 0
 
     def _create_disk(self, config: Config) -> MetricsDisk:
         factory = self._disk_factory
@@ -395,6 +434,8 @@ class Daemon:
             self._sweep_orphans()
             self.cycles += 1
             took = self._clock() - started
+            snapshot = self.last_snapshot
+            self.health.record_cycle(took, len(snapshot.vms) if snapshot is not None else 0)
             self._log_cycle(took)  # ops: -v line per cycle
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
@@ -483,6 +524,8 @@ class Daemon:
             self._pervm.publish(snapshot, listed=self._listed_ok)
         if self._virtio is not None:
             self._virtio.update(snapshot)
+            if self._disk is None:
+                self.health.record_publish(True, self._wall())
         self._log_first_publish(snapshot)  # ops: shown at the default level
 
     # --- ops: what an operator sees (logsetup.LIFECYCLE, -v) ------------------
@@ -636,6 +679,7 @@ class Daemon:
             disk.publish(content)
             self.last_publish_ok = True
             self._published_any = True
+            self.health.record_publish(True, self._wall())
         except ContentTooLargeError as err:
             # Upstream's wording, every cycle; the previous document stays readable.
             log.error(
@@ -650,6 +694,8 @@ class Daemon:
                 self._publish_empty(disk)
         except VhostmdError as err:
             log.error("Unable to publish metrics: %s", err)
+        if not self.last_publish_ok:
+            self.health.record_publish(False, self._wall())
 
     def _publish_empty(self, disk: MetricsDisk) -> None:
         try:
@@ -744,7 +790,7 @@ class Daemon:
             await self._stop_history()
         self.config = new
         self._update_monitor(new)
-        old_runner, self._runner = self._runner, self._runner_factory(new)
+        old_runner, self._runner = self._runner, self._make_runner(new)
         old_runner.close()  # kills what still runs past its cycle's deadline, reaps leftovers
         if self._vms is not None and (not _needs_vms(new) or virtio_changed):
             await self._close_vms()
@@ -757,6 +803,12 @@ class Daemon:
                 log.error("Unable to restart the virtio transport: %s", err)
         if history_changed:
             self._start_history(new)
+        if new.metrics_endpoint != old.metrics_endpoint:
+            # Bound before privileges were dropped: a new address may need root.
+            log.warning(
+                "metrics_endpoint changes take effect when vhostmd restarts; %s",
+                "the endpoint in force stays" if self._endpoint is not None else "none is served",
+            )
         log.info("Reloaded configuration from %s", new.file)
 
     # --- shutdown ----------------------------------------------------------------
@@ -780,6 +832,7 @@ class Daemon:
         if self._orphans is not None:
             # After the runner: its workers are gone, their leftovers are ours.
             self._orphans.end_all()
+        self.close_endpoint()
         self.close_disk()
         pervm, self._pervm = self._pervm, None
         if pervm is not None:

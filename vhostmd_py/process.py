@@ -7,11 +7,13 @@ order it happens. The pid file and the privilege drop are one job each
 
 Start-up order (why): the config is read and checked in the foreground so
 its errors reach the terminal; when daemonizing, the final process creates
-the pid file (it must hold *its* pid), then the disk, then drops privileges
-(-u: the disk path usually needs root), and only then tells the waiting
-parent it is up. So the parent's exit status says whether the daemon really
-started, which upstream's (always 0 once forked) does not. Exit codes are
-upstream's (FACTS section 5): every start-up failure exits 1.
+the pid file (it must hold *its* pid), then the disk, binds the OpenMetrics
+endpoint (<metrics_endpoint>; its server thread starts after the fork), then
+drops privileges (-u: the disk path and a port below 1024 need root), and
+only then tells the waiting parent it is up. So the parent's exit status says
+whether the daemon really started, which upstream's (always 0 once forked)
+does not. Exit codes are upstream's (FACTS section 5): every start-up
+failure exits 1.
 
 Signals: STOP_SIGNALS stop the daemon (upstream: SIGTERM, SIGINT, SIGQUIT),
 SIGHUP reloads (ours; upstream has no handler), SIGPIPE is ignored
@@ -131,6 +133,11 @@ def run(opts: Options) -> int:
                 daemon.set_config_loader(_preload(config))
                 if pid_file is not None:
                     remover = PidFileRemover.start(pid_file.path, pid_file.pid)
+            if not (opts.once or opts.dump):
+                # Bound as root (a port below 1024), after the remover's fork
+                # (no server thread in the child), before the drop.
+                daemon.open_endpoint()
+            if ident is not None:
                 drop_privileges(ident)
         except VhostmdError as err:
             message = f"{PROG}: {err}"
@@ -156,6 +163,7 @@ def run(opts: Options) -> int:
             return EXIT_FAILURE  # the error is logged; a one-shot caller must see it
         return EXIT_OK
     finally:
+        daemon.close_endpoint()
         daemon.close_disk()
         if remover is not None:
             remover.finish()  # root removes it: after -u we cannot (see PidFileRemover)

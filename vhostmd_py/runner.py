@@ -59,7 +59,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
 from ._runner import ffi, lib
 from .errors import ActionError
@@ -441,6 +441,8 @@ class ActionRunner:
         self.kill_grace = kill_grace
         self.linger = linger  # None: wait for EOF until the timeout
         self.batch_threads = threads
+        # Told every run_many()'s results (the daemon's health counters, issue 15).
+        self.on_results: Callable[[Sequence[ActionResult]], None] | None = None
         self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)
         self._envps: Dict[str, Tuple[Any, List[Any]]] = {}
@@ -665,6 +667,8 @@ class ActionRunner:
     def _deliver(self, batch: _Batch, fut: concurrent.futures.Future[List[ActionResult]]) -> None:
         self._batches.discard(batch)
         error = fut.exception()
+        if error is None and self.on_results is not None:
+            self.on_results(fut.result())  # the health counters (endpoint), once per batch
         for index, job in enumerate(batch.jobs):
             if job.future.done():
                 continue

@@ -1,23 +1,30 @@
-"""vhostmd metrics as OpenMetrics text (https://openmetrics.io): names, units, escaping.
+"""vhostmd metrics as OpenMetrics (https://openmetrics.io): names, units, escaping, text.
 
-The one place both ends map a vhostmd metric to an OpenMetrics family, so
-the guest's ``vm-dump-metrics --format openmetrics`` and the host's endpoint
-(prometheus_client) name the same metric the same way:
+THE mapping shared by the host's endpoint (vhostmd_py.endpoint, through
+prometheus_client) and the guest's ``vm-dump-metrics --format openmetrics``
+(rendered here, the guest has no prometheus_client): the same metric gets the
+same series name on both sides. Python 3.6+, standard library only.
 
-- numeric metrics (int32..uint64, real32, real64) are gauges named
-  ``vhostmd_<context>_<snake_case(name)>[_<unit suffix>]``, e.g. TotalCPUTime
-  with unit "s" in vm context is ``vhostmd_vm_total_cpu_time_seconds``;
-- a unit maps to a base-unit suffix only when it is one of UNIT_SUFFIXES
-  (the value is then multiplied into the base unit: MiB -> bytes); any
-  other unit (upstream's "k", "%" ...) leaves the name plain and is named
-  in the HELP text only;
-- string metrics are info families ``vhostmd_<context>_<snake_case(name)>``
-  with the one sample ``..._info{value="<text>"} 1`` (and the vm labels);
-- vm-context samples carry the labels ``uuid`` and ``id`` (when known);
-- a name that would end in a suffix OpenMetrics reserves for other types
-  gets ``_value`` appended, so a parser never mistakes the family.
+Names (Prometheus naming conventions), :func:`metric_name`:
+- ``vhostmd_host_`` or ``vhostmd_vm_`` after the metric's context, then the
+  vhostmd name in snake_case: ``TotalCPUTime`` -> ``total_cpu_time``,
+  ``NumberOfPhysicalCPUs`` -> ``number_of_physical_cpus``; a leading context
+  word is dropped (``vm.nic.rx_bytes`` -> ``nic_rx_bytes``); any character
+  outside ``[a-zA-Z0-9_]`` becomes ``_``;
+- a known unit becomes the base-unit suffix (``s``/``ns`` -> ``_seconds``,
+  ``B``/``KiB``/``MiB`` -> ``_bytes``, ``%`` -> ``_ratio``) and
+  :func:`value_scale` gives the factor into that base unit; another unit is
+  appended as it is, sanitised, with factor 1. Upstream's ambiguous ``k``
+  (kilobytes? thousands?) is such an unknown unit: ``_k``, never scaled;
+- the suffix is not repeated when the name already ends with it;
+- a name ending with a suffix OpenMetrics reserves (``_total``, ``_info`` ...)
+  gets ``_value`` appended, so a gauge is never read as another family's;
+- the result always matches ``[a-zA-Z_:][a-zA-Z0-9_:]*`` (:func:`is_valid_name`).
 
-Python 3.6+, standard library only (the guest runs it).
+Families: numeric metrics are gauges; string metrics are info families with
+one sample ``<family>_info{value="<text>"} 1``. Label values are escaped as
+OpenMetrics says (backslash, double quote, newline): a VM's name can never
+break the format or add a label.
 """
 
 import math
@@ -27,32 +34,47 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 __all__ = [
     "PREFIX",
     "RESERVED_SUFFIXES",
-    "UNIT_SUFFIXES",
     "Sample",
     "escape_help",
     "escape_label_value",
     "family_name",
     "format_value",
+    "is_valid_name",
+    "metric_name",
     "render",
     "scale_value",
     "snake_case",
     "unit_suffix",
+    "value_scale",
 ]
 
 PREFIX = "vhostmd"
 
-# unit attribute -> (base-unit suffix, multiplier into the base unit).
-# Only units that are unambiguous: upstream's "k" (kilobytes? thousands?)
-# is not among them.
-UNIT_SUFFIXES = {
-    "s": ("seconds", 1),
-    "sec": ("seconds", 1),
-    "seconds": ("seconds", 1),
-    "B": ("bytes", 1),
-    "bytes": ("bytes", 1),
-    "KiB": ("bytes", 1 << 10),
-    "MiB": ("bytes", 1 << 20),
-    "GiB": ("bytes", 1 << 30),
+# unit as written in vhostmd.conf or the built-in catalogue (compared in lower
+# case) -> (base-unit suffix, factor into the base unit).
+_UNITS: Dict[str, Tuple[str, float]] = {
+    "ns": ("seconds", 1e-9),
+    "us": ("seconds", 1e-6),
+    "ms": ("seconds", 1e-3),
+    "s": ("seconds", 1.0),
+    "sec": ("seconds", 1.0),
+    "seconds": ("seconds", 1.0),
+    "b": ("bytes", 1.0),
+    "byte": ("bytes", 1.0),
+    "bytes": ("bytes", 1.0),
+    "kib": ("bytes", 1024.0),
+    "mib": ("bytes", 1024.0**2),
+    "gib": ("bytes", 1024.0**3),
+    "b/s": ("bytes_per_second", 1.0),
+    "bytes/s": ("bytes_per_second", 1.0),
+    "kib/s": ("bytes_per_second", 1024.0),
+    "mib/s": ("bytes_per_second", 1024.0**2),
+    "%": ("ratio", 0.01),
+    "percent": ("ratio", 0.01),
+    "hz": ("hertz", 1.0),
+    "khz": ("hertz", 1e3),
+    "mhz": ("hertz", 1e6),
+    "ghz": ("hertz", 1e9),
 }
 
 # Sample-name suffixes OpenMetrics gives meaning to (counter, histogram,
@@ -60,47 +82,74 @@ UNIT_SUFFIXES = {
 RESERVED_SUFFIXES = ("_total", "_created", "_count", "_sum", "_bucket", "_gcount", "_gsum", "_info")
 
 _STRING_TYPE = "string"
-# An acronym's plural stays one word: CPUs -> cpus, not cp_us.
-_PLURAL = re.compile(r"([A-Z]{2,})s(?![a-z])")
+_PLURAL_ACRONYM = re.compile(r"([A-Z]{2,})s(?![a-z])")  # CPUs -> CPUS, one word
 _CAMEL_1 = re.compile(r"([a-z0-9])([A-Z])")
 _CAMEL_2 = re.compile(r"([A-Z]+)([A-Z][a-z])")
-_NOT_NAME = re.compile(r"[^a-z0-9]+")
+_NOT_NAME = re.compile(r"[^a-zA-Z0-9_]+")
+_UNDERSCORES = re.compile(r"_+")
+_VALID = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 Number = Union[int, float]
 
 
-def snake_case(name: str) -> str:
-    """TotalCPUTime -> total_cpu_time; anything outside [a-z0-9] becomes one "_"."""
-    text = _PLURAL.sub(r"\1S", name.strip())
+def snake_case(text: str) -> str:
+    """``TotalCPUTime`` -> ``total_cpu_time``; other characters -> ``_`` (may be empty)."""
+    text = _PLURAL_ACRONYM.sub(lambda m: m.group(1) + "S", text.strip())
     text = _CAMEL_2.sub(r"\1_\2", _CAMEL_1.sub(r"\1_\2", text))
-    return _NOT_NAME.sub("_", text.lower()).strip("_") or "unnamed"
+    text = _NOT_NAME.sub("_", text)
+    return _UNDERSCORES.sub("_", text).strip("_").lower()
 
 
-def unit_suffix(unit: Optional[str]) -> Optional[Tuple[str, int]]:
-    """(suffix, multiplier) for a unit that maps to a base unit, else None."""
-    if not unit:
+def unit_suffix(unit: Optional[str]) -> Optional[Tuple[str, float]]:
+    """(suffix, factor into the base unit) of UNIT; None without a unit."""
+    if not unit or not unit.strip():
         return None
-    return UNIT_SUFFIXES.get(unit.strip())
+    known = _UNITS.get(unit.strip().lower())
+    if known is not None:
+        return known
+    suffix = snake_case(unit.replace("%", "percent").replace("/", "_per_"))
+    return (suffix, 1.0) if suffix else None
+
+
+def metric_name(context: str, name: str, unit: Optional[str]) -> str:
+    """The OpenMetrics family name of vhostmd metric NAME in CONTEXT (host or vm) with UNIT."""
+    scope = snake_case(context) or "unknown"
+    base = snake_case(name) or "unnamed"
+    if base.startswith(scope + "_"):  # built-in fields: vm.nic.rx_bytes -> nic_rx_bytes
+        base = base[len(scope) + 1 :]
+    mapped = unit_suffix(unit)
+    if mapped is not None and base != mapped[0] and not base.endswith("_" + mapped[0]):
+        base = base + "_" + mapped[0]
+    full = f"{PREFIX}_{scope}_{base}"
+    if full.endswith(RESERVED_SUFFIXES):
+        full += "_value"
+    return full
 
 
 def family_name(context: str, name: str, unit: Optional[str], type_name: str) -> str:
-    """The OpenMetrics family name of metric ``name`` in ``context`` ("host"/"vm")."""
-    base = f"{PREFIX}_{context}_{snake_case(name)}"
-    if type_name != _STRING_TYPE:
-        mapped = unit_suffix(unit)
-        if mapped is not None and not base.endswith("_" + mapped[0]):
-            base += "_" + mapped[0]
-    if base.endswith(RESERVED_SUFFIXES):
-        base += "_value"
-    return base
+    """metric_name() for a metric of TYPE_NAME: a string's unit names no base unit."""
+    return metric_name(context, name, None if type_name == _STRING_TYPE else unit)
+
+
+def value_scale(unit: Optional[str]) -> float:
+    """The factor taking a value in UNIT to the base unit metric_name's suffix names."""
+    mapped = unit_suffix(unit)
+    return 1.0 if mapped is None else mapped[1]
 
 
 def scale_value(value: Number, unit: Optional[str]) -> Number:
-    """The value in the family's base unit (ints stay exact ints)."""
-    mapped = unit_suffix(unit)
-    if mapped is None or mapped[1] == 1:
+    """VALUE in the family's base unit; an int stays an exact int for an integral factor."""
+    factor = value_scale(unit)
+    if factor == 1.0:
         return value
-    return value * mapped[1]
+    if isinstance(value, int) and factor.is_integer():
+        return value * int(factor)
+    return value * factor
+
+
+def is_valid_name(name: str) -> bool:
+    """Whether NAME is a valid OpenMetrics metric name."""
+    return _VALID.match(name) is not None
 
 
 def escape_label_value(text: str) -> str:

@@ -68,7 +68,9 @@ def test_names_and_escaping() -> None:
     assert openmetrics.family_name("host", "TotalPhyMem", "MiB", "uint64") == (
         "vhostmd_host_total_phy_mem_bytes"
     )
-    assert openmetrics.family_name("host", "PageRates", "k", "int64") == "vhostmd_host_page_rates"
+    # upstream's ambiguous "k" is kept as it is, never scaled
+    assert openmetrics.family_name("host", "PageRates", "k", "int64") == "vhostmd_host_page_rates_k"
+    assert openmetrics.scale_value(3, "k") == 3
     assert openmetrics.family_name("host", "UptimeSeconds", "s", "real64") == (
         "vhostmd_host_uptime_seconds"
     )

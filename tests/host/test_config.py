@@ -299,12 +299,13 @@ def test_entities_are_refused_not_expanded(golden: Path, tmp_path: Path) -> None
 def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     """vhostmd.dtd = upstream's with channel_path optional and <source>, plus optional extensions.
 
-    The extensions (<history>, <disk_per_vm>, <freshness> in <globals>;
-    <alarms> and <accounting> after <metrics>) only add elements: every upstream config stays valid.
+    The extensions (<history>, <metrics_endpoint>, <disk_per_vm>, <freshness> in
+    <globals>; <alarms> and <accounting> after <metrics>) only add elements: every upstream
+    config stays valid.
     """
     text = (repo_root / "vhostmd.dtd").read_text()
     history = text.index("<!-- vhostmd-py extension, optional: the RRD history")
-    metrics = text.index("<!ELEMENT metrics")
+    metrics = text.index("<!ELEMENT metrics (")
     monitoring = text.index("<!-- vhostmd-py extension (optional, docs/man/vhostmd.conf.5): alarms")
     ours = (text[:history] + text[metrics:monitoring]).rstrip("\n").splitlines()
     theirs = (golden / "reference-configs" / "vhostmd.dtd").read_text().rstrip("\n").splitlines()
@@ -313,7 +314,7 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
             ["<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?)>"],
         "<!ELEMENT globals (disk,virtio*,update_period,path,transport+)>":
             ["<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?,"
-             "disk_per_vm?,freshness?)>"],
+             "metrics_endpoint?,disk_per_vm?,freshness?)>"],
         "<!ELEMENT virtio (channel_path,max_channels,expiration_time)>":
             ["<!ELEMENT virtio (channel_path?,max_channels,expiration_time)>"],
         "<!ELEMENT metric (name,action,variable*)>":
@@ -332,7 +333,7 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     declared = {line.split()[1] for line in theirs if line.startswith("<!ELEMENT")}
     extension = (text[history:metrics] + text[monitoring:]).splitlines()
     added = [line.split()[1] for line in extension if line.startswith("<!ELEMENT")]
-    assert {"history", "alarms", "accounting"} <= set(added)
+    assert {"history", "metrics_endpoint", "alarms", "accounting"} <= set(added)
     assert not declared & set(added)
     assert (repo_root / "metric.dtd").read_bytes() == (
         golden / "reference-configs" / "metric.dtd"

@@ -92,6 +92,7 @@ def test_limits_match_the_loader() -> None:
         ("max_channels", host_config.MAX_CHANNELS_RANGE),
         ("expiration_time", host_config.EXPIRATION_TIME_RANGE),
         ("size", (MIN_DISK_SIZE, MAX_DISK_SIZE)),
+        ("metrics_endpoint", host_config.ENDPOINT_PORT_RANGE),
     ):
         assert re.search(rf"<{element}>\s+{low} to {high}\b", limits), element
 
