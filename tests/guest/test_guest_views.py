@@ -145,7 +145,7 @@ def test_openmetrics_parses_with_prometheus_client(tmp_path: Path) -> None:
         ({"uuid": UUID1, "id": "3"}, 123.456),
         ({"uuid": UUID2, "id": "4"}, 1e300),
     ]
-    name = families["vhostmd_host_host_name"]
+    name = families["vhostmd_host_name"]  # HostName: the context word is not repeated
     assert name.type == "info"
     assert name.samples[0].labels == {"value": 'a\\b "q"\nline2'}
     assert families["vhostmd_host_publication_time_seconds"].samples[0].value == 1700000000.125
