@@ -8,13 +8,16 @@ the RRD files directly (librrd), and with <history> through a private
 rrdcached (when the binary is installed). Every daemon with history is fed by
 a statistics source returning prebuilt StatsSnapshots of N VMs (2 NICs and
 2 disks each, counters growing every cycle, real wall and monotonic clocks),
-so only the history's own work is measured. The cycle times are the daemon's
-own "cycle N took X s" lines; the first cycle (it creates the N files) is
+so only the history's own work is measured. With --before, the two history
+modes are also run with the files of the previous layout (XenServer's four
+resolutions only, "direct-xen" and "rrdcached-xen"), in the same run, to
+measure what the graph archives cost. The cycle times are the daemon's
+own "cycle N: ..., X s" lines; the first cycle (it creates the N files) is
 reported apart. "worker" is the time the history's writer thread spent per
 cycle on RRD updates (off the event loop). The disk footprint is the size
 and the allocated blocks of one VM's file.
 
-Usage: python bench/bench_history.py [--cycles C] [--nodes 1,100,1000] [--json FILE]
+Usage: python bench/bench_history.py [--cycles C] [--nodes 1,100,1000] [--before] [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from vhostmd_py.config import Config, load_config  # noqa: E402
 from vhostmd_py.daemon import Daemon  # noqa: E402
+from vhostmd_py.history import rrd  # noqa: E402
 from vhostmd_py.runner import ActionRunner  # noqa: E402
 from vhostmd_py.stats import (  # noqa: E402
     BlockStats,
@@ -49,7 +53,8 @@ from vhostmd_py.stats import (  # noqa: E402
     VmStats,
 )
 
-CYCLE_LINE = re.compile(r"cycle (\d+) took ([0-9.]+) s")
+# The daemon's -v line per cycle: "cycle N: M metrics, V VMs, X s".
+CYCLE_LINE = re.compile(r"cycle (\d+): .* ([0-9.]+) s$")
 TARGET_ADDED_S = 0.25  # at N = 1000
 
 CONFIG = """<?xml version="1.0" ?>
@@ -113,7 +118,7 @@ def _runner(config: Config) -> ActionRunner:
 @dataclass
 class Run:
     n: int
-    mode: str  # none | direct | rrdcached
+    mode: str  # none | direct | rrdcached, -xen: XenServer's layout
     first_s: float
     median_s: float
     worker_per_cycle_s: float | None
@@ -131,6 +136,9 @@ def run_daemon(work: Path, n: int, cycles: int, history: str, mode: str) -> Run:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     seen: Dict[str, float] = {}
+    layout = rrd.ARCHIVE_TARGETS
+    if mode.endswith("-xen"):
+        rrd.ARCHIVE_TARGETS = rrd.XENSERVER_TARGETS  # what the History's store creates
     daemon.open_disk()
 
     async def main() -> None:
@@ -148,6 +156,7 @@ def run_daemon(work: Path, n: int, cycles: int, history: str, mode: str) -> Run:
     finally:
         daemon.close_disk()
         logger.removeHandler(handler)
+        rrd.ARCHIVE_TARGETS = layout
     times = handler.times
     worker = None
     if seen.get("jobs"):
@@ -187,6 +196,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--cycles", type=int, default=8)
     parser.add_argument("--nodes", default="1,100,1000")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--before", action="store_true",
+                        help="also run the history modes with XenServer's layout (-xen)")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"),
                         help="where the state directories go (a real disk, not tmpfs)")
     args = parser.parse_args(argv)
@@ -199,10 +210,14 @@ def main(argv: List[str] | None = None) -> int:
         try:
             for n in nodes:
                 modes: List[Tuple[str, str]] = [("none", "")]
-                modes.append(("direct", f'<history state_dir="{work}/direct-{n}"/>'))
+                kinds = [("direct", f'<history state_dir="{work}/direct{{}}-{n}"/>')]
                 if address is not None:
-                    modes.append(("rrdcached", f'<history state_dir="{work}/cached-{n}" '
+                    kinds.append(("rrdcached", f'<history state_dir="{work}/cached{{}}-{n}" '
                                                f'rrdcached="{address}"/>'))
+                for mode, history in kinds:  # before (-xen) next to after
+                    if args.before:
+                        modes.append((f"{mode}-xen", history.format("-xen")))
+                    modes.append((mode, history.format("")))
                 for mode, history in modes:
                     run = run_daemon(work, n, args.cycles, history, mode)
                     results.append(run)
@@ -213,6 +228,9 @@ def main(argv: List[str] | None = None) -> int:
                           f"  dropped {run.jobs_dropped}", flush=True)
             size, allocated = footprint(work / f"direct-{nodes[0]}")
             sizes = {"vm_file_bytes": size, "vm_file_allocated_bytes": allocated}
+            if args.before:
+                size, allocated = footprint(work / f"direct-xen-{nodes[0]}")
+                sizes.update(vm_file_xen_bytes=size, vm_file_xen_allocated_bytes=allocated)
             host = (work / f"direct-{nodes[0]}" / "host.rrd").stat().st_size
             sizes["host_file_bytes"] = host
         finally:
@@ -230,11 +248,14 @@ def main(argv: List[str] | None = None) -> int:
         worker = "-" if r.worker_per_cycle_s is None else f"{r.worker_per_cycle_s * 1000:.1f} ms"
         print(f"| {r.n} | {r.mode} | {r.first_s * 1000:.1f} ms | {r.median_s * 1000:.1f} ms | "
               f"{added * 1000:+.1f} ms | {ratio:.2f} | {worker} |")
-        if r.n == 1000 and r.mode != "none" and added > TARGET_ADDED_S:
+        if r.n == 1000 and r.mode in ("direct", "rrdcached") and added > TARGET_ADDED_S:
             verdict = False
     print()
     print(f"VM file: {sizes['vm_file_bytes']} bytes ({sizes['vm_file_allocated_bytes']} "
           f"allocated); host file: {sizes['host_file_bytes']} bytes")
+    if "vm_file_xen_bytes" in sizes:
+        print(f"VM file, XenServer's layout: {sizes['vm_file_xen_bytes']} bytes "
+              f"({sizes['vm_file_xen_allocated_bytes']} allocated)")
     if 1000 in base:
         print(f"target at N=1000: added <= {TARGET_ADDED_S} s per cycle: "
               f"{'met' if verdict else 'MISSED'}")

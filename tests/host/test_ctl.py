@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from helpers.history import UUID, WALL0, Tick, run_scripted, write_history_config
+import rrdtool
+from helpers.history import UUID, WALL0, ScriptedClock, Tick, run_scripted, write_history_config
 
 from vhostmd_py.stats import BlockStats, HostStats, NetStats, VmStats
 
@@ -122,3 +123,64 @@ def test_graph_of_the_host_has_cpu_only(state: Path, tmp_path: Path) -> None:
     status, _, err = ctl("--state-dir", str(state), "graph", "--vm", "host", "--metric", "net",
                          "-o", str(out))
     assert status == 1 and "unknown metric 'net'" in err and not out.exists()
+
+
+# A VM that ran for 15 minutes, from a 5-minute boundary: 20 %, then 60 %, then 40 % CPU.
+T0 = 1_700_000_100  # a multiple of 300
+SEGMENTS = (20.0, 60.0, 40.0)
+
+
+def _short_run() -> List[Tick]:
+    """181 cycles, 5 s apart (+0..+900): cycle i's CPU % is SEGMENTS[(i - 1) // 60]."""
+    ticks, cpu_time = [], 0
+    for i in range(181):
+        if i:
+            cpu_time += int(5 * SEGMENTS[(i - 1) // 60] / 100 * 10**9)
+        vm = VmStats(uuid=UUID, name="short", id=1, vcpus=1, cpu_time=cpu_time)
+        ticks.append(Tick(5.0 if i else 0.0, HostStats(), (vm,)))
+    return ticks
+
+
+def test_day_graph_of_a_vm_that_ran_for_15_minutes(tmp_path: Path) -> None:
+    """The day graph draws from the 5-minute archive: 3 known rows, 20, 60, 40 %.
+
+    With XenServer's archives alone it drew from the 1-hour one, where 15 minutes
+    of an hour are unknown (xff 0.5): an empty graph.
+    """
+    state = tmp_path / "state"
+    run_scripted(write_history_config(tmp_path / "c.xml", state), _short_run(),
+                 ScriptedClock(float(T0)))
+    end = T0 + 1200
+    out = tmp_path / "day.png"
+    status, _, err = ctl("--state-dir", str(state), "graph", "--vm", "short", "--metric", "cpu",
+                         "--period", "day", "-o", str(out), "--end", str(end))
+    assert status == 0, err
+    assert _png_size(out) == (600, 200)
+
+    # rrdtool's own reading, with vhostmdctl's DEF, range and size: the step the graph
+    # draws at (STEPWIDTH) and what it draws.
+    vm_file = str(state / "vm" / f"{UUID}.rrd")
+    _, _, prints = rrdtool.graph(
+        "/dev/null", "--full-size-mode", "--width", "600", "--height", "200",
+        "--start", str(end - 86400), "--end", str(end),
+        f"DEF:cpu={vm_file}:cpu:AVERAGE", "CDEF:step=cpu,POP,STEPWIDTH",
+        "VDEF:s=step,MAXIMUM", "VDEF:lo=cpu,MINIMUM", "VDEF:hi=cpu,MAXIMUM",
+        "VDEF:first=cpu,FIRST", "VDEF:last=cpu,LAST",
+        "PRINT:s:%.0lf", "PRINT:lo:%.2lf", "PRINT:hi:%.2lf",
+        "PRINT:first:%.2lf", "PRINT:last:%.2lf",
+    )
+    assert prints == ["300", "20.00", "60.00", "20.00", "40.00"]
+
+    # The same DEF fetched at that resolution: the three 5-minute rows, nothing else.
+    (first, _, step), names, rows = rrdtool.fetch(
+        vm_file, "AVERAGE", "-r", "300", "-s", str(end - 86400), "-e", str(end)
+    )
+    assert step == 300
+    col = list(names).index("cpu")
+    known = {first + (i + 1) * step - T0: r[col] for i, r in enumerate(rows) if r[col] is not None}
+    assert known == {300: pytest.approx(20.0), 600: pytest.approx(60.0), 900: pytest.approx(40.0)}
+    # What the day graph drew before: the 1-hour rows are all unknown.
+    (_, _, step), _, hourly = rrdtool.fetch(
+        vm_file, "AVERAGE", "-r", "3600", "-s", str(end - 86400), "-e", str(end)
+    )
+    assert step == 3600 and all(r[col] is None for r in hourly)

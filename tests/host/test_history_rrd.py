@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -24,9 +25,14 @@ from helpers.history import (
 )
 from helpers.history import scripted_ticks as _ticks
 
+from vhostmd_py.history import rrd
 from vhostmd_py.history.index import Index, VmEntry, read_index, write_index
-from vhostmd_py.history.rrd import archive_layout
+from vhostmd_py.history.rrd import XENSERVER_TARGETS, archive_layout
 from vhostmd_py.stats import HostStats, VmStats
+
+# The documented sizes of a VM file (README, docs/man/vhostmdctl.1, bench/README.md).
+SIZE5 = 452_856
+SIZE1 = 591_096
 
 
 def _series(
@@ -40,28 +46,43 @@ def _series(
     return {first + (i + 1) * step: row[col] for i, row in enumerate(rows)}
 
 
+# XenServer's archives at update_period 5: the layout of the files of earlier releases.
+XEN_LAYOUT_5 = ((1, 120), (12, 120), (720, 168), (17280, 366))
+
+
+def _rras(info: Dict[str, object]) -> List[tuple]:
+    """Sorted (cf, steps per row, rows) of a file's archives (all with xff 0.5)."""
+    count = sum(1 for k in info if k.endswith("].cf") and k.startswith("rra["))
+    assert all(info[f"rra[{i}].xff"] == 0.5 for i in range(count))
+    return sorted(
+        (info[f"rra[{i}].cf"], info[f"rra[{i}].pdp_per_row"], info[f"rra[{i}].rows"])
+        for i in range(count)
+    )
+
+
+def _expected(layout: tuple) -> List[tuple]:
+    return sorted((cf, n, rows) for cf in ("AVERAGE", "MIN", "MAX", "LAST") for n, rows in layout)
+
+
 def test_layout_of_the_files(tmp_path: Path) -> None:
-    """One file for the host and one per VM; 4 CFs at 4 resolutions, XenServer's coverage."""
+    """One file for the host and one per VM; 4 CFs at 6 resolutions: XenServer's 4 + graphs'."""
     state = tmp_path / "state"
     run_scripted(write_history_config(tmp_path / "c.xml", state), _ticks()[:2])
     vm_file = state / "vm" / f"{UUID}.rrd"
     assert (state / "host.rrd").is_file() and vm_file.is_file()
     info = rrdtool.info(str(vm_file))
     assert info["step"] == 5
-    rras = sorted(
-        (info[f"rra[{i}].cf"], info[f"rra[{i}].pdp_per_row"], info[f"rra[{i}].rows"])
-        for i in range(16)
-    )
-    assert "rra[16].cf" not in info
-    expected = sorted(
-        (cf, steps, rows)
-        for cf in ("AVERAGE", "MIN", "MAX", "LAST")
-        for steps, rows in ((1, 120), (12, 120), (720, 168), (17280, 366))
-    )
-    assert rras == expected
+    # 5 s for 10 min, 1 min for 2 h, 5 min for 25 h (day graph), 1 h for 1 week (week
+    # graph), 2 h for 5 weeks (month graph), 1 day for 1 year.
+    layout = ((1, 120), (12, 120), (60, 300), (720, 168), (1440, 420), (17280, 366))
+    assert _rras(info) == _expected(layout)
+    assert set(XEN_LAYOUT_5) <= set(layout)  # every archive XenServer's layout has
     assert info["ds[cpu].max"] == 100.0 and info["ds[cpu].minimal_heartbeat"] == 10
-    assert archive_layout(60) == ((1, 120), (60, 168), (1440, 366))
-    assert archive_layout(1) == ((1, 600), (60, 120), (3600, 168), (86400, 366))
+    assert archive_layout(60) == ((1, 120), (5, 300), (60, 168), (120, 420), (1440, 366))
+    assert archive_layout(1) == (
+        (1, 600), (60, 120), (300, 300), (3600, 168), (7200, 420), (86400, 366)
+    )
+    assert archive_layout(5, XENSERVER_TARGETS) == XEN_LAYOUT_5
 
 
 def test_rrd_holds_the_derived_values(tmp_path: Path) -> None:
@@ -192,10 +213,66 @@ def test_updates_through_rrdcached(tmp_path: Path, rrdcached: str) -> None:
 
 
 def test_bytes_per_vm_file(tmp_path: Path) -> None:
-    """The documented footprint: a VM file at update_period 5 is 238,712 bytes (233 KiB)."""
+    """The documented footprint: a VM file at update_period 5 is SIZE5 bytes, at 1 SIZE1."""
+    for period, expected in ((5, SIZE5), (1, SIZE1)):
+        state = tmp_path / f"state{period}"
+        config = write_history_config(tmp_path / f"c{period}.xml", state, period=period)
+        run_scripted(config, _steady(1))
+        size = (state / "vm" / f"{UUID}.rrd").stat().st_size
+        rows = sum(r for _, r in archive_layout(period)) * 4  # 4 CFs
+        assert rows * 9 * 8 < size < rows * 9 * 8 + 32768  # 9 data sources of 8 bytes + headers
+        assert size == expected, period
+
+
+def test_file_of_the_old_layout_is_read_then_upgraded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of XenServer's layout (earlier releases): vhostmdctl reads it; the daemon adds
+    the graph archives, keeping its data (prefilled into them), and goes on in it."""
     state = tmp_path / "state"
-    run_scripted(write_history_config(tmp_path / "c.xml", state), _steady(1))
-    size = (state / "vm" / f"{UUID}.rrd").stat().st_size
-    rows = sum(r for _, r in archive_layout(5)) * 4  # 4 CFs
-    assert rows * 9 * 8 < size < rows * 9 * 8 + 32768  # 9 data sources of 8 bytes, plus headers
-    assert size == 238712
+    config = write_history_config(tmp_path / "c.xml", state)
+    clock = ScriptedClock()
+    with monkeypatch.context() as patch:  # what an earlier release created
+        patch.setattr(rrd, "ARCHIVE_TARGETS", XENSERVER_TARGETS)
+        run_scripted(config, _steady(121), clock)  # +0..+600, 40 %
+    vm_file = state / "vm" / f"{UUID}.rrd"
+    assert _rras(rrdtool.info(str(vm_file))) == _expected(XEN_LAYOUT_5)
+    end = int(WALL0) + 600
+    assert [v for v in _ctl_cpu(state, end) if v is not None] == [pytest.approx(40.0)] * 120
+    png = tmp_path / "old.png"
+    assert _ctl(state, "graph", "--vm", "web1", "--metric", "cpu", "-o", str(png),
+                "--end", str(end)) == str(png)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+    clock.advance(20.0)  # a restart of the new release: samples at +620..+635
+    run_scripted(config, _steady(4, start_cpu=100 * 10**9), clock)
+    info = rrdtool.info(str(vm_file))
+    assert _rras(info) == _expected(archive_layout(5))
+    assert info["last_update"] == end + 35
+    series = _series(vm_file, "cpu", WALL0 + 40, WALL0 + 635)  # the last 10 min, at 5 s
+    assert {t - int(WALL0) for t in series} == set(range(45, 641, 5))  # one row past the end
+    known = {t - int(WALL0): v for t, v in series.items() if v is not None}
+    assert known == {k: pytest.approx(40.0) for k in [*range(45, 601, 5), 625, 630, 635]}
+    # The old data reached the new 5-minute archive: (+100, +400] was all 40 %.
+    (first, _, step), _, rows = rrdtool.fetch(
+        str(vm_file), "AVERAGE", "-r", "300", "-s", str(end - 600), "-e", str(end)
+    )
+    assert step == 300
+    by_end = {first + (i + 1) * step - int(WALL0): row[0] for i, row in enumerate(rows)}
+    assert by_end[400] == pytest.approx(40.0)
+
+
+def _ctl(state: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vhostmd_py.history.ctl", "--state-dir", str(state), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def _ctl_cpu(state: Path, end: int) -> List[float | None]:
+    doc = json.loads(_ctl(state, "history", "--vm", "web1", "--metric", "cpu", "--since",
+                          "10m", "--end", str(end), "--format", "json"))
+    assert doc["step"] == 5
+    return [r["cpu"] for r in doc["rows"]]

@@ -8,9 +8,21 @@ Layout of the state directory::
 
 Every data source is a GAUGE fed with the values the daemon derived
 (rates.py), so the counter semantics live in one place (ours) and rrdtool
-only consolidates. Each file has AVERAGE, MIN, MAX and LAST archives at four
-resolutions, XenServer's layout (:func:`archive_layout`): the update period
-for 10 minutes, 1 minute for 2 hours, 1 hour for 1 week and 1 day for 1 year.
+only consolidates. Each file has AVERAGE, MIN, MAX and LAST archives at six
+resolutions (:func:`archive_layout`): XenServer's four (the update period for
+10 minutes, 1 minute for 2 hours, 1 hour for 1 week, 1 day for 1 year) plus
+5 minutes for 25 hours and 2 hours for 5 weeks, so that each graph period has
+an archive of a few hundred rows covering it (rrdtool draws from the finest
+archive covering the whole period: the day graph from the 5-minute one, the
+week graph from the 1-hour one, the month graph from the 2-hour one; with
+XenServer's four alone a day was 24 hourly rows, and a VM that ran for less
+than half an hour of a clock hour showed nothing).
+
+A file made with an older layout (XenServer's four only) is upgraded when the
+daemon first opens it: ``rrdtool create --source`` makes a file with the
+missing archives, prefilled from the old file's data, which then replaces it
+(atomically, as at creation). If that fails the old file is kept and goes on
+being updated as it is; ``vhostmdctl`` reads either layout.
 
 Files are created under a temporary name and renamed, so a kill -9 never
 leaves a half-made file under the real name; the directories are fsync'ed once
@@ -34,7 +46,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import rrdtool
 
@@ -46,8 +58,16 @@ log = logging.getLogger(__name__)
 CFS = ("AVERAGE", "MIN", "MAX", "LAST")
 XFF = 0.5
 
-# (resolution, coverage) in seconds, XenServer's archives.
-ARCHIVE_TARGETS = ((0, 600), (60, 7200), (3600, 7 * 86400), (86400, 366 * 86400))
+# (resolution, coverage) in seconds; resolution 0 is the update period.
+# XenServer's archives (the update period for 10 min, 1 min for 2 h, 1 h for 1 week,
+# 1 day for 1 year): the files of vhostmd-py before the graph archives.
+XENSERVER_TARGETS = ((0, 600), (60, 7200), (3600, 7 * 86400), (86400, 366 * 86400))
+# Graph archives: 5 min for 25 h (the day graph, with an hour to spare for the
+# alignment), 2 h for 5 weeks (the month graph; the week graph uses the 1 h one).
+GRAPH_TARGETS = ((300, 25 * 3600), (7200, 35 * 86400))
+ARCHIVE_TARGETS = tuple(sorted(XENSERVER_TARGETS + GRAPH_TARGETS))
+
+Targets = Sequence[Tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -90,23 +110,87 @@ HOST_SOURCES: Tuple[DataSource, ...] = (
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def archive_layout(step: int) -> Tuple[Tuple[int, int], ...]:
-    """(steps per row, rows) of each archive for this step, finest first, no duplicates."""
+def archive_layout(step: int, targets: Targets | None = None) -> Tuple[Tuple[int, int], ...]:
+    """(steps per row, rows) of each archive for this step, finest first, no duplicates.
+
+    ``targets`` defaults to :data:`ARCHIVE_TARGETS` (looked up at call time).
+    """
     layout: Dict[int, int] = {}
-    for resolution, coverage in ARCHIVE_TARGETS:
+    for resolution, coverage in ARCHIVE_TARGETS if targets is None else targets:
         steps = max(1, round(resolution / step)) if resolution else 1
         rows = max(1, math.ceil(coverage / (steps * step)))
         layout[steps] = max(rows, layout.get(steps, 0))
     return tuple(sorted(layout.items()))
 
 
-def create_args(step: int, heartbeat: int, sources: Sequence[DataSource], start: int) -> List[str]:
+def rra_specs(step: int, targets: Targets | None = None) -> List[str]:
+    """``RRA:CF:xff:steps:rows`` of every archive, finest first, the four CFs each."""
+    return [
+        f"RRA:{cf}:{XFF}:{steps}:{rows}"
+        for steps, rows in archive_layout(step, targets)
+        for cf in CFS
+    ]
+
+
+def create_args(
+    step: int,
+    heartbeat: int,
+    sources: Sequence[DataSource],
+    start: int,
+    targets: Targets | None = None,
+) -> List[str]:
     """rrdtool create's arguments (after the file name)."""
     args = ["--step", str(step), "--start", str(start)]
     args += [ds.spec(heartbeat) for ds in sources]
-    for steps, rows in archive_layout(step):
-        args += [f"RRA:{cf}:{XFF}:{steps}:{rows}" for cf in CFS]
-    return args
+    return args + rra_specs(step, targets)
+
+
+def missing_archives(info: Dict[str, Any], targets: Targets | None = None) -> List[str]:
+    """``RRA:`` specs of the layout that a file (its ``rrdtool info``) lacks.
+
+    An archive counts as present when the file has one of the same CF and
+    steps per row with at least as many rows (an older, longer one is kept).
+    """
+    have: Dict[Tuple[str, int], int] = {}
+    i = 0
+    while f"rra[{i}].cf" in info:
+        key = (str(info[f"rra[{i}].cf"]), int(info[f"rra[{i}].pdp_per_row"]))
+        have[key] = max(have.get(key, 0), int(info[f"rra[{i}].rows"]))
+        i += 1
+    step = int(info["step"])
+    return [
+        f"RRA:{cf}:{XFF}:{steps}:{rows}"
+        for steps, rows in archive_layout(step, targets)
+        for cf in CFS
+        if have.get((cf, steps), 0) < rows
+    ]
+
+
+def _bound(value: Any) -> str:
+    return (
+        "U" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:g}"
+    )
+
+
+def _kept_specs(info: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """The DS: and RRA: specs of an existing file, as rrdtool create takes them."""
+    names = sorted(
+        (int(v), k[3:-7]) for k, v in info.items() if k.startswith("ds[") and k.endswith("].index")
+    )
+    ds_specs = []
+    for _, name in names:
+        heartbeat = info[f"ds[{name}].minimal_heartbeat"]
+        lo, hi = (_bound(info.get(f"ds[{name}].{key}")) for key in ("min", "max"))
+        ds_specs.append(f"DS:{name}:{info[f'ds[{name}].type']}:{heartbeat}:{lo}:{hi}")
+    rra_specs_ = []
+    i = 0
+    while f"rra[{i}].cf" in info:
+        rra_specs_.append(
+            f"RRA:{info[f'rra[{i}].cf']}:{info[f'rra[{i}].xff']}:"
+            f"{info[f'rra[{i}].pdp_per_row']}:{info[f'rra[{i}].rows']}"
+        )
+        i += 1
+    return ds_specs, rra_specs_
 
 
 def format_update(wall: float, values: Sequence[float | None]) -> str:
@@ -127,12 +211,15 @@ class RrdStore:
         step: int,
         heartbeat: int,
         daemon: str | None = None,
+        targets: Targets | None = None,
     ) -> None:
         self.state_dir = os.fspath(state_dir)
         self.vm_dir = os.path.join(self.state_dir, "vm")
         self.step = step
         self.heartbeat = heartbeat
         self.daemon = daemon
+        # The layout of new files (and what older files are upgraded to).
+        self.targets: Targets = ARCHIVE_TARGETS if targets is None else targets
         self._last: Dict[str, float] = {}  # path -> last update time written
         self._daemon_failed = False
 
@@ -158,13 +245,20 @@ class RrdStore:
     # --- files ------------------------------------------------------------------
 
     def ensure(self, path: str, sources: Sequence[DataSource], now: float) -> bool:
-        """Open or create a file; True when it was created. Remembers its last update."""
+        """Open or create a file; True when it was created. Remembers its last update.
+
+        A file of an older layout is upgraded first (:meth:`upgrade`).
+        """
         if path in self._last:
             return False
         if os.path.exists(path):
             try:
-                # last() drops the sub-second part of the last update.
-                self._last[path] = float(rrdtool.last(path)) + 0.999
+                info = rrdtool.info(path)
+                missing = missing_archives(info, self.targets)
+                if missing:
+                    self.upgrade(path, info, missing)
+                # last_update drops the sub-second part of the last update.
+                self._last[path] = float(info["last_update"]) + 0.999
                 return False
             except rrdtool.OperationalError as err:
                 bad = f"{path}.corrupt"
@@ -178,11 +272,45 @@ class RrdStore:
         self._create(path, sources, now)
         return True
 
+    def upgrade(self, path: str, info: Dict[str, Any], missing: Sequence[str]) -> bool:
+        """Add the MISSING archives to a file, keeping its data; False (logged) when not done.
+
+        ``rrdtool create --source`` prefills the new archives from the old ones
+        (best resolution available) and keeps the data sources, the archives and
+        the last update time; the new file replaces the old one atomically.
+        """
+        if self.daemon is not None and not self._daemon_failed:
+            try:
+                rrdtool.flushcached("--daemon", self.daemon, path)
+            except rrdtool.OperationalError as err:
+                log.debug("flushing %s before the upgrade: %s", path, err)
+        ds_specs, kept = _kept_specs(info)
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            rrdtool.create(
+                tmp, "--step", str(info["step"]), "--source", path, *ds_specs, *kept, *missing
+            )
+            os.replace(tmp, path)
+        except (rrdtool.OperationalError, OSError) as err:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            log.warning(
+                "%s: could not add the archives %s (%s): going on with it as it is",
+                path,
+                " ".join(missing),
+                err,
+            )
+            return False
+        log.info("%s: added %d archives (%s)", path, len(missing), " ".join(missing))
+        return True
+
     def _create(self, path: str, sources: Sequence[DataSource], now: float) -> None:
         start = int(now) - self.step
         tmp = f"{path}.tmp{os.getpid()}"
         try:
-            rrdtool.create(tmp, *create_args(self.step, self.heartbeat, sources, start))
+            rrdtool.create(
+                tmp, *create_args(self.step, self.heartbeat, sources, start, self.targets)
+            )
             os.replace(tmp, path)
         except (rrdtool.OperationalError, OSError) as err:
             with contextlib.suppress(OSError):
