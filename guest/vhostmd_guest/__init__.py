@@ -3,7 +3,7 @@
 vm_dump_metrics / vm-dump-metrics (``cli``), the libmetrics API
 (``libmetrics``) and the reader object (``reader.MetricsReader``). Importing
 the package does no work and pulls in neither libvirt nor the host daemon:
-only the disk format (``vhostmd_py.mdisk``) is shared with the host.
+only the wire format (``vhostmd_wire``) is shared with the host.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,11 @@
 """Inside the full e2e guest: run our guest package against the real devices.
 
 Runs with the guest's Debian python3 (not the host's venv), with
-PYTHONPATH=/opt/vhostmd-py/src holding vhostmd_py (incl. the host-built abi3
-_mdisk extension) and vhostmd_guest. It only gathers evidence; the host test
+PYTHONPATH=/opt/vhostmd-py/site holding the guest distribution alone (the
+wheel of guest/: vhostmd_wire and vhostmd_guest, pure Python; no vhostmd_py,
+no compiled module) and its console script in /opt/vhostmd-py/bin. The guest
+root also has Debian's python3-lxml and python3-cffi: the checks record that
+neither they nor vhostmd_py were loaded. It only gathers evidence; the host test
 (tests/e2e/test_e2e_guest.py) does the assertions. Each record is printed to the
 serial console as `E2E-RESULT <tag> <base64 JSON>` so kernel messages cannot
 corrupt it unnoticed (a broken line fails to decode).
@@ -11,6 +14,8 @@ corrupt it unnoticed (a broken line fails to decode).
 from __future__ import annotations
 
 import base64
+import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -21,6 +26,10 @@ import traceback
 from typing import Any, Dict, List
 
 TOOL = "/opt/vhostmd-py/bin/vm-dump-metrics"
+SITE = "/opt/vhostmd-py/site"
+# What the guest distribution must never load (the host package, the host's
+# XML and C-binding dependencies), though lxml and cffi are installed here.
+FORBIDDEN = ("vhostmd_py", "lxml", "cffi", "_cffi_backend")
 # Long enough for the host daemon to see both guests start (the other guest
 # boots in parallel under software emulation), short of the host's timeout.
 WAIT_BOTH_S = 150.0
@@ -132,6 +141,71 @@ def load_phase() -> None:
     rec["burned_s"] = time.monotonic() - t
     note("E2E-BURN-END")
     emit("load", rec)
+
+
+def forbidden_loaded(names: Any) -> List[str]:
+    """The FORBIDDEN modules (or their submodules) among NAMES."""
+    prefixes = tuple(p + "." for p in FORBIDDEN)
+    return sorted(n for n in names if n in FORBIDDEN or n.startswith(prefixes))
+
+
+def guest_dist() -> Dict[str, Any]:
+    """Where the guest packages come from, and what else this Python could import."""
+    rec: Dict[str, Any] = {
+        name: importlib.util.find_spec(name) is not None for name in FORBIDDEN
+    }
+    try:
+        import vhostmd_guest
+        import vhostmd_wire
+
+        rec["files"] = {"vhostmd_guest": vhostmd_guest.__file__,
+                        "vhostmd_wire": vhostmd_wire.__file__}
+        from importlib import metadata
+
+        rec["dist_version"] = metadata.version("vhostmd-py-guest")
+        rec["dist_files"] = sorted(str(f) for f in metadata.files("vhostmd-py-guest") or [])
+    except Exception:
+        rec["error"] = traceback.format_exc()
+    return rec
+
+
+def tool_modules(args: List[str]) -> Dict[str, Any]:
+    """Run the console script in a fresh python3; the modules it had loaded at exit."""
+    code = (
+        "import atexit, json, runpy, sys\n"
+        "def dump():\n"
+        "    with open('/tmp/tool-modules.json', 'w') as f:\n"
+        "        json.dump(sorted(sys.modules), f)\n"
+        "atexit.register(dump)\n"
+        f"sys.argv = [{TOOL!r}, *{args!r}]\n"
+        f"runpy.run_path({TOOL!r}, run_name='__main__')\n"
+    )
+    with contextlib.suppress(OSError):
+        os.unlink("/tmp/tool-modules.json")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          check=False)
+    rec: Dict[str, Any] = {"args": args, "rc": proc.returncode,
+                           "stderr": proc.stderr.decode(errors="replace")}
+    try:
+        with open("/tmp/tool-modules.json", encoding="utf-8") as f:
+            loaded = json.load(f)
+        rec["guest_loaded"] = "vhostmd_guest.cli" in loaded and "vhostmd_wire" in loaded
+        rec["forbidden"] = forbidden_loaded(loaded)
+    except (OSError, ValueError) as err:
+        rec["error"] = str(err)
+    return rec
+
+
+def modules_check() -> Dict[str, Any]:
+    """No FORBIDDEN module: in this process after every check, and in fresh runs of the tool."""
+    return {
+        "checker": {
+            "guest_loaded": "vhostmd_guest.libmetrics" in sys.modules,
+            "forbidden": forbidden_loaded(list(sys.modules)),
+        },
+        "tool-b": tool_modules(["-b"]),
+        "tool-i": tool_modules(["-i"]),
+    }
 
 
 def vm_uuids(doc: bytes) -> List[str]:
@@ -275,12 +349,7 @@ def main() -> int:
         info["uuid"] = my_uuid()
     except OSError as err:
         info["uuid_error"] = str(err)
-    try:
-        import vhostmd_py._mdisk as ext
-
-        info["mdisk_ext"] = {"ok": True, "file": ext.__file__}
-    except Exception:
-        info["mdisk_ext"] = {"ok": False, "error": traceback.format_exc()}
+    info["guest_dist"] = guest_dist()
     info["virtio_ports"] = (
         sorted(os.listdir("/dev/virtio-ports")) if os.path.isdir("/dev/virtio-ports") else []
     )
@@ -315,6 +384,7 @@ def main() -> int:
 
     emit("libmetrics", libmetrics_calls())
     pervm_checks(uuid, time.monotonic() + 60.0)
+    emit("modules", modules_check())
     note("guest-check done")
     load_phase()  # e2e values: last, it only loads the guest
     return 0

@@ -3,8 +3,10 @@
 #
 # Two modes, chosen on the kernel command line (vhostmd_e2e=full|mini):
 #   full  mount the read-only Debian root (label vhmdroot), chroot into it and
-#         run /opt/vhostmd-py/guest-check.py with Debian's python3: our guest
-#         package (vm-dump-metrics -b, -i, libmetrics) against the real devices.
+#         run /opt/vhostmd-py/guest-check.py with Debian's python3: the guest
+#         distribution (the wheel unpacked in /opt/vhostmd-py/site, its
+#         vm-dump-metrics in /opt/vhostmd-py/bin; vm-dump-metrics -b, -i,
+#         libmetrics) against the real devices.
 #   mini  no Python: talk to the virtio port with busybox tools only, as a
 #         second, independent guest for the isolation check.
 # Results go to the serial console (a file on the host) between markers; the
@@ -164,7 +166,7 @@ if [ "$mode" = "full" ]; then
     mount -t tmpfs tmpfs /newroot/tmp
     say "running guest-check.py"
     chroot /newroot /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \
-        PYTHONPATH=/opt/vhostmd-py/src PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8 \
+        PYTHONPATH=/opt/vhostmd-py/site PYTHONDONTWRITEBYTECODE=1 LANG=C.UTF-8 \
         /usr/bin/python3 /opt/vhostmd-py/guest-check.py
     say "guest-check.py exit $?"
     finish

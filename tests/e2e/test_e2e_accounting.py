@@ -1,7 +1,11 @@
 """Enforcement against the real libvirt daemon: --config tuning of a defined (not running) domain.
 
-Skips cleanly when qemu:///system does not answer. Run under
-``flock /tmp/vhostmd-e2e.lock``; the domain is defined and undefined here.
+The session fixture ``libvirtd`` (tests/e2e/conftest.py) makes qemu:///system
+answer, starting libvirtd if none runs and stopping it at the end of the
+session; it skips only where libvirtd is not installed (scripts/e2e-guest's
+package step installs it; this file runs after test_e2e_guest.py) or cannot
+be started (not root). Run under ``flock /tmp/vhostmd-e2e.lock``; the domain
+is defined and undefined here.
 """
 
 from __future__ import annotations
@@ -43,13 +47,13 @@ DOMAIN = f"""<domain type='qemu'>
 
 
 @pytest.fixture
-def conn() -> Iterator[Any]:
-    """A read-write connection to qemu:///system, or a skip."""
+def conn(libvirtd: None) -> Iterator[Any]:
+    """A read-write connection to qemu:///system (the fixture libvirtd made it answer)."""
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     try:
         c = libvirt.open(URI)
     except libvirt.libvirtError as err:
-        pytest.skip(f"{URI} not available: {err}")
+        pytest.fail(f"{URI} answers virsh but not libvirt.open: {err}")
     try:
         yield c
     finally:
