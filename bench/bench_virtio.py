@@ -56,6 +56,10 @@ from vhostmd_py.model import VM, Snapshot, VmBlock
 from vhostmd_py.virtio import VirtioServer
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # helpers.config: the tests' vhostmd.conf template
+
+from helpers.config import config_text  # noqa: E402
+
 GOLDEN = REPO.parent / "shared" / "golden" / "upstream"
 if not (GOLDEN / "FACTS.md").is_file():
     GOLDEN = REPO / "tests" / "data" / "golden" / "upstream"
@@ -65,37 +69,15 @@ REQUEST = b"GET /metrics/XML\n\n"
 TAIL = b"</metrics>\n\n"
 UPSTREAM_CONNECT_S = 3.0  # FACTS 4: 3.01-3.03 s after start; reconnect 3.0 s after close
 
-CONFIG = """<?xml version="1.0" ?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{work}/vhostmd0</path>
-      <size unit="m">4</size>
-    </disk>
-    <virtio>
-      <channel_path>{chan}</channel_path>
-      <max_channels>1024</max_channels>
-      <expiration_time>30</expiration_time>
-    </virtio>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-    <transport>virtio</transport>
-  </globals>
-  <metrics>
-    <metric type="int32" context="host">
-      <name>Answer</name>
-      <action>echo 42</action>
-    </metric>
-    <metric type="string" context="vm">
-      <name>Ident</name>
-      <action>echo NAME-VMID-UUID</action>
-    </metric>
-  </metrics>
-</vhostmd>
-"""
+
+def virtio_config(work: Path, chan: Path) -> str:
+    """vbd + virtio, 4 MiB disk, 1024 channels, two cheap metrics, update_period 1."""
+    return config_text(
+        f"{work}/vhostmd0",
+        [("Answer", "int32", "host", "echo 42"), ("Ident", "string", "vm", "echo NAME-VMID-UUID")],
+        size=4, unit="m", transports=("vbd", "virtio"),
+        virtio={"channel_path": chan, "max_channels": 1024, "expiration_time": 30},
+    )
 
 
 @dataclass(frozen=True)
@@ -300,7 +282,7 @@ def run_one(n: int, duration: float, period: float) -> Result:
     chan = work / "ch"
     chan.mkdir()
     conf = work / "vhostmd.conf"
-    conf.write_text(CONFIG.format(work=work, chan=chan))
+    conf.write_text(virtio_config(work, chan))
     shutil.copy(GOLDEN / "configs" / "vhostmd.dtd", work / "vhostmd.dtd")
     disk = work / "vhostmd0"
     uri = f"test://{GOLDEN / 'nodes' / f'node-{n}.xml'}"

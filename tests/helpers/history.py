@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
-from helpers.daemon import CONFIG_TAIL, METRIC
+from helpers.config import write_config
 from vhostmd_py.config import Config, load_config
 from vhostmd_py.daemon import Daemon
 from vhostmd_py.history.core import History
@@ -18,23 +18,6 @@ from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmS
 
 WALL0 = 1_700_000_000.0  # a multiple of 5: samples fall on RRD step boundaries
 MONO0 = 1000.0
-
-HISTORY_CONFIG = """<?xml version="1.0" ?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="k">256</size>
-    </disk>
-    <update_period>{period}</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-    <history state_dir="{state}" retention="{retention}" publish="{publish}"{extra}/>
-  </globals>
-  <metrics>
-"""
 
 
 def write_history_config(
@@ -47,17 +30,10 @@ def write_history_config(
     extra: str = "",
 ) -> Path:
     """A vhostmd.conf with one host metric, a vbd disk beside it and <history>."""
-    text = HISTORY_CONFIG.format(
-        disk=path.parent / "vhostmd0",
-        period=period,
-        state=state,
-        retention=retention,
-        publish=publish,
-        extra=extra,
-    )
-    text += METRIC.format(name="One", type="int32", context="host", action="echo 1")
-    path.write_text(text + CONFIG_TAIL)
-    return path
+    history = (f'<history state_dir="{state}" retention="{retention}" publish="{publish}"'
+               f"{extra}/>")
+    return write_config(path, path.parent / "vhostmd0", [("One", "int32", "host", "echo 1")],
+                        size=256, period=period, extra=history)
 
 
 class ScriptedClock:

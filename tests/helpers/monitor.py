@@ -5,29 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
+from helpers.config import write_config
 from vhostmd_py.model import VM
 from vhostmd_py.stats import HostStats, NetStats, StatsSnapshot, VmStats
 
-BASE = """<?xml version="1.0"?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk><name>m</name><path>{disk}</path><size unit="k">256</size></disk>
-    <update_period>10</update_period>
-    <path>/usr/bin:/bin</path>
-    <transport>vbd</transport>
-  </globals>
-  <metrics>
-    <metric type="string" context="vm"><name>Dummy</name><action>echo x</action></metric>
-  </metrics>
-{extra}</vhostmd>
-"""
-
 
 def write_conf(path: Path, extra: str) -> Path:
-    """A minimal vhostmd.conf with EXTRA sections after <metrics>."""
-    path.write_text(BASE.format(disk=path.parent / "vhostmd0", extra=extra))
-    return path
+    """A minimal vhostmd.conf (update_period 10) with EXTRA sections after <metrics>."""
+    return write_config(path, path.parent / "vhostmd0", [("Dummy", "string", "vm", "echo x")],
+                        size=256, period=10, search_path="/usr/bin:/bin", after_metrics=extra)
 
 
 class ScriptedSource:

@@ -14,6 +14,7 @@ from typing import List, Sequence
 import libvirt
 import pytest
 from helpers import DATA as TEST_DATA
+from helpers.procs import alive
 
 from vhostmd_py.collector import collect
 from vhostmd_py.config import Config, MetricSpec, Variable, load_config
@@ -224,14 +225,6 @@ def test_injection_refused_in_unsure_context(
 # --- faults --------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.slow  # over 1.5 s: not in the fast tier
 def test_faults_leave_the_rest_published(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -258,9 +251,9 @@ def test_faults_leave_the_rest_published(
     # The hung action's background child was killed with it.
     child = int((tmp_path / "hang-child.pid").read_text())
     deadline = time.monotonic() + 3
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not alive(child)
 
 
 def test_cancelled_cycle_kills_actions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -286,9 +279,9 @@ def test_cancelled_cycle_kills_actions(tmp_path: Path, monkeypatch: pytest.Monke
     for name in ("hang-child.pid", "hang-shell.pid"):
         pid = int((tmp_path / name).read_text())
         deadline = time.monotonic() + 2
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not _alive(pid), name
+        assert not alive(pid), name
 
 
 # --- values, groups, xml ----------------------------------------------------------

@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Tuple, TypeVar
+from typing import Iterator, List, Tuple
 
 import pytest
 from helpers import REPO
+from helpers import config as helpers_config
+from helpers.daemon import try_read, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from vhostmd_wire.disk import read_disk
 
 from vhostmd_py.config import (
     EXPIRATION_TIME_RANGE,
@@ -33,34 +34,9 @@ from vhostmd_py.errors import ConfigError
 
 # The checkout's root, wherever this file ends up below it (tests/ or tests/host/).
 HUGE = str(10**309)
-T = TypeVar("T")
 
-# Line numbers matter: the error must name the element's line.
-CONFIG = """<?xml version="1.0" ?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="{unit}">{size}</size>
-    </disk>
-    <virtio>
-      <max_channels>{max_channels}</max_channels>
-      <expiration_time>{expiration_time}</expiration_time>
-    </virtio>
-    <update_period>{update_period}</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-  </globals>
-  <metrics>
-    <metric type="string" context="host">
-      <name>Stamp</name>
-      <action>{action}</action>
-    </metric>
-  </metrics>
-</vhostmd>
-"""
+# Line numbers matter: the error must name the element's line (helpers.config's layout
+# with a <virtio> block).
 LINES = {"size": 8, "max_channels": 11, "expiration_time": 12, "update_period": 14}
 DEFAULTS = {"disk": "/dev/shm/unused", "unit": "k", "size": "64", "max_channels": "16",
             "expiration_time": "15", "update_period": "1", "action": "echo one"}
@@ -68,13 +44,25 @@ DEFAULTS = {"disk": "/dev/shm/unused", "unit": "k", "size": "64", "max_channels"
 
 def config_text(**values: str) -> str:
     """The test config with some values replaced."""
-    return CONFIG.format(**{**DEFAULTS, **values})
+    v = {**DEFAULTS, **values}
+    return helpers_config.config_text(
+        v["disk"], [("Stamp", "string", "host", v["action"])],
+        size=v["size"], unit=v["unit"], period=v["update_period"],
+        virtio={"max_channels": v["max_channels"], "expiration_time": v["expiration_time"]},
+    )
 
 
 def write(path: Path, **values: str) -> Path:
     """Write the test config to PATH."""
     path.write_text(config_text(**values))
     return path
+
+
+def test_lines_name_the_elements() -> None:
+    """LINES really are where the config puts each element."""
+    lines = config_text().splitlines()
+    for element, line in LINES.items():
+        assert lines[line - 1].lstrip().startswith(f"<{element}"), (element, lines[line - 1])
 
 
 @pytest.mark.parametrize("element", ["update_period", "expiration_time", "max_channels", "size"])
@@ -196,24 +184,6 @@ def test_daemon_refuses_huge_values_at_start_up(
     assert not (shm_dir / "vhostmd0").exists()  # refused before anything was created
 
 
-def _wait_for(probe: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def _content(disk: Path) -> bytes | None:
-    try:
-        return read_disk(disk, busy_timeout=0.2) or None
-    except Exception:
-        return None
-
-
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[List[subprocess.Popen[bytes]]]:
     """Daemons started by a test, killed at its end."""
@@ -242,15 +212,15 @@ def test_sighup_to_a_huge_value_keeps_the_running_config(
             stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, PYTHONPATH=str(REPO)),
         )
     running.append(proc)
-    first = _wait_for(lambda: _content(disk), 15, "the first publish")
+    first = wait_for(lambda: try_read(disk), 15, "the first publish")
     write(config, disk=str(disk), action=action, **{element: HUGE})
     proc.send_signal(signal.SIGHUP)
-    _wait_for(lambda: "keeping the previous configuration" in log_path.read_text(), 10,
+    wait_for(lambda: "keeping the previous configuration" in log_path.read_text(), 10,
               "the refused reload")
-    later = _wait_for(lambda: (c := _content(disk)) and c != first and c, 5, "a later cycle")
+    later = wait_for(lambda: (c := try_read(disk)) and c != first and c, 5, "a later cycle")
     time.sleep(2.5)  # two more periods of the old config (update_period 1)
     assert proc.poll() is None, log_path.read_text()
-    assert _content(disk) not in (None, later)
+    assert try_read(disk) not in (None, later)
     text = log_path.read_text()
     assert f"{config}:{LINES[element]}: " in text
     assert "Traceback" not in text and "OverflowError" not in text

@@ -9,38 +9,27 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
+from helpers.config import config_text, metric_xml
 
 from vhostmd_py.config import load_config
 from vhostmd_py.errors import ConfigError
 
-CONFIG = """<?xml version="1.0" ?>
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="k">64</size>
-    </disk>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-  </globals>
-  <metrics>
-    <metric type="string" context="host">
-      <name>Both</name>
-      <action>{action}</action>
-    </metric>
-  </metrics>
-</vhostmd>
-"""
-ACTION_LINE = 16
+
+def config(tmp_path: Path, action: str) -> str:
+    """A config without DOCTYPE whose one metric has ACTION as written (not escaped)."""
+    metric = metric_xml("Both", "string", "host", action, escaped=False)
+    return config_text(tmp_path / "d", [metric], doctype=False)
+
+
+ACTION_LINE = 16  # the <action> line of config()
 
 
 @pytest.mark.parametrize("action", ["true && echo yes", "sleep 1 & wait", "echo a &amp b"])
 def test_raw_ampersand_gets_a_hint_with_file_and_line(tmp_path: Path, action: str) -> None:
     """A raw `&` in an action: the error names file:line and says to write `&amp;&amp;`."""
     path = tmp_path / "vhostmd.conf"
-    path.write_text(CONFIG.format(disk=tmp_path / "d", action=action))
+    path.write_text(config(tmp_path, action))
+    assert path.read_text().splitlines()[ACTION_LINE - 1] == f"      <action>{action}</action>"
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.line == ACTION_LINE
@@ -51,7 +40,7 @@ def test_raw_ampersand_gets_a_hint_with_file_and_line(tmp_path: Path, action: st
 def test_other_syntax_errors_get_no_ampersand_hint(tmp_path: Path) -> None:
     """The hint is only given where the line really holds a raw `&`."""
     path = tmp_path / "vhostmd.conf"
-    path.write_text(CONFIG.format(disk=tmp_path / "d", action="echo <b>"))
+    path.write_text(config(tmp_path, "echo <b>"))
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "&amp;" not in info.value.reason
@@ -60,14 +49,14 @@ def test_other_syntax_errors_get_no_ampersand_hint(tmp_path: Path) -> None:
 def test_escaped_ampersands_work(tmp_path: Path) -> None:
     """Written as the hint says, the action is the shell's `&&`."""
     path = tmp_path / "vhostmd.conf"
-    path.write_text(CONFIG.format(disk=tmp_path / "d", action="true &amp;&amp; echo yes"))
+    path.write_text(config(tmp_path, "true &amp;&amp; echo yes"))
     assert load_config(path).metrics[0].action == "true && echo yes"
 
 
 def test_the_daemon_prints_the_hint(tmp_path: Path) -> None:
     """`vhostmd --dump` with a raw `&&`: exit 1, one line with file:line and the hint."""
     path = tmp_path / "vhostmd.conf"
-    path.write_text(CONFIG.format(disk=tmp_path / "d", action="true && echo yes"))
+    path.write_text(config(tmp_path, "true && echo yes"))
     proc = subprocess.run(
         [sys.executable, "-c", "from vhostmd_py.cli import main; main()",
          "--dump", "-f", str(path), "-c", "test:///default"],

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 import pytest
-from helpers.daemon import metrics_of, write_config
+from helpers.config import write_config
+from helpers.daemon import metrics_of
 from vhostmd_wire.disk import read_disk, read_header
 
 from vhostmd_py import logsetup

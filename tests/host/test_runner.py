@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+from helpers.procs import alive
 from helpers.vms import vm_named
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,15 +50,6 @@ def _run(command: str, runner: ActionRunner | None = None, cap: int = VALUE_CAP)
         return await runner.run(command, cap=cap)
 
     return asyncio.run(main())
-
-
-def _alive(pid: int) -> bool:
-    """True when PID exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # --- substituted commands run by a real sh (substitution alone: test_substitution) ---
@@ -178,9 +170,9 @@ def test_timeout_kills_whole_tree(max_concurrency: int, tmp_path: Path) -> None:
     assert elapsed < 10  # safety bound only: 0.5 s timeout
     child = int(pidfile.read_text())
     deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
+    while alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not alive(child)
 
 
 @pytest.mark.slow  # over 1.5 s: not in the fast tier
@@ -282,9 +274,9 @@ def test_cancellation_kills_children(tmp_path: Path) -> None:
     for p in pids:
         child = int(p.read_text())
         deadline = time.monotonic() + 2
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert not _alive(child)
+        assert not alive(child)
 
 
 def test_cancel_all_fails_running_actions(tmp_path: Path) -> None:

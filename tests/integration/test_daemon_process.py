@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable, List, Tuple, TypeVar
 
 import pytest
-from helpers.daemon import Metric, Vhostmd, metrics_of, try_read, wait_for, write_config
+from helpers.config import Metric, write_config
+from helpers.daemon import Vhostmd, metrics_of, try_read, wait_for
 from lxml import etree
 from vhostmd_wire.disk import read_disk, read_header
 
@@ -81,7 +82,7 @@ def test_node_100_end_to_end(upstream: Path, tmp_path: Path, spawn: Callable[...
         tmp_path / "vhostmd.conf", disk,
         [("Ident", "string", "vm", "echo NAME-VMID-UUID"), ("Answer", "uint32", "vm", "echo 42"),
          ("Host", "string", "host", "echo h")],
-        size_k=1024,
+        size=1024,
     )
     uri = f"test://{upstream / 'nodes' / 'node-100.xml'}"
     daemon = spawn("-d", "-f", str(config), "-c", uri)
@@ -139,7 +140,7 @@ def test_document_too_large_keeps_previous(tmp_path: Path, spawn: Callable[..., 
         tmp_path / "vhostmd.conf", disk,
         [("Payload", "string", "host", f"cat {payload}")] +
         [(f"Big{i}", "string", "host", f"cat {payload}") for i in range(8)],
-        size_k=1,
+        size=1,
     )
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     small = wait_for(lambda: try_read(disk), 15, "the first publish")
@@ -162,7 +163,7 @@ def test_first_document_too_large_leaves_disk_readable(
     disk = tmp_path / "vhostmd0"
     config = write_config(tmp_path / "vhostmd.conf", disk,
                           [(f"Big{i}", "string", "host", "head -c 250 /dev/zero | tr '\\0' x")
-                           for i in range(5)], size_k=1)
+                           for i in range(5)], size=1)
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     wait_for(lambda: "Metrics data is larger than metrics disk" in daemon.log(), 10, "the error")
     # Upstream leaves busy=1 forever here (disks/toolarge-1k-with-node10.after-sigterm.img).
@@ -323,7 +324,7 @@ def test_sighup_reloads_and_keeps_old_config_when_invalid(
     daemon.proc.send_signal(signal.SIGHUP)
     content = wait_for(lambda: (c := try_read(disk)) and b"New" in c and c, 5, "the reload")
     assert metrics_of(content) == {("New", "host"): "new"}
-    config.write_text(config.read_text().replace("<update_period>1<", "<update_period>0<"))
+    write_config(config, disk, [("New", "string", "host", "echo new")], period=0)
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "keeping the previous configuration" in daemon.log(), 5, "the refusal")
     assert f"{config}:" in daemon.log()
@@ -341,7 +342,7 @@ def test_sighup_moves_the_disk(tmp_path: Path, spawn: Callable[..., Vhostmd]) ->
     config = write_config(tmp_path / "vhostmd.conf", disk, [("M", "string", "host", "echo m")])
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     wait_for(lambda: try_read(disk), 15, "the first publish")
-    write_config(config, moved, [("M", "string", "host", "echo m")], size_k=128)
+    write_config(config, moved, [("M", "string", "host", "echo m")], size=128)
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: try_read(moved), 5, "a publish on the new disk")
     assert moved.stat().st_size == 128 * 1024
@@ -387,7 +388,7 @@ def test_once_fails_when_the_document_does_not_fit(tmp_path: Path,
     config = write_config(tmp_path / "vhostmd.conf", disk,
                           [(f"Big{i}", "string", "host", "head -c 250 /dev/zero | tr '\\0' x")
                            for i in range(5)],  # 5 values of 250 bytes > 1024 - 16
-                          size_k=1)
+                          size=1)
     daemon = spawn("--once", "-f", str(config), "-c", "test:///default")
     assert daemon.proc.wait(20) == 1
     assert "Metrics data is larger than metrics disk" in daemon.log()
@@ -409,14 +410,10 @@ def test_virtio_channel_served_by_the_daemon(tmp_path: Path,
     disk = tmp_path / "vhostmd0"
     config = write_config(tmp_path / "vhostmd.conf", disk,
                           [("Answer", "int32", "host", "echo 42"),
-                           ("Ident", "string", "vm", "echo NAME-VMID")])
-    text = config.read_text().replace(
-        "<update_period>",
-        f"<virtio><channel_path>{channels}</channel_path><max_channels>8</max_channels>"
-        "<expiration_time>15</expiration_time></virtio>\n    <update_period>",
-    ).replace("<transport>vbd</transport>",
-              "<transport>vbd</transport><transport>virtio</transport>")
-    config.write_text(text)
+                           ("Ident", "string", "vm", "echo NAME-VMID")],
+                          transports=("vbd", "virtio"),
+                          virtio={"channel_path": channels, "max_channels": 8,
+                                  "expiration_time": 15})
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     try:
         conn, _ = listener.accept()  # we play QEMU: the daemon is the client

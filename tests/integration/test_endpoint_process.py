@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import pytest
-from helpers.daemon import Metric, Vhostmd, try_read, wait_for, write_config
+from helpers.config import Metric, metric_xml, write_config
+from helpers.daemon import Vhostmd, try_read, wait_for
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 from prometheus_client.parser import text_string_to_metric_families as text_format_families
 
@@ -60,17 +61,11 @@ def write_node(path: Path) -> str:
 
 
 def endpoint_config(tmp_path: Path, port: int) -> Path:
-    config = write_config(tmp_path / "vhostmd.conf", tmp_path / "disk", METRICS)
-    text = config.read_text()
     # Units: FreeMemory MiB (scaled to bytes), TotalCPUTime seconds.
-    text = text.replace('<metric type="uint64" context="host">',
-                        '<metric type="uint64" context="host" unit="MiB">')
-    text = text.replace('<metric type="real64" context="vm">',
-                        '<metric type="real64" context="vm" unit="s">')
-    text = text.replace("</globals>",
-                        f'  <metrics_endpoint address="127.0.0.1" port="{port}"/>\n  </globals>')
-    config.write_text(text)
-    return config
+    units = {"FreeMemory": "MiB", "TotalCPUTime": "s"}
+    metrics = [metric_xml(*metric, unit=units.get(metric[0])) for metric in METRICS]
+    return write_config(tmp_path / "vhostmd.conf", tmp_path / "disk", metrics,
+                        extra=f'<metrics_endpoint address="127.0.0.1" port="{port}"/>')
 
 
 def endpoint_port(daemon: Vhostmd) -> int:

@@ -17,26 +17,13 @@ from typing import Callable, Iterator, List
 
 import pytest
 from helpers import REPO
+from helpers.config import write_config
 
-CONFIG = """<?xml version="1.0" ?>
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="k">64</size>
-    </disk>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-  </globals>
-  <metrics>
-    <metric type="string" context="host"><name>A</name><action>echo a</action></metric>
-    <metric type="string" context="host"><name>B</name><action>echo b</action></metric>
-    <metric type="string" context="vm"><name>N</name><action>echo NAME</action></metric>
-  </metrics>
-</vhostmd>
-"""
+METRICS = [
+    ("A", "string", "host", "echo a"),
+    ("B", "string", "host", "echo b"),
+    ("N", "string", "vm", "echo NAME"),
+]
 
 
 Run = Callable[[List[str], float], List[str]]
@@ -49,7 +36,7 @@ def daemon_log(shm_dir: Path) -> Iterator[Run]:
 
     def run(args: List[str], seconds: float) -> List[str]:
         config = shm_dir / "vhostmd.conf"
-        config.write_text(CONFIG.format(disk=shm_dir / "vhostmd0"))
+        write_config(config, shm_dir / "vhostmd0", METRICS, doctype=False)
         log_path = shm_dir / f"stderr-{len(procs)}.log"
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(

@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 
 import pytest
 from helpers import REPO
-from helpers.daemon import Vhostmd, metrics_of, try_read, wait_for, write_config
+from helpers.config import write_config
+from helpers.daemon import Vhostmd, metrics_of, try_read, wait_for
 from vhostmd_wire.disk import read_disk, read_header
 
 pytestmark = pytest.mark.integration
@@ -172,7 +173,7 @@ def test_disk_deleted_replaced_dir_removed_truncated(tmp_path: Path, spawn: Spaw
     flag.write_text("1\n")
     disk = tmp_path / "d" / "vhostmd0"
     config = write_config(tmp_path / "vhostmd.conf", disk,
-                          [("V", "string", "host", f"cat {flag}")], size_k=64)
+                          [("V", "string", "host", f"cat {flag}")], size=64)
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     wait_for(_published(disk, b"<value>1</value>"), 15, "the first publish")
     guest = os.open(disk, os.O_RDONLY)  # a running guest: QEMU keeps the inode open
@@ -263,7 +264,7 @@ def test_no_room_at_start_up_is_a_clear_error(small_tmpfs: Path, tmp_path: Path,
     """A disk the filesystem cannot hold: exit 1 at start-up saying so."""
     (small_tmpfs / "filler").write_bytes(bytes(1024 * 1024 - 128 * 1024))
     config = write_config(tmp_path / "vhostmd.conf", small_tmpfs / "vhostmd0", ANSWER,
-                          size_k=256)
+                          size=256)
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     assert daemon.proc.wait(15) == 1
     assert "no room for the 262144-byte metrics disk" in daemon.log()
@@ -276,7 +277,7 @@ def test_full_filesystem_never_loses_the_last_good_document(small_tmpfs: Path, t
     action = f"if [ -e {flag} ]; then printf 'x%.0s' $(seq 250); else echo s; fi"
     metrics = [(f"M{i}", "string", "host", action) for i in range(120)]
     disk = small_tmpfs / "vhostmd0"
-    config = write_config(tmp_path / "vhostmd.conf", disk, metrics, size_k=256)
+    config = write_config(tmp_path / "vhostmd.conf", disk, metrics, size=256)
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     short = wait_for(lambda: try_read(disk), 15, "the short document")
     assert len(short) < 12 * 1024
@@ -296,10 +297,10 @@ def test_reload_to_a_disk_larger_than_the_filesystem_is_refused(
 ) -> None:
     """SIGHUP to 2 MiB on a 1 MiB tmpfs: refused, logged, the old disk keeps publishing."""
     disk = small_tmpfs / "vhostmd0"
-    config = write_config(tmp_path / "vhostmd.conf", disk, ANSWER, size_k=256)
+    config = write_config(tmp_path / "vhostmd.conf", disk, ANSWER, size=256)
     daemon = spawn("-d", "-f", str(config), "-c", "test:///default")
     wait_for(lambda: try_read(disk), 15, "the first publish")
-    write_config(config, disk, ANSWER, size_k=2048)
+    write_config(config, disk, ANSWER, size=2048)
     os.kill(daemon.pid, signal.SIGHUP)
     wait_for(lambda: "Not reloading" in daemon.log(), 5, "the refusal")
     assert "no room for the 2097152-byte metrics disk" in daemon.log()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from helpers import REPO
+from helpers.config import write_config
 from lxml import etree
 from vhostmd_wire.disk import read_disk
 
@@ -37,30 +38,7 @@ from vhostmd_py.cli import main
 main()
 """
 
-CONFIG = """<?xml version="1.0" ?>
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{disk}</path>
-      <size unit="k">64</size>
-    </disk>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-  </globals>
-  <metrics>
-    <metric type="string" context="host">
-      <name>Stamp</name>
-      <action>date +%s%N</action>
-    </metric>
-    <metric type="string" context="vm">
-      <name>VmName</name>
-      <action>echo NAME</action>
-    </metric>
-  </metrics>
-</vhostmd>
-"""
+METRICS = [("Stamp", "string", "host", "date +%s%N"), ("VmName", "string", "vm", "echo NAME")]
 
 
 def _env() -> Dict[str, str]:
@@ -84,7 +62,7 @@ def test_one_line_over_three_cycles_and_host_metrics_published(shm_dir: Path) ->
     """Three cycles without libvirt-python: one stderr line saying how to install it."""
     disk = shm_dir / "vhostmd0"
     config = shm_dir / "vhostmd.conf"
-    config.write_text(CONFIG.format(disk=disk))
+    write_config(config, disk, METRICS, doctype=False)
     log_path = shm_dir / "stderr.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
@@ -125,7 +103,7 @@ def test_once_and_user_work_without_libvirt(shm_dir: Path) -> None:
     """--once publishes host metrics and exits 0; the one line is on stderr."""
     disk = shm_dir / "vhostmd0"
     config = shm_dir / "vhostmd.conf"
-    config.write_text(CONFIG.format(disk=disk))
+    write_config(config, disk, METRICS, doctype=False)
     args = ["-d", "--once", "-f", str(config), "-c", "test:///default"]
     if os.geteuid() == 0:
         # -u preloads libvirt before dropping privileges: that must not fail either.

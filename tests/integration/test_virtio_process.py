@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
 
 import pytest
+from helpers.config import Metric, config_text
 from helpers.qemu import FakeQemuChannel, channel_dir_name
 from lxml import etree
 from vhostmd_wire.protocol import CHANNEL_NAME, INVALID_REQUEST, REQUEST_CRLF, REQUEST_LF
@@ -42,50 +43,27 @@ def deviate(golden: bytes) -> bytes:
     return golden.replace(b"\n</value>", b"</value>")
 
 
-ECHO_METRICS = """
-    <metric type="int32" context="host">
-      <name>Answer</name>
-      <action>echo 42</action>
-    </metric>
-    <metric type="string" context="vm">
-      <name>Ident</name>
-      <action>echo NAME-VMID-UUID</action>
-    </metric>
-"""
+ECHO_METRICS: Sequence[Metric] = (
+    ("Answer", "int32", "host", "echo 42"),
+    ("Ident", "string", "vm", "echo NAME-VMID-UUID"),
+)
 
 
 def make_config(
     workdir: Path,
     chan_dir: Path,
     *,
-    metrics: str = ECHO_METRICS,
+    metrics: Sequence[Metric] = ECHO_METRICS,
     max_channels: int = 1024,
     expiration_time: int = 15,
     disk_size_k: int = 2048,
 ) -> str:
     """A vbd+virtio config with cheap metrics, update_period 1."""
-    return f"""<?xml version="1.0" ?>
-<!DOCTYPE vhostmd SYSTEM "vhostmd.dtd">
-<vhostmd>
-  <globals>
-    <disk>
-      <name>host-metrics-disk</name>
-      <path>{workdir}/disk/vhostmd0</path>
-      <size unit="k">{disk_size_k}</size>
-    </disk>
-    <virtio>
-      <channel_path>{chan_dir}</channel_path>
-      <max_channels>{max_channels}</max_channels>
-      <expiration_time>{expiration_time}</expiration_time>
-    </virtio>
-    <update_period>1</update_period>
-    <path>/usr/sbin:/sbin:/usr/bin:/bin</path>
-    <transport>vbd</transport>
-    <transport>virtio</transport>
-  </globals>
-  <metrics>{metrics}  </metrics>
-</vhostmd>
-"""
+    return config_text(
+        f"{workdir}/disk/vhostmd0", metrics, size=disk_size_k, transports=("vbd", "virtio"),
+        virtio={"channel_path": chan_dir, "max_channels": max_channels,
+                "expiration_time": expiration_time},
+    )
 
 
 def golden_config(upstream: Path, name: str, workdir: Path, chan_dir: Path) -> str:
@@ -295,16 +273,8 @@ def test_expiry(upstream: Path, workdir: Path) -> None:
     chan = workdir / "ch"
     flag = workdir / "flag"
     flag.touch()
-    metrics = f"""
-    <metric type="int32" context="host">
-      <name>Answer</name>
-      <action>echo 42</action>
-    </metric>
-    <metric type="string" context="vm">
-      <name>Gated</name>
-      <action>test -e {flag} &amp;&amp; echo NAME</action>
-    </metric>
-"""
+    metrics = [("Answer", "int32", "host", "echo 42"),
+               ("Gated", "string", "vm", f"test -e {flag} && echo NAME")]
     config = make_config(workdir, chan, metrics=metrics, expiration_time=3)
     fake = fakes_for(chan, [TEST_VM], "old")[0]
     with Daemon(workdir, config, "test:///default", upstream) as daemon:
