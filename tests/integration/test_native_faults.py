@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from helpers.daemon import CONFIG_HEAD, CONFIG_TAIL, Vhostmd, metrics_of, try_read, wait_for
+from helpers.config import write_config
+from helpers.daemon import Vhostmd, metrics_of, try_read, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +32,8 @@ NATIVE = (
 
 
 def _native_config(path: Path, disk: Path) -> Path:
-    body = "".join(
-        SOURCE.format(name=n, type=t, context=c, field=f) for n, t, c, f in NATIVE
-    )
-    path.write_text(CONFIG_HEAD.format(disk=disk, size_k=64, period=1) + body + CONFIG_TAIL)
-    return path
+    metrics = [SOURCE.format(name=n, type=t, context=c, field=f) for n, t, c, f in NATIVE]
+    return write_config(path, disk, metrics, period=1)
 
 
 def _mem_total_mib() -> str:
