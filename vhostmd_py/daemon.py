@@ -507,7 +507,7 @@ class Daemon:
             config, vms, self._runner, sources=self._sources(config), deadline=deadline
         )
         if self._history is not None or self.monitor is not None:
-            stats = await self._cycle_stats(vms, sampled)
+            stats = await self._cycle_stats(vms, sampled, deadline)
             if self._history is not None and stats is not None:
                 snapshot = self._observe_history(self._history, snapshot, stats)
             if self.monitor is not None:
@@ -605,7 +605,7 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(None, history.close)
 
     async def _cycle_stats(
-        self, vms: List[VM], sampled: StatsSnapshot | None
+        self, vms: List[VM], sampled: StatsSnapshot | None, deadline: float | None = None
     ) -> StatsSnapshot | None:
         """This cycle's raw statistics (the built-in metrics' sample when they took one).
 
@@ -620,7 +620,8 @@ class Daemon:
             native = self._native_source()
             if native.last_snapshot is not None and native.last_snapshot is not sampled:
                 return native.last_snapshot  # sampled by collect(), our fields included
-            return await native.sample(native.extra_fields, vms)
+            # No built-in metric sampled them: one read of its own, by the deadline.
+            return await native.sample(native.extra_fields, vms, deadline=deadline)
         except asyncio.TimeoutError:
             log.error(
                 "statistics not read within %.0f s: skipped this cycle", self._libvirt_timeout
