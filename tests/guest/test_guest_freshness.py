@@ -132,8 +132,10 @@ def test_stale_with_real_clocks_and_sleep(tmp_path: Path) -> None:
     with DiskWriter.create(path) as disk:
         reader = MetricsReader(DiskSource(path=str(path)))
         for _ in range(3):
-            disk.publish(document(time.time(), period=1))
+            # Measured from the publication time the document states: the
+            # age rule counts from there (the write itself comes after it).
             last = time.time()
+            disk.publish(document(last, period=1))
             assert reader.is_stale() is False
             time.sleep(0.3)
         seen: List[float] = []
