@@ -75,3 +75,23 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Vhostmd]]:
     yield start
     for daemon in started:
         daemon.close()
+
+
+_TIER_OF_FOLDER = {"integration": "integration", "e2e": "e2e"}
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Every test under tests/integration/ is `integration`, under tests/e2e/ `e2e`.
+
+    The tiers follow the layout, so a test added there can never slip into
+    the fast tier (`-m "not slow and not integration and not e2e"`).
+    """
+    root = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            folder = Path(str(item.fspath)).resolve().relative_to(root).parts[0]
+        except ValueError:
+            continue
+        marker = _TIER_OF_FOLDER.get(folder)
+        if marker is not None and item.get_closest_marker(marker) is None:
+            item.add_marker(getattr(pytest.mark, marker))

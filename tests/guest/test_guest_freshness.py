@@ -126,6 +126,7 @@ def test_stale_by_monotonic_clock_despite_skew(tmp_path: Path) -> None:
         assert reader.is_stale() is False
 
 
+@pytest.mark.slow
 def test_stale_with_real_clocks_and_sleep(tmp_path: Path) -> None:
     """Period 1 s, real time: stale between 2 s and 2.3 s after the last publication."""
     path = tmp_path / "vhostmd0"

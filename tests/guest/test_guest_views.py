@@ -173,6 +173,7 @@ def test_xml_stays_the_default_and_byte_identical(tmp_path: Path) -> None:
     assert run("--disk", str(disk), "--format", "xml").stdout == DOC
 
 
+@pytest.mark.slow
 def test_watch_without_a_tty_prints_frames_and_shows_errors(tmp_path: Path) -> None:
     """Frames separated by a blank line, no ANSI; a corrupt disk is shown and the watch goes on."""
     disk = tmp_path / "vhostmd0"

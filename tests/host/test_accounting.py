@@ -108,6 +108,7 @@ def test_reboot_counts_new_counters_from_zero(tmp_path: Path) -> None:
     assert used(third, A)["total"]["tx"] == 6600
 
 
+@pytest.mark.slow
 def test_kill_9_between_state_writes_then_continue(tmp_path: Path) -> None:
     """A real process SIGKILLed mid-period; a new one continues from the state file, to the byte."""
     tx = [1000, 3000, 4500, 9000, 9100, 200, 700, 1700]  # a reset after step 4

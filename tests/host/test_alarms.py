@@ -327,6 +327,7 @@ def test_hook_with_absolute_path_injection(tmp_path: Path) -> None:
     assert not target.exists()
 
 
+@pytest.mark.slow
 def test_hook_killed_on_timeout_with_its_children(tmp_path: Path) -> None:
     """A hook that hangs (and forks) is killed as a group after its timeout."""
     pidfile = tmp_path / "child.pid"

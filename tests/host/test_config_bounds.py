@@ -196,6 +196,7 @@ def running(tmp_path: Path) -> Iterator[List[subprocess.Popen[bytes]]]:
 
 
 @pytest.mark.parametrize("element", ["update_period", "expiration_time"])
+@pytest.mark.integration  # a daemon process, SIGHUP
 def test_sighup_to_a_huge_value_keeps_the_running_config(
     shm_dir: Path, element: str, running: List[subprocess.Popen[bytes]]
 ) -> None:
