@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 GOLDEN_CANDIDATES = (REPO.parent / "shared" / "golden" / "upstream",
                      REPO / "tests" / "data" / "golden" / "upstream")
 ANCHOR_DISK = "/dev/shm/vhostmd-anchor/perf/vhostmd0"
-CYCLE_LINE = re.compile(r"cycle (\d+) took ([0-9.]+) s")
+# The daemon's -v line per cycle (daemon.Daemon._log_cycle): number, duration.
+CYCLE_LINE = re.compile(r"cycle (\d+): \d+ metrics, \d+ VMs, ([0-9.]+) s")
 
 # Targets of issue 3 (fractions of upstream's median cycle; absolute RSS in kB).
 TARGETS = {
@@ -117,6 +118,57 @@ def disk_length(disk: Path) -> int:
         return 0
 
 
+@dataclass(frozen=True)
+class Watched:
+    """What watch_daemon saw of one daemon run."""
+
+    took: List[float]  # every cycle's duration, from the daemon's -vv "cycle N took" lines
+    vmhwm_kb: int  # peak RSS at the end
+    cpu_self: float  # daemon CPU seconds per cycle after the first (nan: none counted)
+    cpu_children: float  # its children's (the actions') CPU seconds per cycle
+
+
+def watch_daemon(args: List[str], log_path: Path, want: int, timeout: float,
+                 poll: float) -> Watched:
+    """Run the daemon ARGS (stderr to LOG_PATH) until WANT cycles after the first, or TIMEOUT.
+
+    CPU is counted from the end of the first cycle (start-up excluded) to the
+    last one seen; the sampling points fall within POLL of cycle ends.
+    """
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    took: List[float] = []
+    hwm = 0
+    start: Tuple[float, float] | None = None
+    base = 0
+    end = (0.0, 0.0)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                took = [float(m.group(2)) for m in CYCLE_LINE.finditer(log_path.read_text())]
+                if took and start is None:
+                    start, base = cpu_times(proc.pid), len(took)
+                if len(took) >= want + 1:
+                    break
+                time.sleep(poll)
+            if proc.poll() is None:
+                hwm = status_kb(proc.pid, "VmHWM")
+                end = cpu_times(proc.pid)
+                proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    counted = len(took) - base
+    own = kids = float("nan")
+    if start is not None and counted > 0:
+        own = (end[0] - start[0]) / counted
+        kids = (end[1] - start[1]) / counted
+    return Watched(took, hwm, own, kids)
+
+
 def run_one(config_name: str, n: int, jobs: int | None, golden: Path, workdir: Path,
             want_cycles: int, timeout: float) -> Result:
     """Run the daemon until WANT_CYCLES cycles after the first (or TIMEOUT); measure."""
@@ -129,43 +181,13 @@ def run_one(config_name: str, n: int, jobs: int | None, golden: Path, workdir: P
     args = [sys.executable, "-m", "vhostmd_py.cli", "-d", "-vv", "-f", str(config), "-c", uri]
     if jobs is not None:
         args += ["--jobs", str(jobs)]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
-        deadline = time.monotonic() + timeout
-        took: List[float] = []
-        hwm = 0
-        cpu_start: Tuple[float, float] | None = None
-        cpu_end = (0.0, 0.0)
-        cpu_cycles = 0
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                took = [float(m.group(2)) for m in CYCLE_LINE.finditer(log_path.read_text())]
-                if took and cpu_start is None:
-                    cpu_start, cpu_base = cpu_times(proc.pid), len(took)
-                if len(took) >= want_cycles + 1:
-                    break
-                time.sleep(0.05)
-            if proc.poll() is None:
-                hwm = status_kb(proc.pid, "VmHWM")
-                cpu_end = cpu_times(proc.pid)
-                cpu_cycles = len(took) - cpu_base if cpu_start is not None else 0
-                proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if not took:
+    w = watch_daemon(args, log_path, want_cycles, timeout, poll=0.05)
+    if not w.took:
         raise SystemExit(f"no cycle completed: {config_name} N={n}\n{log_path.read_text()}")
-    steady = took[1:] or took
-    own = children = float("nan")
-    if cpu_start is not None and cpu_cycles > 0:
-        # Approximate: the sampling points fall within ~50 ms of cycle ends.
-        own = (cpu_end[0] - cpu_start[0]) / cpu_cycles
-        children = (cpu_end[1] - cpu_start[1]) / cpu_cycles
+    steady = w.took[1:] or w.took
     return Result(config_name, n, "serial" if jobs == 1 else "concurrent", len(steady),
-                  statistics.median(steady), took[0], hwm, disk_length(disk), own, children)
+                  statistics.median(steady), w.took[0], w.vmhwm_kb, disk_length(disk),
+                  w.cpu_self, w.cpu_children)
 
 
 def main() -> int:

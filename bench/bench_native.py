@@ -19,27 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cycle import (
-    ANCHOR_DISK,
-    CYCLE_LINE,
-    cpu_times,
-    golden_dir,
-    read_upstream,
-    status_kb,
-)
+from bench_cycle import ANCHOR_DISK, golden_dir, read_upstream, watch_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = {
@@ -87,42 +77,12 @@ def run_one(profile: str, n: int, golden: Path, want: int, timeout: float) -> Re
         log_path = workdir / "daemon.log"
         args = [sys.executable, "-m", "vhostmd_py.cli", "-d", "-vv", "-f", str(config),
                 "-c", uri]
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env)
-            deadline = time.monotonic() + timeout
-            took: List[float] = []
-            start: Tuple[float, float] | None = None
-            base_cycles = 0
-            end = (0.0, 0.0)
-            hwm = 0
-            try:
-                while time.monotonic() < deadline and proc.poll() is None:
-                    took = [float(m.group(2)) for m in CYCLE_LINE.finditer(log_path.read_text())]
-                    if took and start is None:
-                        start, base_cycles = cpu_times(proc.pid), len(took)
-                    if len(took) >= want + 1:
-                        break
-                    time.sleep(0.02)
-                if proc.poll() is None:
-                    hwm = status_kb(proc.pid, "VmHWM")
-                    end = cpu_times(proc.pid)
-                    proc.send_signal(signal.SIGTERM)
-                proc.wait(30)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        if not took:
+        w = watch_daemon(args, log_path, want, timeout, poll=0.02)
+        if not w.took:
             raise SystemExit(f"no cycle completed: {profile} N={n}\n{log_path.read_text()}")
-        steady = took[1:] or took
-        counted = len(took) - base_cycles
-        own = kids = float("nan")
-        if start is not None and counted > 0:
-            own = (end[0] - start[0]) / counted
-            kids = (end[1] - start[1]) / counted
-        return Result(profile, n, len(steady), statistics.median(steady), took[0], own, kids,
-                      hwm)
+        steady = w.took[1:] or w.took
+        return Result(profile, n, len(steady), statistics.median(steady), w.took[0],
+                      w.cpu_self, w.cpu_children, w.vmhwm_kb)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -161,8 +121,11 @@ def main() -> int:
     for n in sorted({r.n for r in results}):
         nat, sh = by.get(("native", n)), by.get(("shell", n))
         if nat and sh:
+            # CPU times tick in 10 ms: a few short native cycles may count 0.
+            cpu = (f"{(sh.cpu_self + sh.cpu_children) / nat.cpu_self:.1f}x"
+                   if nat.cpu_self > 0 else "n/a (native below the CPU clock tick)")
             print(f"N={n}: shell/native cycle {sh.median / nat.median:.1f}x, "
-                  f"CPU (own+children) {(sh.cpu_self + sh.cpu_children) / nat.cpu_self:.1f}x, "
+                  f"CPU (own+children) {cpu}, "
                   f"RSS native {nat.vmhwm_kb} kB shell {sh.vmhwm_kb} kB")
     ok = True
     nat1000 = by.get(("native", 1000))

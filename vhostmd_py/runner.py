@@ -441,7 +441,7 @@ class ActionRunner:
         self.kill_grace = kill_grace
         self.linger = linger  # None: wait for EOF until the timeout
         self.batch_threads = threads
-        # Told every run_many()'s results (the daemon's health counters, issue 15).
+        # Told each batch's results as it ends (the daemon's health counters, issue 15).
         self.on_results: Callable[[Sequence[ActionResult]], None] | None = None
         self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)
