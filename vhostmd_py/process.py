@@ -90,6 +90,15 @@ def run(opts: Options) -> int:
         log.info("%s", line)
     ident = None
     if opts.user is not None:
+        if config.disk_per_vm is not None and not opts.dump:
+            # The hook creates each VM's disk as root at the domain's prepare
+            # phase; after the drop the daemon could write none of them, and
+            # would fail every cycle for every VM. Say so now, once.
+            return _fail(
+                f"{PROG}: {config.file}: <disk_per_vm> needs the daemon to keep root "
+                f"(the libvirt hook creates the disks as root): run without -u {opts.user}, "
+                "or remove <disk_per_vm>"
+            )
         try:
             ident = resolve_user(opts.user)
         except VhostmdError as err:

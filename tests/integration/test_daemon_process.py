@@ -312,6 +312,23 @@ def test_user_drops_to_nobody(tmp_path: Path, spawn: Callable[..., Vhostmd]) -> 
     assert daemon.stop()[0] == 0
 
 
+def test_user_with_per_vm_disks_is_refused_at_start(
+    tmp_path: Path, spawn: Callable[..., Vhostmd]
+) -> None:
+    """-u with <disk_per_vm>: a clear start-up error naming both, not a failure every cycle."""
+    pervm = tmp_path / "pervm"
+    config = write_config(tmp_path / "vhostmd.conf", tmp_path / "vhostmd0",
+                          [("Now", "string", "host", "date +%s%N")],
+                          extra=f'<disk_per_vm path="{pervm}/%u"/>')
+    daemon = spawn("-d", "-u", "nobody", "-f", str(config), "-c", "test:///default")
+    code = daemon.proc.wait(10)
+    log = daemon.log()
+    assert code == 1, log
+    assert "<disk_per_vm> needs the daemon to keep root" in log and "-u nobody" in log, log
+    assert log.count("needs the daemon to keep root") == 1, log
+    assert not pervm.exists()  # nothing was created for any VM
+
+
 def test_sighup_reloads_and_keeps_old_config_when_invalid(
     tmp_path: Path, spawn: Callable[..., Vhostmd]
 ) -> None:
