@@ -7,8 +7,8 @@ The daemon (daemon.py) calls, per cycle, after collecting the metrics:
 
 and ``monitor.reconfigure(config)`` after a reload, ``monitor.close()`` at
 exit. ``stats`` is the cycle's StatsSnapshot (vhostmd_py/stats.py); the alarm
-values come from it through ``datasources.RateAdapter`` (to be switched to
-the history's derived values: same names).
+values come from it through ``datasources.RateAdapter`` (the history's
+derived values under the alarms' data-source names).
 """
 
 from __future__ import annotations
