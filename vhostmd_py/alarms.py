@@ -48,6 +48,7 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 from vhostmd_py.datasources import HOST, Observation
 from vhostmd_py.errors import StateFileError, StrPath
 from vhostmd_py.monitor_config import AlarmsConfig, VariableConfig
+from vhostmd_py.render import ExtraMetric
 from vhostmd_py.statefile import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,8 @@ GUEST_ALARM_ACTIVE = "AlarmActive"  # uint32: number of active alarms of this VM
 GUEST_ALARM_VARIABLES = "AlarmActiveVariables"  # string: their names, comma separated
 
 
-@dataclass(frozen=True)
-class GuestMetric:
-    """One metric for a VM's own metrics block: (name, type, unit, value text)."""
-
-    name: str
-    type: str
-    unit: str | None
-    value: str
+# One metric for a VM's own metrics block (render.append_metrics adds it).
+GuestMetric = ExtraMetric
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ derived values under the alarms' data-source names).
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Callable, List
 
 from vhostmd_py.accounting import Accounting, LibvirtShaper, Shaper
@@ -22,9 +21,9 @@ from vhostmd_py.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
 from vhostmd_py.config import Config
 from vhostmd_py.datasources import RateAdapter
 from vhostmd_py.errors import StrPath
-from vhostmd_py.model import Snapshot, VmBlock
+from vhostmd_py.model import Snapshot
 from vhostmd_py.monitor_config import AlarmsConfig
-from vhostmd_py.render import render_metric, value_problem
+from vhostmd_py.render import append_metrics
 from vhostmd_py.stats import StatsSnapshot
 
 log = logging.getLogger(__name__)
@@ -137,20 +136,9 @@ class Monitor:
 
     def decorate(self, snapshot: Snapshot) -> Snapshot:
         """The snapshot with each VM's opt-in metrics appended to its own block only."""
-        blocks = []
-        changed = False
-        for block in snapshot.vms:
-            extra = b"".join(
-                render_metric(m.type, m.name, m.value.encode(), block.vm, m.unit)
-                for m in self.guest_metrics(block.vm.uuid)
-                if value_problem(m.value.encode()) is None
-            )
-            if extra:
-                changed = True
-                blocks.append(VmBlock(block.vm, block.xml + extra))
-            else:
-                blocks.append(block)
-        return replace(snapshot, vms=tuple(blocks)) if changed else snapshot
+        return append_metrics(
+            snapshot, (), {b.vm.uuid: self.guest_metrics(b.vm.uuid) for b in snapshot.vms}
+        )
 
     def close(self) -> None:
         """Stop the hook thread; close the shaper's connection."""

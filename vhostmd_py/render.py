@@ -54,17 +54,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Mapping, Sequence, Tuple
 
 from lxml import etree
 from vhostmd_wire.document import check_value
 from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 
 from .config import MetricSpec
-from .model import VM, Snapshot
+from .model import VM, Snapshot, VmBlock
 from .native.catalogue import device_metric_name
 from .safexml import safe_parser
 from .sources import PerDevice, RawValue, describe
@@ -285,6 +285,53 @@ def render_value(
         )
         return b""
     return render_metric(metric.type, metric.name, value, vm, metric.unit)
+
+
+@dataclass(frozen=True)
+class ExtraMetric:
+    """A metric the daemon adds to a cycle's snapshot (history, alarms, accounting)."""
+
+    name: str
+    type: str
+    unit: str | None
+    value: str  # the value's text
+
+
+def _extra_xml(metrics: Sequence[ExtraMetric], vm: VM | None) -> bytes:
+    out = []
+    for m in metrics:
+        value = m.value.encode("utf-8")
+        problem = value_problem(value)
+        if problem is not None:
+            log.warning("metric %s left out: %s", m.name, problem)
+            continue
+        out.append(render_metric(m.type, m.name, value, vm, m.unit))
+    return b"".join(out)
+
+
+def append_metrics(
+    snapshot: Snapshot,
+    host: Sequence[ExtraMetric],
+    vms: Mapping[str, Sequence[ExtraMetric]],
+) -> Snapshot:
+    """SNAPSHOT with HOST appended to the host part and VMS[uuid] to that VM's block only.
+
+    A VM's metrics can only ever land in its own block: they are keyed by its
+    UUID (a VM without a block gets none; the caller decides whether to add
+    one). The same snapshot comes back when nothing is added.
+    """
+    host_xml = _extra_xml(host, None)
+    blocks = []
+    changed = bool(host_xml)
+    for block in snapshot.vms:
+        extra = _extra_xml(vms.get(block.vm.uuid, ()), block.vm)
+        if extra:
+            changed = True
+            block = VmBlock(block.vm, block.xml + extra)
+        blocks.append(block)
+    if not changed:
+        return snapshot
+    return Snapshot(snapshot.host + host_xml, tuple(blocks))
 
 
 def document(snapshot: Snapshot) -> bytes:

@@ -33,24 +33,17 @@ Values are printed with two decimals (``12.50``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vhostmd_py.history.rates import DerivedValues
 from vhostmd_py.model import VM, Snapshot, VmBlock
-from vhostmd_py.render import render_metric
+from vhostmd_py.render import ExtraMetric, append_metrics
 
 Averager = Callable[[str, float], Optional[float]]
 
 
-@dataclass(frozen=True)
-class PublishedMetric:
-    """One metric for the renderer: name, type, unit and value text."""
-
-    name: str
-    type: str
-    unit: str
-    value: str
+# One published metric (render.append_metrics renders it).
+PublishedMetric = ExtraMetric
 
 
 def _fmt(value: float) -> str:
@@ -103,28 +96,10 @@ def decorate(
     A VM of ``derived`` the snapshot has no block for (no vm metrics in the
     config) gets a block of its own, after the others.
     """
-    host_xml = snapshot.host + b"".join(
-        render_metric(m.type, m.name, m.value.encode("ascii"), None, m.unit) for m in host
+    known = {b.vm.uuid for b in snapshot.vms}
+    missing = tuple(
+        VmBlock(VM(r.id, r.name, r.uuid), b"")
+        for r in (derived.vms if derived is not None else ())
+        if r.uuid not in known and vms.get(r.uuid)
     )
-    blocks = []
-    for block in snapshot.vms:
-        extra = vms.get(block.vm.uuid, ())
-        if extra:
-            xml = block.xml + b"".join(
-                render_metric(m.type, m.name, m.value.encode("ascii"), block.vm, m.unit)
-                for m in extra
-            )
-            block = VmBlock(block.vm, xml)
-        blocks.append(block)
-    if derived is not None:
-        known = {b.vm.uuid for b in snapshot.vms}
-        for vm_rates in derived.vms:
-            extra = vms.get(vm_rates.uuid, ())
-            if vm_rates.uuid in known or not extra:
-                continue
-            vm = VM(vm_rates.id, vm_rates.name, vm_rates.uuid)
-            xml = b"".join(
-                render_metric(m.type, m.name, m.value.encode("ascii"), vm, m.unit) for m in extra
-            )
-            blocks.append(VmBlock(vm, xml))
-    return Snapshot(host_xml, tuple(blocks))
+    return append_metrics(Snapshot(snapshot.host, snapshot.vms + missing), host, vms)
