@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Tuple
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from vhostmd_py.runner import ActionRunner  # noqa: E402
+from vhostmd_py.sources.shell.runner import ActionRunner  # noqa: E402
 
 PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 NODES = REPO.parent / "shared/golden/upstream/nodes"
@@ -156,7 +156,7 @@ def _echo(factory: Callable[[], Any], n: int) -> Callable[[], None]:
 def _vms(node: Path) -> List[Any]:
     import libvirt
 
-    from vhostmd_py.model import VM
+    from vhostmd_py.cycle.snapshot import VM
 
     conn = libvirt.open(f"test://{node}")
     try:
@@ -169,9 +169,9 @@ def _vms(node: Path) -> List[Any]:
 
 
 def _cycle(factory: Callable[..., Any], config_name: str, node: Path) -> Callable[[], int]:
-    from vhostmd_py.collector import collect
     from vhostmd_py.config import load_config
-    from vhostmd_py.render import document
+    from vhostmd_py.cycle.collect import collect
+    from vhostmd_py.cycle.render import document
 
     config = load_config(CONFIGS / config_name)
     vms = _vms(node)

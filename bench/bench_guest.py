@@ -9,7 +9,7 @@ Run:  .venv/bin/python bench/bench_guest.py [--dir DIR] [--runs 15] [--json]
 
 All figures come from one run, so their ratios are comparable; absolute
 times depend on the machine. Disks are written by the host writer
-(vhostmd_py.mdisk.MetricsDisk) into --dir (default: a temporary directory
+(vhostmd_py.publish.mdisk.MetricsDisk) into --dir (default: a temporary directory
 on the root filesystem, where O_DIRECT works like on a guest's virtio disk).
 """
 
@@ -32,7 +32,7 @@ from vhostmd_guest.document import MetricContext, parse_document
 from vhostmd_guest.reader import DiskSource, MetricsReader, fetch_disk_metrics, read_disk_content
 from vhostmd_wire import disk as wire
 
-from vhostmd_py import mdisk
+from vhostmd_py.publish import mdisk
 from vhostmd_py.safexml import safe_parser
 
 KIB = 1024

@@ -42,16 +42,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vhostmd_py.config import Config, load_config  # noqa: E402
-from vhostmd_py.daemon import Daemon  # noqa: E402
-from vhostmd_py.history import rrd  # noqa: E402
-from vhostmd_py.runner import ActionRunner  # noqa: E402
-from vhostmd_py.stats import (  # noqa: E402
+from vhostmd_py.cycle.stats import (  # noqa: E402
     BlockStats,
+    CycleStats,
     HostStats,
     NetStats,
-    StatsSnapshot,
     VmStats,
 )
+from vhostmd_py.daemon import Daemon  # noqa: E402
+from vhostmd_py.history import rrd  # noqa: E402
+from vhostmd_py.sources.shell.runner import ActionRunner  # noqa: E402
 
 # The daemon's -v line per cycle: "cycle N: M metrics, V VMs, X s".
 CYCLE_LINE = re.compile(r"cycle (\d+): .* ([0-9.]+) s$")
@@ -94,7 +94,7 @@ class Source:
         self.i = 0
         self.uuids = [f"00000000-0000-4000-8000-{k:012d}" for k in range(n)]
 
-    def __call__(self, vms: object = None) -> StatsSnapshot:
+    def __call__(self, vms: object = None) -> CycleStats:
         self.i += 1
         i = self.i
         vms = tuple(
@@ -108,7 +108,7 @@ class Source:
             for k, u in enumerate(self.uuids)
         )
         host = HostStats(cpus=2, cpu_ticks={"user": i * 100, "system": i * 20, "idle": i * 80})
-        return StatsSnapshot(time.time(), time.monotonic(), host, vms)
+        return CycleStats(time.time(), time.monotonic(), host, vms)
 
 
 def _runner(config: Config) -> ActionRunner:

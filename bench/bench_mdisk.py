@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Tuple
 import click
 from vhostmd_wire import disk as wire
 
-from vhostmd_py import mdisk
+from vhostmd_py.publish import mdisk
 
 KIB = 1024
 DOC_256K = 256 * KIB

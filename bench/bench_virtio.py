@@ -52,8 +52,8 @@ from typing import Dict, List, Tuple
 
 import click
 
-from vhostmd_py.model import VM, Snapshot, VmBlock
-from vhostmd_py.virtio import VirtioServer
+from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.publish.virtio import VirtioServer
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # helpers.config: the tests' vhostmd.conf template

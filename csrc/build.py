@@ -2,10 +2,10 @@
 
 Each module is a real .c file compiled as it is, plus its declarations-only
 header, read both as the cffi cdef and by the C compiler:
-- vhostmd_py._mdisk: the metrics disk (checksum, header, publish, stable
+- vhostmd_py.publish._mdisk: the metrics disk (checksum, header, publish, stable
   read attempt); the host publishes through it. Guests do not need it:
   they read with the pure Python of vhostmd_wire.disk.
-- vhostmd_py._runner: the daemon's action batch runner.
+- vhostmd_py.sources.shell._runner: the daemon's action batch runner.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ def _builder(module: str, stem: str) -> FFI:
     return ffi
 
 
-mdisk_ffi = _builder("vhostmd_py._mdisk", "mdisk")
-runner_ffi = _builder("vhostmd_py._runner", "runner")
+mdisk_ffi = _builder("vhostmd_py.publish._mdisk", "mdisk")
+runner_ffi = _builder("vhostmd_py.sources.shell._runner", "runner")
 
 if __name__ == "__main__":
     mdisk_ffi.compile(verbose=True)

@@ -1,7 +1,7 @@
 """Import boundaries, checked in fresh interpreters (nothing imported by other tests leaks in).
 
 Host side: rendering and substitution load no compiled module (only the runner
-binding loads vhostmd_py._runner, only mdisk loads vhostmd_py._mdisk), and the
+binding loads vhostmd_py.sources.shell._runner, only mdisk loads vhostmd_py.publish._mdisk), and the
 host package imports nothing from the guest package.
 """
 
@@ -16,7 +16,7 @@ from typing import List
 import pytest
 from helpers import REPO
 
-COMPILED = ("vhostmd_py._runner", "vhostmd_py._mdisk")
+COMPILED = ("vhostmd_py.sources.shell._runner", "vhostmd_py.publish._mdisk")
 
 
 def _modules_after(*imports: str) -> List[str]:
@@ -34,12 +34,12 @@ def _modules_after(*imports: str) -> List[str]:
 @pytest.mark.parametrize(
     "module",
     [
-        "vhostmd_py.substitution",
-        "vhostmd_py.render",
-        "vhostmd_py.sources",
-        "vhostmd_py.collector",
+        "vhostmd_py.sources.shell.substitution",
+        "vhostmd_py.cycle.render",
+        "vhostmd_py.sources.base",
+        "vhostmd_py.cycle.collect",
         "vhostmd_py.config",
-        "vhostmd_py.virtio.protocol",
+        "vhostmd_py.publish.virtio.protocol",
         "vhostmd_py.cli",
     ],
 )
@@ -52,9 +52,9 @@ def test_rendering_and_substitution_load_no_compiled_module(module: str) -> None
 
 def test_the_runner_binding_is_what_loads_runner() -> None:
     """The check above can fail: importing the binding does load _runner (and only it)."""
-    loaded = _modules_after("vhostmd_py.runner")
-    assert "vhostmd_py._runner" in loaded
-    assert "vhostmd_py._mdisk" not in loaded
+    loaded = _modules_after("vhostmd_py.sources.shell.runner")
+    assert "vhostmd_py.sources.shell._runner" in loaded
+    assert "vhostmd_py.publish._mdisk" not in loaded
 
 
 def _host_modules() -> List[str]:

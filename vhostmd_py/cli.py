@@ -3,7 +3,7 @@
 Upstream's options and exit codes (FACTS section 5, golden daemon-cli/):
 -h prints the usage on stderr and exits 2; an unknown option exits 1. Added:
 --once, --dump, --jobs, --action-timeout. This module only parses: the
-process's life (start-up order, daemonizing, signals) is vhostmd_py.process.run.
+process's life (start-up order, daemonizing, signals) is vhostmd_py.process.life.run.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NoReturn, Sequence
 import click
 
 from vhostmd_py.getopt_wording import getopt_message
-from vhostmd_py.process import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, Options, run
+from vhostmd_py.process.life import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, Options, run
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"

@@ -2,7 +2,7 @@
 
 One asyncio loop runs everything (docs/DESIGN.md). The process around it
 (start-up order, daemonizing, pid file, which signals do what) is
-vhostmd_py.process's. Blocking libvirt calls go
+vhostmd_py.process.life's. Blocking libvirt calls go
 to one worker thread; actions run in the runner's C batch spawner
 (csrc/runner.c) on worker threads with the GIL released; the vbd publish
 is a few pwrite() calls done inline, so a signal can never interleave with
@@ -24,7 +24,7 @@ Upstream differences (SPEC section 7, FACTS section 5), all deliberate:
   timeout and is not started again while it runs (ShellActionSource);
 - upstream leaves what actions start in the background to init; we are the
   subreaper of our actions' orphans and bound and end them
-  (vhostmd_py.orphans).
+  (vhostmd_py.sources.shell.orphans).
 
 What a reload applies: metrics, actions' PATH, update_period, transports, the
 disk (re-created when its path or size changed; the old one is closed with
@@ -45,28 +45,28 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, List, Tuple, TypeVar
 
-from vhostmd_py import render
+from vhostmd_py.cycle import render
+from vhostmd_py.cycle.snapshot import VM, Snapshot
 from vhostmd_py.errors import ContentTooLargeError, VhostmdError
-from vhostmd_py.health import Health
 from vhostmd_py.logsetup import LIFECYCLE
-from vhostmd_py.model import VM, Snapshot
-from vhostmd_py.process import install_loop_signals
+from vhostmd_py.process.life import install_loop_signals
+from vhostmd_py.publish.health import Health
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.endpoint import MetricsEndpoint
-    from vhostmd_py.freshness import Freshness
+    from vhostmd_py.cycle.freshness import Freshness
+    from vhostmd_py.cycle.stats import CycleStats
     from vhostmd_py.history.core import History
-    from vhostmd_py.libvirt_vms import LibvirtVMs
-    from vhostmd_py.mdisk import MetricsDisk
-    from vhostmd_py.monitor import Monitor
-    from vhostmd_py.native.source import NativeSource
-    from vhostmd_py.orphans import OrphanReaper
-    from vhostmd_py.pervm import PerVmDisks
-    from vhostmd_py.runner import ActionRunner
-    from vhostmd_py.sources import ShellActionSource, SourceRegistry
-    from vhostmd_py.stats import StatsSnapshot
-    from vhostmd_py.virtio.server import VirtioServer
+    from vhostmd_py.monitors.step import Monitor
+    from vhostmd_py.publish.endpoint import MetricsEndpoint
+    from vhostmd_py.publish.mdisk import MetricsDisk
+    from vhostmd_py.publish.pervm import PerVmDisks
+    from vhostmd_py.publish.virtio.server import VirtioServer
+    from vhostmd_py.sources.base import ShellActionSource, SourceRegistry
+    from vhostmd_py.sources.builtin.source import NativeSource
+    from vhostmd_py.sources.shell.orphans import OrphanReaper
+    from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.vms import LibvirtVMs
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 
 
 def _needs_vms(config: Config) -> bool:
-    from vhostmd_py.native.catalogue import needs_libvirt
+    from vhostmd_py.sources.builtin.catalogue import needs_libvirt
 
     return (
         "virtio" in config.transports
@@ -177,7 +177,7 @@ class Daemon:
         publish: bool = True,
         use_virtio: bool = True,
         libvirt_timeout: float = LIBVIRT_TIMEOUT,
-        stats_source: Callable[[List[VM]], StatsSnapshot] | None = None,
+        stats_source: Callable[[List[VM]], CycleStats] | None = None,
         monitor_factory: Callable[[Config], Monitor] | None = None,
         reap_orphans: bool = False,
         wall: Callable[[], float] = time.time,
@@ -238,7 +238,7 @@ class Daemon:
         self._update_monitor(config)
 
     def _update_monitor(self, config: Config) -> None:
-        from vhostmd_py.monitor import Monitor, wanted
+        from vhostmd_py.monitors.step import Monitor, wanted
 
         if not wanted(config):
             if self.monitor is not None:
@@ -251,7 +251,7 @@ class Daemon:
         else:
             self.monitor = Monitor(config, uri=self.uri)
 
-    async def _monitor_cycle(self, stats: StatsSnapshot | None, snapshot: Snapshot) -> Snapshot:
+    async def _monitor_cycle(self, stats: CycleStats | None, snapshot: Snapshot) -> Snapshot:
         """Feed the alarms and the accounting; add their guest metrics."""
         assert self.monitor is not None
         if stats is not None:
@@ -288,11 +288,11 @@ class Daemon:
         """The per-VM disks and the freshness metrics CONFIG asks for (raises VhostmdError)."""
         pervm = freshness = None
         if config.freshness is not None:
-            from vhostmd_py.freshness import Freshness
+            from vhostmd_py.cycle.freshness import Freshness
 
             freshness = Freshness(config.freshness, config.update_period, wall=self._wall)
         if config.disk_per_vm is not None and self._publish_enabled:
-            from vhostmd_py.pervm import PerVmDisks
+            from vhostmd_py.publish.pervm import PerVmDisks
 
             pervm = PerVmDisks(config.disk_per_vm, max_disks=config.virtio.max_channels,
                                clock=self._clock, disk_factory=self._disk_factory)
@@ -306,7 +306,7 @@ class Daemon:
         endpoint_config = self.config.metrics_endpoint
         if endpoint_config is None or self._endpoint is not None:
             return
-        from vhostmd_py.endpoint import MetricsEndpoint
+        from vhostmd_py.publish.endpoint import MetricsEndpoint
 
         endpoint = MetricsEndpoint.for_config(endpoint_config, self)
         endpoint.start()
@@ -332,7 +332,7 @@ class Daemon:
     def _create_disk(self, config: Config) -> MetricsDisk:
         factory = self._disk_factory
         if factory is None:
-            from vhostmd_py.mdisk import MetricsDisk
+            from vhostmd_py.publish.mdisk import MetricsDisk
 
             factory = MetricsDisk.create
         # (config.py already warns about a disk too small for upstream's reader.)
@@ -344,7 +344,7 @@ class Daemon:
     def _make_vms(self, config: Config) -> LibvirtVMs:
         factory = self._vms_factory
         if factory is None:
-            from vhostmd_py.libvirt_vms import LibvirtVMs
+            from vhostmd_py.sources.vms import LibvirtVMs
 
             def factory(uri: str | None, want_channels: bool) -> LibvirtVMs:
                 return LibvirtVMs(uri, want_channels=want_channels)
@@ -389,7 +389,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._deadlines = max_cycles is None if deadlines is None else deadlines
         if self._reap_orphans and self._orphans is None:
-            from vhostmd_py.orphans import OrphanReaper, enable_subreaper
+            from vhostmd_py.sources.shell.orphans import OrphanReaper, enable_subreaper
 
             if enable_subreaper():
                 self._orphans = OrphanReaper(max_age=self._runner.timeout)
@@ -486,7 +486,7 @@ class Daemon:
         return True
 
     async def _cycle(self, due: float | None = None) -> None:
-        from vhostmd_py.collector import collect
+        from vhostmd_py.cycle.collect import collect
 
         config = self.config
         vms: List[VM] = []
@@ -497,7 +497,7 @@ class Daemon:
             # self._clock may be a test's; the sources wait on time.monotonic().
             deadline = time.monotonic() + max(due - self._clock(), MIN_ACTION_WINDOW)
         if self._stats_source is None and (self._history is not None or self.monitor is not None):
-            from vhostmd_py.native.catalogue import COUNTER_FIELDS
+            from vhostmd_py.sources.builtin.catalogue import COUNTER_FIELDS
 
             # Sampled in the same libvirt call as the built-in metrics.
             self._native_source().extra_fields = COUNTER_FIELDS
@@ -554,21 +554,21 @@ class Daemon:
 
     def _sources(self, config: Config) -> SourceRegistry:
         """Shell actions, and the built-in source when CONFIG names one; both kept across cycles."""
-        from vhostmd_py.sources import ShellActionSource, SourceRegistry
+        from vhostmd_py.sources.base import ShellActionSource, SourceRegistry
 
         if self._source is None or self._source.runner is not self._runner:
             # One source across cycles: it knows which actions still run.
             self._source = ShellActionSource(self._runner, path=config.path)
         if not any(m.source is not None for m in config.metrics):
             return SourceRegistry(self._source)
-        from vhostmd_py.native.source import is_builtin
+        from vhostmd_py.sources.builtin.source import is_builtin
 
         return SourceRegistry(self._source, [(is_builtin, self._native_source())])
 
     def _native_source(self) -> NativeSource:
         """The built-in source, created on first use and kept across cycles."""
         if self._native is None:
-            from vhostmd_py.native.source import NativeSource
+            from vhostmd_py.sources.builtin.source import NativeSource
 
             # Same worker thread and connection as the VM listing: libvirt
             # calls stay off the loop and one outage is one outage.
@@ -605,8 +605,8 @@ class Daemon:
             await asyncio.get_running_loop().run_in_executor(None, history.close)
 
     async def _cycle_stats(
-        self, vms: List[VM], sampled: StatsSnapshot | None, deadline: float | None = None
-    ) -> StatsSnapshot | None:
+        self, vms: List[VM], sampled: CycleStats | None, deadline: float | None = None
+    ) -> CycleStats | None:
         """This cycle's raw statistics (the built-in metrics' sample when they took one).
 
         None when they could not be read in time (logged): the history then
@@ -631,7 +631,7 @@ class Daemon:
         return None
 
     def _observe_history(
-        self, history: History, snapshot: Snapshot, stats: StatsSnapshot
+        self, history: History, snapshot: Snapshot, stats: CycleStats
     ) -> Snapshot:
         """Feed the history with the cycle's statistics, add the published values."""
         try:
@@ -711,7 +711,7 @@ class Daemon:
     async def _start_virtio(self, config: Config) -> None:
         if not self._virtio_wanted(config):
             return
-        from vhostmd_py.virtio.server import VirtioServer
+        from vhostmd_py.publish.virtio.server import VirtioServer
 
         server = VirtioServer(config.virtio, clock=self._clock, reserve_fds=self._runner.fd_need)
         await server.start()

@@ -10,7 +10,7 @@ Layout (big-endian, 16-byte header, then the document)::
 
 The checksum is signed because upstream sums ``char`` on x86 (FACTS 1):
 bytes 0x80..0xff count negative. The host's compiled hot path
-(csrc/mdisk.c, vhostmd_py._mdisk) packs the same layout; the tests use this
+(csrc/mdisk.c, vhostmd_py.publish._mdisk) packs the same layout; the tests use this
 module as its oracle. Standard library only, Python 3.6+: the guest reads
 disks with it.
 
@@ -296,7 +296,7 @@ class PyReadStrategy:
 
     A read strategy owns the aligned buffer and makes single attempts; the
     retry policy is DiskReader's. The host's compiled strategy
-    (vhostmd_py.mdisk.CReadStrategy) has the same four methods.
+    (vhostmd_py.publish.mdisk.CReadStrategy) has the same four methods.
     """
 
     def __init__(self) -> None:

@@ -1,6 +1,6 @@
 """vhostmd metrics as OpenMetrics (https://openmetrics.io): names, units, escaping, text.
 
-THE mapping shared by the host's endpoint (vhostmd_py.endpoint, through
+THE mapping shared by the host's endpoint (vhostmd_py.publish.endpoint, through
 prometheus_client) and the guest's ``vm-dump-metrics --format openmetrics``
 (rendered here, the guest has no prometheus_client): the same metric gets the
 same series name on both sides. Python 3.6+, standard library only.

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from vhostmd_py.accounting import Accounting, LibvirtShaper
-from vhostmd_py.monitor_config import AccountingConfig, Budget
-from vhostmd_py.stats import HostStats, NetStats, StatsSnapshot, VmStats
+from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -75,9 +75,9 @@ def domain(conn: Any) -> Iterator[Any]:
         dom.undefine()
 
 
-def _snap(wall: float, tx: int) -> StatsSnapshot:
+def _snap(wall: float, tx: int) -> CycleStats:
     vm = VmStats(uuid=UUID, name=NAME, id=-1, nics=(NetStats(MAC, rx_bytes=0, tx_bytes=tx),))
-    return StatsSnapshot(wall=wall, mono=wall, host=HostStats(), vms=(vm,))
+    return CycleStats(wall=wall, mono=wall, host=HostStats(), vms=(vm,))
 
 
 def test_cap_and_restore_with_affect_config(domain: Any, tmp_path: Path) -> None:

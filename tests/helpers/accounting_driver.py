@@ -10,9 +10,9 @@ import json
 import sys
 import time
 
-from vhostmd_py.accounting import Accounting
-from vhostmd_py.monitor_config import AccountingConfig, Budget
-from vhostmd_py.stats import HostStats, NetStats, StatsSnapshot, VmStats
+from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.monitors.accounting import Accounting
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
                                for dev, c in vm["nics"].items()))
             for uuid, vm in step["vms"].items()
         )
-        acct.update(StatsSnapshot(wall=step["wall"], mono=step["wall"], host=HostStats(), vms=vms))
+        acct.update(CycleStats(wall=step["wall"], mono=step["wall"], host=HostStats(), vms=vms))
         print(f"done {index}", flush=True)
         time.sleep(0.3)
 

@@ -43,9 +43,9 @@ def marker(markers: Dict[str, float], console: str, name: str) -> float:
 
 
 def vhostmdctl(*args: str) -> subprocess.CompletedProcess[str]:
-    """The operator's command, from this interpreter (as installed: vhostmd_py.ctl)."""
+    """The operator's command, from this interpreter (as installed: vhostmd_py.ctl.main)."""
     return subprocess.run(
-        [sys.executable, "-m", "vhostmd_py.ctl", *args],
+        [sys.executable, "-m", "vhostmd_py.ctl.main", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -9,12 +9,12 @@ from typing import Callable, List, Sequence, Tuple
 
 from helpers.config import write_config
 from vhostmd_py.config import Config, load_config
+from vhostmd_py.cycle.snapshot import Snapshot
+from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.daemon import Daemon
 from vhostmd_py.history.core import History
 from vhostmd_py.history.rates import DerivedValues
-from vhostmd_py.model import Snapshot
-from vhostmd_py.runner import ActionRunner
-from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmStats
+from vhostmd_py.sources.shell.runner import ActionRunner
 
 WALL0 = 1_700_000_000.0  # a multiple of 5: samples fall on RRD step boundaries
 MONO0 = 1000.0
@@ -59,7 +59,7 @@ class Tick:
 
 @dataclass
 class ScriptedSource:
-    """A statistics source yielding a scripted StatsSnapshot sequence, timed by a ScriptedClock.
+    """A statistics source yielding a scripted CycleStats sequence, timed by a ScriptedClock.
 
     On each read it also records what the daemon derived and published in the
     previous cycle (the history's values and the published snapshot).
@@ -81,7 +81,7 @@ class ScriptedSource:
         self.derived.append(history.last_derived if history is not None else None)
         self.published.append(self.daemon.last_snapshot)
 
-    def __call__(self, vms: object = None) -> StatsSnapshot:
+    def __call__(self, vms: object = None) -> CycleStats:
         if self.reads:
             self.record()
         elif self.daemon is not None:
@@ -90,7 +90,7 @@ class ScriptedSource:
         self.reads += 1
         self.clock.advance(tick.dt)
         vms = tuple(replace(vm) for vm in tick.vms)  # type: ignore[type-var]
-        return StatsSnapshot(self.clock.wall, self.clock.mono, tick.host, vms)  # type: ignore[arg-type]
+        return CycleStats(self.clock.wall, self.clock.mono, tick.host, vms)  # type: ignore[arg-type]
 
 
 def _runner(config: Config) -> ActionRunner:

@@ -1,6 +1,6 @@
 """The two implementations of the disk format the wire tests compare, as namespaces.
 
-"c": the host's compiled binding (vhostmd_py.mdisk: checksum, header and
+"c": the host's compiled binding (vhostmd_py.publish.mdisk: checksum, header and
 the stable-read attempt in csrc/mdisk.c). "py": the wire format's pure
 Python (vhostmd_wire.disk), the oracle. Both read with the ONE retry policy
 of vhostmd_wire.disk.DiskReader (only the read strategy differs) and both
@@ -15,7 +15,7 @@ from typing import Any
 
 from vhostmd_wire import disk as wire
 
-WRITER_MODULE = "vhostmd_py.mdisk"
+WRITER_MODULE = "vhostmd_py.publish.mdisk"
 
 
 def _readers(strategy: Any) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def _common() -> dict[str, Any]:
 
 
 def _impl(strategy: Any, functions: Any) -> SimpleNamespace:
-    from vhostmd_py import mdisk
+    from vhostmd_py.publish import mdisk
 
     return SimpleNamespace(
         **_common(),
@@ -55,7 +55,7 @@ def _impl(strategy: Any, functions: Any) -> SimpleNamespace:
 
 def c_impl() -> SimpleNamespace:
     """The C binding's functions with the wire's retry policy around C's read attempt."""
-    from vhostmd_py import mdisk
+    from vhostmd_py.publish import mdisk
 
     return _impl(mdisk.CReadStrategy, mdisk)
 

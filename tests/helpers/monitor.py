@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 from helpers.config import write_config
-from vhostmd_py.model import VM
-from vhostmd_py.stats import HostStats, NetStats, StatsSnapshot, VmStats
+from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 
 
 def write_conf(path: Path, extra: str) -> Path:
@@ -41,7 +41,7 @@ class ScriptedSource:
         self.tx: Dict[str, int] = {}
         self.times: List[float] = []
 
-    def __call__(self, vms: List[VM]) -> StatsSnapshot:
+    def __call__(self, vms: List[VM]) -> CycleStats:
         index = self.calls
         self.calls += 1
         if index > 0:
@@ -66,7 +66,7 @@ class ScriptedSource:
             )
         if self.on_step is not None:
             self.on_step(index)
-        return StatsSnapshot(wall=self.wall, mono=self.wall, host=HostStats(), vms=tuple(out))
+        return CycleStats(wall=self.wall, mono=self.wall, host=HostStats(), vms=tuple(out))
 
 
 def fast_clock() -> Callable[[], float]:

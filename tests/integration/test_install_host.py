@@ -76,7 +76,7 @@ def test_fresh_clone_install_host_then_the_installed_daemon_publishes(
     # The venv's own copy, with its built extension: not the clone's sources.
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-I", "-c",
-         "import vhostmd_py, vhostmd_py._mdisk, vhostmd_guest; print(vhostmd_py.__file__)"],
+         "import vhostmd_py, vhostmd_py.publish._mdisk, vhostmd_guest; print(vhostmd_py.__file__)"],
         cwd="/", env=_env(), capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert where.startswith(str(venv)), where

@@ -28,7 +28,7 @@ from vhostmd_wire.errors import (
     DiskSizeError,
 )
 
-mdisk = pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
+mdisk = pytest.importorskip("vhostmd_py.publish.mdisk", reason="the host package is not installed")
 IMPLS = [c_impl(), py_impl()]
 IMPL_IDS = ["c", "py"]
 

@@ -13,7 +13,7 @@ import pytest
 from helpers.mdisk_impls import c_impl, py_impl
 from vhostmd_wire.errors import DiskIOError
 
-pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
+pytest.importorskip("vhostmd_py.publish.mdisk", reason="the host package is not installed")
 
 
 @pytest.fixture(params=[c_impl, py_impl], ids=["c", "py"])

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 FFI = pytest.importorskip("cffi", reason="cffi is not installed (guest tier)").FFI
-mdisk = pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
+mdisk = pytest.importorskip("vhostmd_py.publish.mdisk", reason="the host package is not installed")
 
 
 def _build(repo_root: Path, tmp_path: Path, name: str, *defines: str) -> Any:

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Tuple
 import pytest
 from vhostmd_wire.disk import read_header
 
-pytest.importorskip("vhostmd_py.mdisk", reason="the host package is not installed")
+pytest.importorskip("vhostmd_py.publish.mdisk", reason="the host package is not installed")
 
 DURATION = 10.0  # seconds the readers read while the writer writes
 DISK_SIZE = 128 * 1024
@@ -52,7 +52,7 @@ _READER = (
     + r"""
 from vhostmd_wire import disk as wire
 if sys.argv[3] == "c":
-    from vhostmd_py.mdisk import CReadStrategy as strategy
+    from vhostmd_py.publish.mdisk import CReadStrategy as strategy
 else:
     strategy = wire.PyReadStrategy
 duration = float(sys.argv[4])
@@ -136,7 +136,7 @@ def _result(proc: subprocess.Popen[str], timeout: float) -> Dict[str, Any]:
     [
         # The host writes through C only; readers: C's attempt and the wire's
         # pure Python, both under the wire's one retry policy.
-        ("vhostmd_py.mdisk", ["c", "c", "py"]),
+        ("vhostmd_py.publish.mdisk", ["c", "c", "py"]),
     ],
     ids=["c-writer"],
 )

@@ -1,7 +1,7 @@
 """Consolidated values published to guests as ordinary ``<metric>`` elements.
 
 With ``<history publish="yes"/>`` every cycle's document gets these metrics
-(upstream's layout, rendered by vhostmd_py.render.render_metric), so a guest
+(upstream's layout, rendered by vhostmd_py.cycle.render.render_metric), so a guest
 reads them with vm-dump-metrics or libmetrics like any other metric. A value
 that is unknown this cycle (first sample, counter reset, gap, too little data
 in the window) is left out, never published as zero.
@@ -35,9 +35,9 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from vhostmd_py.cycle.render import ExtraMetric, append_metrics
+from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
 from vhostmd_py.history.rates import DerivedValues
-from vhostmd_py.model import VM, Snapshot, VmBlock
-from vhostmd_py.render import ExtraMetric, append_metrics
 
 Averager = Callable[[str, float], Optional[float]]
 

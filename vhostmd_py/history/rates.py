@@ -1,7 +1,7 @@
 """Derived values of one cycle: CPU % and per-second rates, pure and deterministic.
 
 Input: the previous cycle's counter state (a :class:`CounterBook`) and the
-current :class:`~vhostmd_py.stats.StatsSnapshot`; output: a frozen
+current :class:`~vhostmd_py.cycle.stats.CycleStats`; output: a frozen
 :class:`DerivedValues` and the new counter state. Nothing here reads a clock,
 a file or a global: the same inputs always give the same outputs.
 
@@ -23,7 +23,7 @@ A VM's counters are keyed by (uuid, libvirt id): a VM that was restarted
 between two cycles gets a new id, so all its counters start a new baseline
 even when the new values happen to be larger than the old ones.
 
-Rates are per second over the monotonic clock (``StatsSnapshot.mono``). CPU %
+Rates are per second over the monotonic clock (``CycleStats.mono``). CPU %
 of a VM is nova's ``100 * dcpu_time / (dt * vcpus * 1e9)`` capped at 100 (so
 100 means every vCPU busy); the host's is the busy share of /proc/stat's ticks
 (``100 * dbusy / dtotal``, busy = everything but idle and iowait; guest time
@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Hashable, Mapping, NamedTuple, Sequence, Tuple
 
-from vhostmd_py.stats import BlockStats, HostStats, NetStats, StatsSnapshot, VmStats
+from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 
 NS_PER_S = 1_000_000_000
 
@@ -317,7 +317,7 @@ def _vm(stepper: _Stepper, vm: VmStats) -> VmRates:
 
 
 def derive(
-    book: CounterBook, snapshot: StatsSnapshot, *, heartbeat: float
+    book: CounterBook, snapshot: CycleStats, *, heartbeat: float
 ) -> Tuple[DerivedValues, CounterBook]:
     """This cycle's derived values and the counter state for the next cycle.
 

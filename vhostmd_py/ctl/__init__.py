@@ -1,0 +1,1 @@
+"""``vhostmdctl``: the operator's command, one module per command family."""

@@ -1,0 +1,1 @@
+"""The cycle: collect the metrics, render the document, the snapshot types."""

@@ -1,0 +1,43 @@
+"""Shared value types: a running VM and one cycle's rendered metrics.
+
+The collector produces a Snapshot each cycle; the transports (vbd disk,
+virtio channels) only ever read Snapshots, so a metric's source and its
+rendering never depend on how it is published. The bytes around them (the
+document's head and tail, the virtio reply) are vhostmd_py.cycle.render's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+# PATH of actions when the config's <path> is empty (upstream's default config).
+DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+@dataclass(frozen=True)
+class VM:
+    """A running domain as libvirt lists it."""
+
+    id: int
+    name: str
+    uuid: str
+    # Path of the org.github.vhostmd.1 socket from the live domain XML,
+    # when libvirt told us; None means "discover it in channel_path".
+    channel_path: str | None = None
+
+
+@dataclass(frozen=True)
+class VmBlock:
+    """One VM's rendered <metric> elements for a cycle (may be empty)."""
+
+    vm: VM
+    xml: bytes
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All rendered metrics of one cycle, in upstream's document order."""
+
+    host: bytes
+    vms: Tuple[VmBlock, ...]

@@ -1,0 +1,1 @@
+"""What watches the cycle's statistics: alarms, their sinks, accounting and shaping."""

@@ -1,0 +1,149 @@
+"""Alarms + accounting as the daemon sees them: one object fed once per cycle.
+
+The daemon (daemon.py) calls, per cycle, after collecting the metrics:
+
+    monitor.observe(stats)            # blocking (libvirt shaping): worker thread
+    snapshot = monitor.decorate(snapshot)   # adds the opt-in guest metrics
+
+and ``monitor.reconfigure(config)`` after a reload, ``monitor.close()`` at
+exit. ``stats`` is the cycle's CycleStats (vhostmd_py/stats.py); the alarm
+values come from it through ``datasources.RateAdapter`` (the history's
+derived values under the alarms' data-source names).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, List
+
+from vhostmd_py.config import Config
+from vhostmd_py.config.monitors import AlarmsConfig
+from vhostmd_py.cycle.render import append_metrics
+from vhostmd_py.cycle.snapshot import Snapshot
+from vhostmd_py.cycle.stats import CycleStats
+from vhostmd_py.errors import StrPath
+from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
+from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
+from vhostmd_py.monitors.inputs import RateAdapter
+
+log = logging.getLogger(__name__)
+
+
+def wanted(config: Config) -> bool:
+    """Whether the config has an <alarms> or <accounting> section."""
+    return config.alarms is not None or config.accounting is not None
+
+
+class Monitor:
+    """The alarm engine and the accounting of one daemon; every OS boundary a parameter."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        uri: str | None = None,
+        state_dir: StrPath | None = None,
+        journal_socket: str | None = None,
+        shaper: Shaper | None = None,
+        boot_id: str | None = None,
+        hooks: HookRunner | None = None,
+    ) -> None:
+        self._uri = uri
+        self._state_dir = state_dir
+        self._journal_socket = journal_socket
+        self._shaper = shaper
+        self._boot_id = boot_id
+        self._hooks = hooks if hooks is not None else HookRunner()
+        self._adapter = RateAdapter()
+        self.sink: AlarmSink | None = None
+        self.alarms: AlarmEngine | None = None
+        self.accounting: Accounting | None = None
+        self._apply(config)
+
+    def _make_sink(self, alarms: AlarmsConfig, config: Config) -> AlarmSink:
+        return AlarmSink(
+            alarms,
+            state_dir=self._state_dir,
+            journal_socket=self._journal_socket,
+            hook_path=config.path,
+            hooks=self._hooks,
+        )
+
+    def _apply(self, config: Config) -> None:
+        if config.alarms is not None:
+            if self.alarms is None:
+                self.sink = self._make_sink(config.alarms, config)
+                self.alarms = AlarmEngine(config.alarms, self.sink, first_step=config.update_period)
+            else:
+                self.alarms.first_step = config.update_period
+                self.alarms.reconfigure(config.alarms)
+        else:
+            self.alarms = None
+            self.sink = None
+        if config.accounting is not None:
+            if self.accounting is None:
+                self.accounting = Accounting(
+                    config.accounting,
+                    state_dir=self._state_dir,
+                    shaper=self._shaper,
+                    on_alarm=self._budget_alarm,
+                    boot_id=self._boot_id,
+                )
+            else:
+                self.accounting.reconfigure(config.accounting)
+            acc = config.accounting
+            enforcing = acc.budget.enforce or any(o.enforce for o in acc.overrides)
+            # Caps must also be lifted after a reload that removed enforcement.
+            restoring = bool(self.accounting.state.get("restore")) or any(
+                "capped" in e for e in self.accounting.state["vms"].values()
+            )
+            if self.accounting.shaper is None and (enforcing or restoring):
+                # A read-write connection, separate from the read-only listing one.
+                self.accounting.shaper = LibvirtShaper(self._uri)
+        else:
+            self.accounting = None
+
+    def _budget_alarm(self, alarm: object) -> None:
+        from vhostmd_py.monitors.alarms import Alarm
+
+        assert isinstance(alarm, Alarm)
+        if self.sink is not None:
+            self.sink.emit(alarm)
+            self.sink.save(self.alarms.active() if self.alarms is not None else [])
+        else:
+            log.warning("ALARM %s", alarm.message)
+
+    def reconfigure(self, config: Config) -> None:
+        """A reloaded config (SIGHUP): unchanged alarm variables keep their state."""
+        self._apply(config)
+
+    def observe(self, stats: CycleStats) -> None:
+        """One cycle's statistics (blocking: may call libvirt to cap or restore)."""
+        observations = self._adapter.update(stats)
+        if self.alarms is not None:
+            self.alarms.update(observations)
+        if self.accounting is not None:
+            self.accounting.update(stats)
+
+    def guest_metrics(self, uuid: str) -> List[GuestMetric]:
+        """The opt-in metrics of one VM (alarms, then accounting)."""
+        out: List[GuestMetric] = []
+        if self.alarms is not None:
+            out += self.alarms.guest_metrics(uuid)
+        if self.accounting is not None:
+            out += self.accounting.guest_metrics(uuid)
+        return out
+
+    def decorate(self, snapshot: Snapshot) -> Snapshot:
+        """The snapshot with each VM's opt-in metrics appended to its own block only."""
+        return append_metrics(
+            snapshot, (), {b.vm.uuid: self.guest_metrics(b.vm.uuid) for b in snapshot.vms}
+        )
+
+    def close(self) -> None:
+        """Stop the hook thread; close the shaper's connection."""
+        self._hooks.close()
+        shaper = self.accounting.shaper if self.accounting is not None else None
+        close: Callable[[], None] | None = getattr(shaper, "close", None)
+        if close is not None:
+            close()

@@ -1,0 +1,1 @@
+"""The daemon process's life: start-up order, daemonizing, pid file, privileges."""

@@ -1,0 +1,412 @@
+"""The daemon process's life: start-up order, daemonizing, pid file, privileges, signals.
+
+cli.py parses the command line into Options and calls run(); everything the
+process does around the metrics loop (vhostmd_py.daemon) is here, in the
+order it happens. The pid file and the privilege drop are one job each
+(vhostmd_py.process.pidfile, vhostmd_py.process.privileges); this module calls them.
+
+Start-up order (why): the config is read and checked in the foreground so
+its errors reach the terminal; when daemonizing, the final process creates
+the pid file (it must hold *its* pid), then the disk, binds the OpenMetrics
+endpoint (<metrics_endpoint>; its server thread starts after the fork), then
+drops privileges (-u: the disk path and a port below 1024 need root), and
+only then tells the waiting parent it is up. So the parent's exit status says
+whether the daemon really started, which upstream's (always 0 once forked)
+does not. Exit codes are upstream's (FACTS section 5): every start-up
+failure exits 1.
+
+Signals: STOP_SIGNALS stop the daemon (upstream: SIGTERM, SIGINT, SIGQUIT),
+SIGHUP reloads (ours; upstream has no handler), SIGPIPE is ignored
+(upstream: a guest closing its channel must not kill us).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List
+
+from vhostmd_py.errors import ConfigError, PidFileError, VhostmdError
+
+if TYPE_CHECKING:
+    from vhostmd_py.config import Config
+    from vhostmd_py.daemon import Daemon
+    from vhostmd_py.sources.shell.runner import ActionRunner
+
+log = logging.getLogger(__name__)
+
+PROG = "vhostmd"
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+# The signals that stop the daemon, in every phase of its life.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the command line asks for (cli.py parses it)."""
+
+    verbose: int
+    daemonize: bool
+    config: str
+    pid_file: str | None
+    user: str | None
+    uri: str | None
+    once: bool
+    dump: bool
+    jobs: int | None
+    action_timeout: float | None
+
+
+def run(opts: Options) -> int:
+    """Start the daemon as OPTS say, run it until stopped; the process exit status."""
+    from vhostmd_py import logsetup
+    from vhostmd_py.config import load_config
+    from vhostmd_py.daemon import Daemon, describe_config
+    from vhostmd_py.process.pidfile import PidFile
+    from vhostmd_py.process.privileges import drop_privileges, resolve_user
+
+    logsetup.setup_logging(verbose=opts.verbose, to_syslog=False)
+    # Upstream ignores SIGPIPE (a guest closing its channel must not kill us).
+    # Actions get the default disposition back when they are spawned.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Until the event loop takes these over, a stop request during start-up
+    # (a 256 MiB disk takes a while to zero) still removes the pid file and
+    # clears the disk's busy flag via the finally clause below.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _exit_on_signal)
+    try:
+        config = load_config(opts.config)
+    except VhostmdError as err:
+        return _fail(f"{PROG}: {err}")
+    for line in describe_config(config):
+        log.info("%s", line)
+    ident = None
+    if opts.user is not None:
+        if config.disk_per_vm is not None and not opts.dump:
+            # The hook creates each VM's disk as root at the domain's prepare
+            # phase; after the drop the daemon could write none of them, and
+            # would fail every cycle for every VM. Say so now, once.
+            return _fail(
+                f"{PROG}: {config.file}: <disk_per_vm> needs the daemon to keep root "
+                f"(the libvirt hook creates the disks as root): run without -u {opts.user}, "
+                "or remove <disk_per_vm>"
+            )
+        try:
+            ident = resolve_user(opts.user)
+        except VhostmdError as err:
+            return _fail(f"{PROG}: {err}")
+
+    daemon = Daemon(
+        config,
+        uri=opts.uri,
+        runner_factory=_runner_factory(opts),
+        config_loader=load_config,
+        publish=not opts.dump,
+        use_virtio=not opts.once,
+        # The subreaper of what actions leave running (vhostmd_py.sources.shell.orphans).
+        reap_orphans=True,
+    )
+    if opts.once and "virtio" in config.transports:
+        # Publishing on virtio means answering guests' requests as they come;
+        # a single update has nobody to answer, so --once publishes vbd only.
+        log.warning("--once: the virtio transport is not served, only vbd is published")
+
+    notify: Callable[[str | None], None] | None = None
+    to_syslog = False
+    if opts.daemonize:
+        notify = _daemonize()
+        handler = logsetup.setup_logging(verbose=opts.verbose, to_syslog=True)
+        to_syslog = not isinstance(handler, logging.StreamHandler)
+
+    pid_file: PidFile | None = None
+    remover: PidFileRemover | None = None
+    try:
+        try:
+            # A stop signal inside these two would leave an empty pid file or a
+            # disk still busy from its creation, before the finally below knows
+            # about them: hold the signals until each is done.
+            if opts.pid_file is not None:
+                with _stop_signals_held():
+                    pid_file = PidFile.create(opts.pid_file)
+            with _stop_signals_held():
+                daemon.open_disk()
+            if ident is not None:
+                daemon.set_config_loader(_preload(config))
+                if pid_file is not None:
+                    remover = PidFileRemover.start(pid_file.path, pid_file.pid)
+            if not (opts.once or opts.dump):
+                # Bound as root (a port below 1024), after the remover's fork
+                # (no server thread in the child), before the drop.
+                daemon.open_endpoint()
+            if ident is not None:
+                drop_privileges(ident)
+        except VhostmdError as err:
+            message = f"{PROG}: {err}"
+            if notify is not None:
+                if to_syslog:  # else stderr is the parent's, which prints it: once
+                    log.error("%s", err)
+                notify(message)
+                return EXIT_FAILURE
+            return _fail(message)
+        if notify is not None:
+            notify(None)
+        if not opts.dump:
+            _log_started(opts, config)
+        try:
+            if opts.dump:
+                return _dump(daemon)
+            asyncio.run(daemon.run(max_cycles=1 if opts.once else None))
+        except (OSError, VhostmdError) as err:
+            # e.g. the virtio transport cannot start; logged, not a traceback.
+            log.error("%s", err)
+            return EXIT_FAILURE
+        if opts.once and daemon.last_publish_ok is False:
+            return EXIT_FAILURE  # the error is logged; a one-shot caller must see it
+        return EXIT_OK
+    finally:
+        daemon.close_endpoint()
+        daemon.close_disk()
+        if remover is not None:
+            remover.finish()  # root removes it: after -u we cannot (see PidFileRemover)
+        elif pid_file is not None:
+            pid_file.remove()
+
+
+def install_loop_signals(
+    loop: asyncio.AbstractEventLoop, stop: Callable[[], None], reload: Callable[[], None]
+) -> Callable[[], None]:
+    """Hand STOP_SIGNALS to STOP and SIGHUP to RELOAD on LOOP; returns the undo.
+
+    remove_signal_handler() resets to SIG_DFL, not to what was there (the
+    start-up stop handler of run()): the undo puts that back."""
+    saved: Dict[int, Any] = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGHUP)}
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def restore() -> None:
+        for sig, previous in saved.items():
+            loop.remove_signal_handler(sig)
+            if previous is not None:
+                signal.signal(sig, previous)
+
+    return restore
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+    return EXIT_FAILURE
+
+
+def _runner_factory(opts: Options) -> Callable[[Config], ActionRunner]:
+    # The one place the daemon imports the runner binding (and so _runner).
+    from vhostmd_py.sources.shell.runner import DEFAULT_TIMEOUT, ActionRunner
+
+    def make(config: Config) -> ActionRunner:
+        return ActionRunner(
+            path=config.path,
+            uri=opts.uri,
+            timeout=DEFAULT_TIMEOUT if opts.action_timeout is None else opts.action_timeout,
+            max_concurrency=opts.jobs,
+        )
+
+    return make
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Defer the stop signals until the block is done (then they act)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _log_started(opts: Options, config: Config) -> None:
+    """The start-up line, shown at the default level (logsetup.LIFECYCLE)."""
+    from vhostmd_py import __version__, logsetup
+
+    disk = f", disk {config.disk_path}" if "vbd" in config.transports else ""
+    logging.getLogger(logsetup.LIFECYCLE).info(
+        "vhostmd-py %s started (pid %d): %s, %d metrics, every %d s, transports %s%s, libvirt %s",
+        __version__,
+        os.getpid(),
+        config.file,
+        len(config.metrics),
+        config.update_period,
+        ",".join(config.transports),
+        disk,
+        opts.uri or "(default URI)",
+    )
+
+
+def _preload(config: Config) -> Callable[[str], Config]:
+    """Load now what the daemon would load lazily later; the config loader to reload with.
+
+    After -u USER the unprivileged user may be unable to read the Python
+    installation (a Python under /root, a venv in a 0700 directory): an
+    import, metric.dtd or vhostmd.dtd read in a later cycle or on SIGHUP
+    would then fail every time (issue 11 item 4). Modules are imported,
+    metric.dtd parsed once (render.xml_validator), and vhostmd.dtd kept open:
+    a reload reads it again through /proc/self/fd, which needs no search
+    permission on the directories above it.
+    """
+    import concurrent.futures.thread  # noqa: F401 - used lazily by the runner
+
+    import vhostmd_py.cycle.collect
+    import vhostmd_py.cycle.render
+    import vhostmd_py.sources.base
+    import vhostmd_py.sources.shell.orphans
+    import vhostmd_py.sources.shell.runner
+    import vhostmd_py.sources.shell.substitution
+    from vhostmd_py.config import default_dtd_path, load_config
+
+    vhostmd_py.cycle.render.xml_validator()
+    if "virtio" in config.transports:
+        import vhostmd_py.publish.virtio.server
+    if any(m.source is not None for m in config.metrics) or config.history is not None:
+        import vhostmd_py.sources.builtin.source
+    if config.history is not None:
+        import vhostmd_py.history.core
+    if config.alarms is not None or config.accounting is not None:
+        import vhostmd_py.monitors.step
+    if "virtio" in config.transports or any(m.context == "vm" for m in config.metrics):
+        # Without libvirt-python the daemon publishes host metrics only (said
+        # once by LibvirtVMs); -u must not turn that into a start-up failure.
+        with contextlib.suppress(ImportError):
+            import libvirt  # noqa: F401
+    dtd = default_dtd_path()
+    try:
+        fd = os.open(dtd, os.O_RDONLY)  # kept for the process's life, by design
+    except OSError as err:
+        raise ConfigError(dtd, f"cannot open the configuration grammar: {err.strerror}") from err
+
+    def reload_config(path: str) -> Config:
+        return load_config(path, dtd=f"/proc/self/fd/{fd}")
+
+    return reload_config
+
+
+class PidFileRemover:
+    """A root process that removes the pid file when the daemon (run as -u USER) exits.
+
+    Once the daemon runs as USER it can no longer unlink its pid file (/run,
+    /var/run are root's); upstream leaves it behind. This child, forked
+    before the drop, keeps root, closes every fd but one pipe, ignores the
+    stop signals and waits for the pipe's end: the daemon exiting, however
+    (a kill -9 too). Then it removes the file if it still holds the daemon's
+    pid, and exits. It runs nothing else and holds nothing else.
+    """
+
+    def __init__(self, pid: int, write_end: int) -> None:
+        self.pid = pid
+        self._write_end = write_end
+
+    @classmethod
+    def start(cls, path: str, daemon_pid: int) -> PidFileRemover:
+        """Fork the remover for PATH, written with DAEMON_PID."""
+        read_end, write_end = os.pipe()
+        os.set_inheritable(read_end, False)
+        os.set_inheritable(write_end, False)
+        try:
+            child = os.fork()
+        except OSError as err:
+            os.close(read_end)
+            os.close(write_end)
+            raise PidFileError(path, f"cannot start the pid file remover: {err.strerror}") from err
+        if child == 0:  # pragma: no cover - runs in the child, exits there
+            try:
+                for sig in (*STOP_SIGNALS, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_IGN)
+                signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                os.closerange(0, read_end)
+                os.closerange(read_end + 1, os.sysconf("SC_OPEN_MAX"))
+                while os.read(read_end, 1):
+                    pass
+                from vhostmd_py.process.pidfile import PidFile
+
+                PidFile(path, daemon_pid).remove()
+            finally:
+                os._exit(0)
+        os.close(read_end)
+        return cls(child, write_end)
+
+    def finish(self) -> None:
+        """Let the remover do its job and wait for it (the file is gone on return)."""
+        if self._write_end >= 0:
+            os.close(self._write_end)
+            self._write_end = -1
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(EXIT_OK)
+
+
+def _dump(daemon: Daemon) -> int:
+    from vhostmd_py.cycle.render import document
+
+    asyncio.run(daemon.run(max_cycles=1))
+    if daemon.last_snapshot is None:
+        return _fail(f"{PROG}: no metrics collected")
+    out = sys.stdout.buffer
+    out.write(document(daemon.last_snapshot))
+    out.flush()
+    return EXIT_OK
+
+
+def _daemonize() -> Callable[[str | None], None]:
+    """Double fork, setsid, chdir /, umask 022; the parent exits with the start-up status.
+
+    Returns, in the final process, `notify(error)`: None reports success (the
+    parent exits 0), a message reports failure (the parent prints it, exits 1).
+    notify also detaches stdin/stdout/stderr to /dev/null.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    first = os.fork()
+    if first > 0:
+        os.close(write_end)
+        os.waitpid(first, 0)
+        chunks: List[bytes] = []
+        while True:
+            chunk = os.read(read_end, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        status = b"".join(chunks).decode("utf-8", "replace")
+        if status == "OK":
+            os._exit(EXIT_OK)
+        if not status:
+            status = f"{PROG}: the daemon exited during start-up"
+        os.write(2, (status.rstrip("\n") + "\n").encode("utf-8", "replace"))
+        os._exit(EXIT_FAILURE)
+    os.close(read_end)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(EXIT_OK)
+    os.chdir("/")
+    os.umask(0o022)
+
+    def notify(error: str | None) -> None:
+        os.write(write_end, b"OK" if error is None else error.encode("utf-8", "replace"))
+        os.close(write_end)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+
+    return notify

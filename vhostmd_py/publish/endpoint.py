@@ -1,0 +1,413 @@
+"""The OpenMetrics endpoint (``<metrics_endpoint>``, vhostmd-py extension, issue 15).
+
+An HTTP server on its own thread serves one private prometheus_client
+CollectorRegistry holding one collector, :class:`VhostmdCollector`, which on
+each scrape reads, without touching the metrics loop:
+
+- the daemon's health (vhostmd_py.publish.health.Health, a locked copy):
+  ``vhostmd_cycle_duration_seconds`` (histogram), ``vhostmd_actions_total``,
+  ``vhostmd_action_failures_total``, ``vhostmd_action_timeouts_total``,
+  ``vhostmd_publish_errors_total`` (counters), ``vhostmd_vms``,
+  ``vhostmd_virtio_channels_connected``, ``vhostmd_last_publish_timestamp_seconds``
+  (gauges);
+- every value of the last published Snapshot (``Daemon.last_snapshot``, one
+  reference read, so a scrape sees one whole cycle): numeric metrics as
+  gauges, string metrics as info metrics (the value in label ``value``),
+  named by vhostmd_wire.openmetrics.metric_name (the guest's
+  ``vm-dump-metrics --format openmetrics`` uses the same function), values
+  scaled to the base unit; VM series carry ``vm_name``, ``vm_uuid``, ``vm_id``.
+
+The values are read back from the Snapshot's rendered XML (the safe lxml
+parser) and encoded once per Snapshot and format (:class:`Exposition`):
+repeated scrapes of one cycle reuse the bytes, and the cycle itself does no
+extra work. Reading back what was
+rendered means the endpoint shows exactly what guests are given, including
+the values the history and the alarms add. Label values are escaped by
+prometheus_client, so a VM name such as ``a"b<LF>c{x="y"}`` stays one label
+value; metric names come from metric_name, which only produces valid names.
+
+prometheus_client serves OpenMetrics text when the client's Accept header
+asks for ``application/openmetrics-text``, else the Prometheus text format.
+The socket is bound by :meth:`MetricsEndpoint.start`, called by
+process.run before privileges are dropped; :meth:`MetricsEndpoint.close`
+stops the server at shutdown.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+)
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from lxml import etree
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from vhostmd_wire.openmetrics import metric_name, value_scale
+
+from vhostmd_py.errors import VhostmdError
+from vhostmd_py.logsetup import LIFECYCLE
+from vhostmd_py.safexml import safe_parser
+
+if TYPE_CHECKING:
+    from vhostmd_py.config import EndpointConfig
+    from vhostmd_py.cycle.snapshot import VM, Snapshot
+    from vhostmd_py.publish.health import Health
+
+log = logging.getLogger(__name__)
+
+NUMERIC_TYPES = frozenset(("int32", "uint32", "int64", "uint64", "real32", "real64"))
+VM_LABELS = ("vm_name", "vm_uuid", "vm_id")
+# How long one HTTP request may keep its thread waiting for the client.
+REQUEST_TIMEOUT = 10.0
+# How often the server thread checks for a shutdown request (close() waits this long).
+POLL_INTERVAL = 0.1
+
+
+class EndpointError(VhostmdError):
+    """The endpoint cannot be served (its address cannot be bound)."""
+
+    def __init__(self, address: str, port: int, reason: str) -> None:
+        self.address = address
+        self.port = port
+        super().__init__(reason, f"metrics endpoint {address} port {port}: {reason}")
+
+
+class DaemonView(Protocol):
+    """What the collector reads from the daemon (vhostmd_py.daemon.Daemon)."""
+
+    @property
+    def health(self) -> Health: ...
+
+    @property
+    def last_snapshot(self) -> Snapshot | None: ...
+
+    @property
+    def virtio_connections(self) -> int: ...
+
+
+# --- the collected values ----------------------------------------------------------
+
+Labels = Tuple[str, ...]
+
+
+@dataclass
+class _Family:
+    kind: str  # "gauge" or "info"
+    help: str
+    labels: Tuple[str, ...]
+    samples: Dict[Labels, Union[float, str]]
+
+
+def _vm_labels(vm: VM | None) -> Labels:
+    return () if vm is None else (vm.name, vm.uuid, str(vm.id))
+
+
+def snapshot_families(snapshot: Snapshot) -> List[Metric]:
+    """The Snapshot's values as metric families (gauges and info metrics).
+
+    The first metric wins when two map to the same family name and labels
+    (e.g. ``Foo`` and ``foo``), or to one name with different kinds.
+    """
+    families: Dict[str, _Family] = {}
+    parser = safe_parser()
+    blocks: List[Tuple[VM | None, bytes]] = [(None, snapshot.host)]
+    blocks.extend((b.vm, b.xml) for b in snapshot.vms)
+    for vm, xml in blocks:
+        if not xml:
+            continue
+        try:
+            root = etree.fromstring(b"<metrics>" + xml + b"</metrics>", parser)
+        except etree.XMLSyntaxError as err:  # render guarantees it parses; never fatal
+            log.warning("metrics endpoint: unreadable block skipped: %s", err)
+            continue
+        labels = _vm_labels(vm)
+        for elem in root.iter("metric"):
+            _add(families, elem, vm is not None, labels)
+    out: List[Metric] = []
+    for name, fam in families.items():
+        family: Union[GaugeMetricFamily, InfoMetricFamily]
+        if fam.kind == "gauge":
+            family = GaugeMetricFamily(name, fam.help, labels=fam.labels)
+            for labels, value in fam.samples.items():
+                assert isinstance(value, float)
+                family.add_metric(list(labels), value)
+        else:
+            family = InfoMetricFamily(name, fam.help, labels=fam.labels)
+            for labels, value in fam.samples.items():
+                family.add_metric(list(labels), {"value": str(value)})
+        out.append(family)
+    return out
+
+
+def _add(families: Dict[str, _Family], elem: etree._Element, in_vm: bool, labels: Labels) -> None:
+    mtype = elem.get("type") or ""
+    context = "vm" if in_vm else "host"
+    name = elem.findtext("name") or ""
+    unit = elem.get("unit")
+    text = (elem.findtext("value") or "").strip()
+    value: Union[float, str]
+    if mtype in NUMERIC_TYPES:
+        try:
+            value = float(text) * value_scale(unit)
+        except ValueError:
+            return
+        kind = "gauge"
+    elif mtype == "string":
+        value, kind = text, "info"
+    else:
+        return
+    fname = metric_name(context, name, unit)
+    fam = families.get(fname)
+    if fam is None:
+        unit_note = f" ({unit}, scaled to the base unit)" if unit else ""
+        fam = families[fname] = _Family(
+            kind, f"vhostmd {context} metric {name}{unit_note}",
+            VM_LABELS if in_vm else (), {},
+        )
+    if fam.kind != kind or fam.labels != (VM_LABELS if in_vm else ()):
+        return
+    fam.samples.setdefault(labels, value)
+
+
+# --- the collector -------------------------------------------------------------------
+
+
+class VhostmdCollector:
+    """prometheus_client collector: the daemon's health and its last Snapshot's values."""
+
+    def __init__(self, daemon: DaemonView) -> None:
+        self._daemon = daemon
+        self._lock = threading.Lock()  # scrapes run on concurrent request threads
+        self._cached: Tuple[Snapshot | None, List[Metric]] = (None, [])
+
+    def describe(self) -> List[Metric]:
+        """Nothing up front: the names depend on the config (no registry-wide checks)."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        """The families of one scrape."""
+        yield from self.health_families()
+        yield from self.value_families()[1]
+
+    def value_families(self) -> Tuple[Snapshot | None, List[Metric]]:
+        """(the last Snapshot, its value families), parsed once per Snapshot."""
+        snapshot = self._daemon.last_snapshot  # one reference: one whole cycle
+        if snapshot is None:
+            return None, []
+        with self._lock:
+            cached_for, families = self._cached
+            if cached_for is not snapshot:
+                families = snapshot_families(snapshot)
+                self._cached = (snapshot, families)
+        return snapshot, families
+
+    def health_families(self) -> Iterator[Metric]:
+        """The daemon's health, read now."""
+        reading = self._daemon.health.read()
+        health = self._daemon.health
+        cumulative: List[Tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(health.buckets, reading.cycle_bucket_counts):
+            total += count
+            cumulative.append((_le(bound), total))
+        cumulative.append(("+Inf", reading.cycles))
+        yield HistogramMetricFamily(
+            "vhostmd_cycle_duration_seconds",
+            "Duration of the daemon's metrics cycles (collect and publish).",
+            buckets=cumulative,
+            sum_value=reading.cycle_seconds_sum,
+        )
+        yield CounterMetricFamily(
+            "vhostmd_actions", "Metric actions started.", value=reading.actions
+        )
+        yield CounterMetricFamily(
+            "vhostmd_action_failures",
+            "Metric actions whose value could not be used (failed, timed out, killed).",
+            value=reading.action_failures,
+        )
+        yield CounterMetricFamily(
+            "vhostmd_action_timeouts", "Metric actions killed at their timeout.",
+            value=reading.action_timeouts,
+        )
+        yield CounterMetricFamily(
+            "vhostmd_publish_errors", "Failed publishes to the metrics disk.",
+            value=reading.publish_errors,
+        )
+        yield GaugeMetricFamily("vhostmd_vms", "VMs seen in the last cycle.", value=reading.vms)
+        yield GaugeMetricFamily(
+            "vhostmd_virtio_channels_connected", "virtio-serial channels connected.",
+            value=self._daemon.virtio_connections,
+        )
+        if reading.last_publish is not None:
+            yield GaugeMetricFamily(
+                "vhostmd_last_publish_timestamp_seconds",
+                "Wall-clock time of the last successful publish.",
+                value=reading.last_publish,
+            )
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+# --- the HTTP server ------------------------------------------------------------------
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr; a client that stalls loses its thread after a while."""
+
+    timeout = REQUEST_TIMEOUT
+
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("metrics endpoint: " + format, *args)
+
+
+def make_registry(daemon: DaemonView) -> CollectorRegistry:
+    """A private registry (not prometheus_client's global one) with our one collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(VhostmdCollector(daemon))
+    return registry
+
+
+class _Families:
+    """A registry-like collector over fixed families (prometheus_client encoders take one)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+_EOF = b"# EOF\n"
+
+
+class Exposition:
+    """The scrape's bytes: health encoded per scrape, values encoded once per Snapshot and format.
+
+    Encoding 1000 VMs' values costs about as much as parsing them (0.1 s of
+    the GIL, shared with the metrics loop); a scraper polling faster than the
+    update period gets the same bytes again for the price of the health lines.
+    """
+
+    def __init__(self, collector: VhostmdCollector) -> None:
+        self._collector = collector
+        self._lock = threading.Lock()
+        self._cache: Dict[str, Tuple[Snapshot, bytes]] = {}  # content type -> (for, bytes)
+
+    def render(self, accept: str | None) -> Tuple[bytes, str]:
+        """(body, content type) for a client sending ACCEPT."""
+        encoder, content_type = choose_encoder(accept or "")
+        health = encoder(_Families(self._collector.health_families()))  # type: ignore[arg-type]
+        snapshot, families = self._collector.value_families()
+        if snapshot is None:
+            return health, content_type
+        with self._lock:
+            cached = self._cache.get(content_type)
+            if cached is None or cached[0] is not snapshot:
+                cached = (snapshot, encoder(_Families(families)))  # type: ignore[arg-type]
+                self._cache[content_type] = cached
+        values = cached[1]
+        if health.endswith(_EOF):  # OpenMetrics: one # EOF, at the very end
+            health = health[: -len(_EOF)]
+        return health + values, content_type
+
+    def wsgi_app(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
+        """GET any path: the exposition (gzip when accepted), as prometheus_client serves it."""
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        body, content_type = self.render(environ.get("HTTP_ACCEPT"))
+        headers = [("Content-Type", content_type)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
+            body = gzip.compress(body, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
+
+
+class MetricsEndpoint:
+    """The HTTP server of one registry at ADDRESS:PORT (port 0: any free port)."""
+
+    def __init__(self, address: str, port: int, collector: VhostmdCollector) -> None:
+        self.address = address
+        self.port = port
+        self._exposition = Exposition(collector)
+        self._server: ThreadingWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_config(cls, config: EndpointConfig, daemon: DaemonView) -> MetricsEndpoint:
+        """The endpoint <metrics_endpoint> asks for, serving DAEMON's metrics."""
+        return cls(config.address, config.port, VhostmdCollector(daemon))
+
+    def start(self) -> None:
+        """Bind (before privileges are dropped) and serve on a daemon thread."""
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+
+        class Server(ThreadingWSGIServer):
+            address_family = family
+
+        try:
+            server = make_server(
+                self.address, self.port, self._exposition.wsgi_app, Server,
+                handler_class=_QuietHandler,
+            )
+        except OSError as err:
+            raise EndpointError(self.address, self.port, err.strerror or str(err)) from err
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(
+            target=server.serve_forever, args=(POLL_INTERVAL,), name="vhostmd-endpoint",
+            daemon=True,
+        )
+        self._thread.start()
+        host = f"[{self.address}]" if family == socket.AF_INET6 else self.address
+        # Shown at the default level: with port 0 this is where the port is said.
+        logging.getLogger(LIFECYCLE).info(
+            "serving OpenMetrics on http://%s:%d/metrics", host, self.port
+        )
+
+    def close(self) -> None:
+        """Stop serving and close the socket (requests in progress finish on their own)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()  # returns once serve_forever has left its loop
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(1.0)
+            self._thread = None
+
+
+__all__: Sequence[str] = (
+    "DaemonView",
+    "EndpointError",
+    "MetricsEndpoint",
+    "VhostmdCollector",
+    "make_registry",
+    "snapshot_families",
+)

@@ -1,0 +1,2 @@
+"""Where metric values come from: shell actions, built-in libvirt and /proc sources,
+the VM lister."""

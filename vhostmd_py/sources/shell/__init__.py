@@ -1,0 +1,1 @@
+"""Shell actions: token substitution, the batch runner (C), orphans of actions."""
