@@ -22,6 +22,7 @@ from vhostmd_py.cycle.render import append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.errors import StrPath
+from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
 from vhostmd_py.monitors.inputs import RateAdapter
@@ -42,6 +43,7 @@ class Monitor:
         config: Config,
         *,
         uri: str | None = None,
+        host: Host | None = None,
         state_dir: StrPath | None = None,
         journal_socket: str | None = None,
         shaper: Shaper | None = None,
@@ -49,6 +51,8 @@ class Monitor:
         hooks: HookRunner | None = None,
     ) -> None:
         self._uri = uri
+        # The daemon's libvirt boundary: the shaper uses its read-write connection.
+        self._host = host
         self._state_dir = state_dir
         self._journal_socket = journal_socket
         self._shaper = shaper
@@ -98,8 +102,8 @@ class Monitor:
                 "capped" in e for e in self.accounting.state["vms"].values()
             )
             if self.accounting.shaper is None and (enforcing or restoring):
-                # A read-write connection, separate from the read-only listing one.
-                self.accounting.shaper = LibvirtShaper(self._uri)
+                # The Host's read-write connection, apart from the read-only listing one.
+                self.accounting.shaper = LibvirtShaper(self._uri, host=self._host)
         else:
             self.accounting = None
 

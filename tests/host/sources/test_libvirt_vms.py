@@ -134,7 +134,7 @@ def test_outage_logged_once_then_restored(tmp_path: Path, caplog: pytest.LogCapt
     node = tmp_path / "node.xml"
     uri = f"test://{node}"
     vms = LibvirtVMs(uri)
-    caplog.set_level(logging.DEBUG, logger="vhostmd_py.sources.vms")
+    caplog.set_level(logging.DEBUG, logger="vhostmd_py.libvirt_host")
     try:
         for _ in range(5):
             assert vms.list_running() == []
