@@ -136,14 +136,17 @@ class Host:
     on :attr:`worker`, as the daemon does.
     """
 
-    def __init__(self, uri: str | None, *, worker: BlockingWorker | None = None) -> None:
+    def __init__(self, uri: str | None, *, worker: BlockingWorker | None = None,
+                 read_only: Any = None) -> None:
+        """READ_ONLY: an open read-only connection to use (tests share a test-driver
+        instance this way: each open of test:///default is its own)."""
         self.uri = uri
         self.worker = worker if worker is not None else BlockingWorker()
         self._libvirt: Any = None
         # Set when `import libvirt` failed: said once, never retried (a package
         # installed into a running interpreter's path needs a restart anyway).
         self._missing: str | None = None
-        self._ro: Any = None
+        self._ro: Any = read_only
         self._rw: Any = None
         self._down = False
 

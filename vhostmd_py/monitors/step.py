@@ -1,6 +1,7 @@
 """Alarms + accounting as the daemon sees them: one object fed once per cycle.
 
-The daemon (daemon.py) calls, per cycle, after collecting the metrics:
+As a cycle step of the daemon (MonitorStep, vhostmd_py.assemble.Step), per
+cycle, after collecting the metrics:
 
     monitor.observe(stats)            # blocking (libvirt shaping): worker thread
     snapshot = monitor.decorate(snapshot)   # adds the opt-in guest metrics
@@ -14,14 +15,14 @@ derived values under the alarms' data-source names).
 from __future__ import annotations
 
 import logging
-from typing import Callable, List
+from typing import Awaitable, Callable, List
 
 from vhostmd_py.config import Config
 from vhostmd_py.config.monitors import AlarmsConfig
 from vhostmd_py.cycle.render import append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.cycle.stats import CycleStats
-from vhostmd_py.errors import StrPath
+from vhostmd_py.errors import StrPath, VhostmdError
 from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
@@ -151,3 +152,41 @@ class Monitor:
         close: Callable[[], None] | None = getattr(shaper, "close", None)
         if close is not None:
             close()
+
+
+class MonitorStep:
+    """The Monitor as a cycle step of the daemon (vhostmd_py.assemble.Step).
+
+    Observing can cap or restore a VM's rate (libvirt): it runs on RUN_BLOCKING
+    (the libvirt Host's worker). Unchanged alarm variables keep their state
+    across a reload: the Monitor is reconfigured in place, never rebuilt.
+    """
+
+    reads_stats = True
+
+    def __init__(self, monitor: Monitor,
+                 run_blocking: Callable[..., Awaitable[None]]) -> None:
+        self.monitor = monitor
+        self._run_blocking = run_blocking
+
+    async def observe(self, stats: CycleStats | None) -> None:
+        """Feed the alarms and the accounting (nothing when the statistics are missing)."""
+        if stats is None:
+            return
+        try:
+            await self._run_blocking(self.monitor.observe, stats)
+        except VhostmdError as err:
+            log.error("alarms/accounting: %s", err)
+
+    def decorate(self, snapshot: Snapshot) -> Snapshot:
+        """SNAPSHOT with each VM's opt-in metrics."""
+        return self.monitor.decorate(snapshot)
+
+    def reconfigure(self, config: Config) -> bool:
+        """Take CONFIG in place (alarm state kept)."""
+        self.monitor.reconfigure(config)
+        return True
+
+    def close(self) -> None:
+        """Stop the hook thread, close the shaper."""
+        self.monitor.close()

@@ -76,7 +76,7 @@ def test_order_is_libvirts_listing_order(upstream: Path) -> None:
     vms = LibvirtVMs(uri)
     try:
         listed = [vm.id for vm in vms.list_running()]
-        conn = vms._conn  # the same connection: the same hash-ordered listing
+        conn = vms.connection()  # the same connection: the same hash-ordered listing
         assert listed == conn.listDomainsID()
         assert listed != sorted(listed)
     finally:
