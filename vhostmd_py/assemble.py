@@ -132,6 +132,8 @@ class Parts:
         self.slots = tuple(slots)
         self.gather = gather
         self.by_name: Dict[str, Any] = {}
+        # The late parts the loop's end closed, still there to be read.
+        self.closed: Dict[str, Any] = {}
 
     def _kind(self, kind: str) -> List[Any]:
         return [self.by_name[s.name] for s in self.slots
@@ -145,9 +147,10 @@ class Parts:
         """The cycle steps in force, in chain order."""
         return self._kind("step")
 
-    def get(self, name: str) -> Any:
-        """The part in slot NAME, or None."""
-        return self.by_name.get(name)
+    def get(self, name: str, *, closed: bool = False) -> Any:
+        """The part in slot NAME, or None (CLOSED: or the one the loop's end closed)."""
+        part = self.by_name.get(name)
+        return self.closed.get(name) if part is None and closed else part
 
     # --- building ----------------------------------------------------------------
 
@@ -244,7 +247,7 @@ class Parts:
             part = self.by_name.get(slot.name)
             if slot.early or part is None:
                 continue
-            del self.by_name[slot.name]
+            self.closed[slot.name] = self.by_name.pop(slot.name)
             try:
                 await _close(part)
             except (OSError, VhostmdError) as err:

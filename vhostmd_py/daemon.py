@@ -151,8 +151,8 @@ class Daemon:
 
     @property
     def monitor(self) -> Monitor | None:
-        """The alarms and accounting in force (None when off)."""
-        step = self.parts.get("monitor")
+        """The alarms and accounting (None when off); after run(), the ones it closed."""
+        step = self.parts.get("monitor", closed=True)
         return step.monitor if step is not None else None
 
     @property

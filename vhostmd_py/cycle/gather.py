@@ -176,8 +176,13 @@ class Gatherer:
         if stats and self._stats_source is None:
             from vhostmd_py.sources.builtin.catalogue import COUNTER_FIELDS
 
-            # Sampled in the same libvirt call as the built-in metrics.
-            self.native().extra_fields = COUNTER_FIELDS
+            # Sampled in the same libvirt call as the built-in metrics, for every
+            # running VM, whatever <metrics> publishes.
+            native = self.native()
+            native.extra_fields = COUNTER_FIELDS
+            native.extra_vms = tuple(vms)
+        elif self._native is not None:
+            self._native.extra_vms = ()
         native = self._native
         sampled = native.last_snapshot if native is not None else None
         snapshot = await collect(
