@@ -272,7 +272,9 @@ class Daemon:
             took = self._clock() - started
             snapshot = self.last_snapshot
             self.health.record_cycle(took, len(snapshot.vms) if snapshot is not None else 0)
-            self._log_cycle(took)  # ops: -v line per cycle
+            if log.isEnabledFor(logging.INFO):  # ops: -v line per cycle
+                metrics, vms = _counts(snapshot) if snapshot is not None else (0, 0)
+                log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
             next_start += self.config.update_period
@@ -337,28 +339,8 @@ class Daemon:
         if counted:
             self.last_publish_ok = all(counted)
             self.health.record_publish(self.last_publish_ok, self._wall())
-            if self.last_publish_ok:
-                self._log_first_publish(publishers, snapshot)  # ops: at the default level
-
-    # --- ops: what an operator sees (logsetup.LIFECYCLE, -v) ------------------
-
-    def _log_first_publish(self, publishers: Sequence[Any], snapshot: Snapshot) -> None:
-        """Once per daemon life: the first cycle whose metrics reached a transport."""
-        where = [p.where for p in publishers if getattr(p, "where", None)]
-        if self._announced or not where:
-            return
-        self._announced = True
-        metrics, vms = _counts(snapshot)
-        logging.getLogger(LIFECYCLE).info(
-            "first metrics published on %s: %d metrics, %d VMs", " and ".join(where), metrics, vms
-        )
-
-    def _log_cycle(self, took: float) -> None:
-        """-v: one line per cycle (what was published, how long it took)."""
-        if not log.isEnabledFor(logging.INFO):
-            return
-        metrics, vms = _counts(self.last_snapshot) if self.last_snapshot else (0, 0)
-        log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)
+            if self.last_publish_ok and not self._announced:
+                self._announced = _log_first_publish(publishers, snapshot)
 
     # --- reload and shutdown -----------------------------------------------------------
 
@@ -392,6 +374,18 @@ class Daemon:
         await self.parts.gather.close()
         self.close_endpoint()
         self.parts.close_early()
+
+
+def _log_first_publish(publishers: Sequence[Any], snapshot: Snapshot) -> bool:
+    """Ops, at the default level: the first cycle whose metrics reached a transport."""
+    where = [p.where for p in publishers if getattr(p, "where", None)]
+    if not where:
+        return False
+    metrics, vms = _counts(snapshot)
+    logging.getLogger(LIFECYCLE).info(
+        "first metrics published on %s: %d metrics, %d VMs", " and ".join(where), metrics, vms
+    )
+    return True
 
 
 def _counts(snapshot: Snapshot) -> Tuple[int, int]:

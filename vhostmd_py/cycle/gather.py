@@ -178,9 +178,9 @@ class Gatherer:
 
             # Sampled in the same libvirt call as the built-in metrics, for every
             # running VM, whatever <metrics> publishes.
-            native = self.native()
-            native.extra_fields = COUNTER_FIELDS
-            native.extra_vms = tuple(vms)
+            wanted = self.native()
+            wanted.extra_fields = COUNTER_FIELDS
+            wanted.extra_vms = tuple(vms)
         elif self._native is not None:
             self._native.extra_vms = ()
         native = self._native
