@@ -357,18 +357,11 @@ class Assembler:
         return pervm
 
     async def _virtio(self, config: Config) -> Publisher:
-        from vhostmd_py.publish.virtio.server import VirtioServer
+        from vhostmd_py.publish.virtio.publisher import VirtioPublisher
 
         assert self._gather is not None
-        server = VirtioServer(config.virtio, clock=self._clock,
-                              reserve_fds=self._gather.runner.fd_need)
-        await server.start()
-        log.info(
-            "Activating virtio, using max_channels %d, expiration_time %d",
-            config.virtio.max_channels,
-            config.virtio.expiration_time,
-        )
-        return server
+        return await VirtioPublisher.start(config.virtio, clock=self._clock,
+                                           reserve_fds=self._gather.runner.fd_need)
 
     def _history(self, config: Config) -> Step:
         from vhostmd_py.history.step import HistoryStep

@@ -40,7 +40,7 @@ import stat
 import struct
 import termios
 import time
-from typing import Any, Callable, Dict, List, Protocol, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Protocol, Sequence, Set, Tuple
 
 from vhostmd_py.cycle.snapshot import VM, Snapshot
 from vhostmd_py.publish.virtio.discovery import ChannelDiscovery, Entries
@@ -167,7 +167,6 @@ class VirtioServer:
         """RESERVE_FDS: descriptors others in the process need at once (the
         action runner's fd_need), kept free beside one per channel."""
         self._reserve_fds = reserve_fds
-        self.settings = cfg
         self._max = int(cfg.max_channels)
         self._expiration = float(cfg.expiration_time)
         self._clock = clock
@@ -255,19 +254,6 @@ class VirtioServer:
             self._resume_handle = None
         self._paused.clear()
         self._discovery.stop()
-
-    # --- a publisher of the daemon (vhostmd_py.assemble.Publisher) -------------------
-
-    where = "virtio"  # for the daemon's first-publish line
-
-    def publish(self, snapshot: Snapshot, *, listed: bool = True) -> bool:
-        """Serve SNAPSHOT from now on (always succeeds: guests ask when they want)."""
-        self.update(snapshot)
-        return True
-
-    def reconfigure(self, config: Any) -> bool:
-        """Whether CONFIG's <virtio> settings are the ones in force (else: restart)."""
-        return bool(config.virtio == self.settings)
 
     # --- introspection (tests, bench, status) -------------------------------------
 
