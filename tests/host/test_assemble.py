@@ -226,3 +226,42 @@ def test_a_refused_reload_closes_what_it_built_and_keeps_every_part(
         {("A", "host"): "1", ("Observed", "host"): str(n)} for n in (1, 2)
     ]
     assert metrics_of(read_disk(disk)) == {("A", "host"): "1", ("Observed", "host"): "2"}
+
+
+def test_reload_restarts_the_history_only_when_it_changed(tmp_path: Path) -> None:
+    """New metrics: the same History goes on; a new retention: a new History."""
+    disk = tmp_path / "vhostmd0"
+    state = tmp_path / "history"
+
+    def conf_with(action: str, retention: str) -> Path:
+        return write_config(tmp_path / "c.xml", disk, [("A", "int32", "host", action)],
+                            size=256, period=30,
+                            extra=f'<history state_dir="{state}" retention="{retention}"/>')
+
+    conf = conf_with("echo 1", "7d")
+    daemon = Daemon(load_config(conf), uri="test:///default", runner_factory=_runner,
+                    config_loader=load_config)
+    daemon.open_disk()
+    seen: List[Any] = []
+
+    async def main() -> None:
+        task = asyncio.ensure_future(daemon.run(signals=False))
+        await _cycles(daemon, 1)
+        seen.append(daemon.history)
+        conf_with("echo 2", "7d")
+        daemon.request_reload()
+        await _cycles(daemon, 2)
+        seen.append(daemon.history)
+        conf_with("echo 2", "8d")
+        daemon.request_reload()
+        await _cycles(daemon, 3)
+        seen.append(daemon.history)
+        daemon.request_stop()
+        await task
+
+    asyncio.run(main())
+    first, kept, restarted = seen
+    assert first is not None and kept is first
+    assert restarted is not None and restarted is not first
+    assert restarted.config.retention == 8 * 86400
+    assert metrics_of(read_disk(disk)) == {("A", "host"): "2"}
