@@ -13,7 +13,8 @@ libvirt Host's worker thread (vhostmd_py.libvirt_host); actions run in the runne
 is a few pwrite() calls done inline, so a signal can never interleave with
 it and the disk is never left half written.
 
-Upstream differences (SPEC section 7, FACTS section 5), all deliberate:
+Upstream differences (docs/COMPATIBILITY.md; upstream measured in
+tests/data/golden/upstream/FACTS.md), all deliberate:
 - upstream never sleeps with update_period 1 and sleeps whole seconds
   otherwise; we start cycle k at t0 + k * period on a monotonic clock, and a
   cycle that overruns is followed at once by the next one, re-anchoring the
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 __all__ = ["LIBVIRT_TIMEOUT", "Daemon", "describe_config"]
 
 # How long a cancelled cycle may take to wind down (children killed) before we
-# stop waiting for it: the whole stop must fit in 2 seconds (SPEC section 7).
+# stop waiting for it: the whole stop must fit in 2 seconds (docs/COMPATIBILITY.md).
 CANCEL_GRACE = 1.2
 # The cycle's deadline: its start + period - margin; the margin (this share of
 # the period, at most MAX_MARGIN s) is for rendering and publishing, so each

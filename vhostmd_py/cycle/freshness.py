@@ -1,4 +1,4 @@
-"""Freshness and identity host metrics (vhostmd-py extension, issue 15; <freshness/>).
+"""Freshness and identity host metrics (vhostmd-py extension; <freshness/>).
 
 Three host metrics, rendered at publication into the host part of every
 document (the shared disk, the per-VM disks, the virtio replies), named in

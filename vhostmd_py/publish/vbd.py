@@ -62,7 +62,8 @@ class VbdPublisher:
             if not self._published_any:
                 # Nothing was ever published: the disk still has busy=1 from its
                 # creation, which hangs every upstream reader for as long as we run
-                # (upstream's own bug, FACTS section 2). An empty document clears it.
+                # (upstream's own bug, tests/data/golden/upstream/FACTS.md). An empty
+                # document clears it.
                 self._publish_empty()
             return False
         except VhostmdError as err:
