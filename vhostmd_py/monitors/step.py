@@ -7,9 +7,11 @@ cycle, after collecting the metrics:
     snapshot = monitor.decorate(snapshot)   # adds the opt-in guest metrics
 
 and ``monitor.reconfigure(config)`` after a reload, ``monitor.close()`` at
-exit. ``stats`` is the cycle's CycleStats (vhostmd_py/stats.py); the alarm
-values come from it through ``datasources.RateAdapter`` (the history's
-derived values under the alarms' data-source names).
+exit. ``stats`` is the cycle's CycleStats (vhostmd_py.cycle.stats); the alarm
+values come from it through ``vhostmd_py.monitors.inputs.RateAdapter`` (the
+history's derived values under the alarms' data-source names). The shaper
+uses the daemon's libvirt Host (vhostmd_py.libvirt_host), its read-write
+connection opened only when a cap must be set or lifted.
 """
 
 from __future__ import annotations
