@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 GOLDEN_CANDIDATES = (REPO.parent / "shared" / "golden" / "upstream",
                      REPO / "tests" / "data" / "golden" / "upstream")
 ANCHOR_DISK = "/dev/shm/vhostmd-anchor/perf/vhostmd0"
-# The daemon's -v line per cycle (daemon.Daemon._log_cycle): number, duration.
+# The daemon's -v line per cycle (daemon.Daemon._loop): number, duration.
 CYCLE_LINE = re.compile(r"cycle (\d+): \d+ metrics, \d+ VMs, ([0-9.]+) s")
 
 # Targets of issue 3 (fractions of upstream's median cycle; absolute RSS in kB).

@@ -30,7 +30,6 @@ from vhostmd_wire.errors import (
 
 __all__ = [
     "ActionError",
-    "ChannelError",
     "ChecksumError",
     "ConfigError",
     "ContentTooLargeError",
@@ -79,8 +78,9 @@ class ActionError(VhostmdError):
 class LibvirtError(VhostmdError):
     """libvirt cannot be reached or answered with an error."""
 
-    def __init__(self, uri: str | None, reason: str) -> None:
+    def __init__(self, uri: str | None, reason: str, *, code: int | None = None) -> None:
         self.uri = uri
+        self.code = code  # libvirt's error code (virErrorNumber), when libvirt gave one
         super().__init__(reason, f"libvirt {uri or '(default URI)'}: {reason}")
 
 
@@ -91,14 +91,6 @@ class PidFileError(VhostmdError):
         self.path = os.fspath(path)
         self.errno = errno
         super().__init__(reason, f"Failed to open pid file '{self.path}' : {reason}")
-
-
-class ChannelError(VhostmdError):
-    """A virtio-serial channel failed (connect, protocol)."""
-
-    def __init__(self, path: StrPath, reason: str) -> None:
-        self.path = os.fspath(path)
-        super().__init__(reason, f"channel {self.path}: {reason}")
 
 
 class PrivilegeError(VhostmdError):

@@ -20,8 +20,9 @@ from vhostmd_wire.disk import read_disk, read_header
 from vhostmd_py import logsetup
 from vhostmd_py.config import Config, load_config
 from vhostmd_py.cycle.render import document
-from vhostmd_py.daemon import BlockingWorker, Daemon, describe_config
+from vhostmd_py.daemon import Daemon, describe_config
 from vhostmd_py.errors import PrivilegeError
+from vhostmd_py.libvirt_host import BlockingWorker
 from vhostmd_py.process.privileges import Identity, drop_privileges, resolve_user
 from vhostmd_py.sources.shell.runner import ActionRunner
 

@@ -89,7 +89,9 @@ async def _raw_values(
             calls.extend(_single(source, requests[p]) for p in places)
             order.extend([p] for p in places)
     values: List[RawValue] = [None] * len(requests)
-    if deadline is None:
+    if deadline is None or not calls:
+        # No calls (an empty <metrics/>): an empty document, every period as
+        # upstream; asyncio.wait() refuses an empty set.
         outcomes = await asyncio.gather(*calls)
     else:
         tasks = [asyncio.ensure_future(c) for c in calls]

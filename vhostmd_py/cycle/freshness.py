@@ -1,4 +1,4 @@
-"""Freshness and identity host metrics (vhostmd-py extension, issue 15; <freshness/>).
+"""Freshness and identity host metrics (vhostmd-py extension; <freshness/>).
 
 Three host metrics, rendered at publication into the host part of every
 document (the shared disk, the per-VM disks, the virtio replies), named in
@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, Tuple
 
 from vhostmd_wire.protocol import (
     FRESHNESS_PERIOD,
@@ -37,7 +37,8 @@ from vhostmd_wire.protocol import (
 )
 
 from vhostmd_py.config import FreshnessConfig
-from vhostmd_py.cycle.render import render_metric
+from vhostmd_py.cycle.render import ExtraMetric, append_metrics
+from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.errors import IdentityError
 from vhostmd_py.fs import create_once, read_small
 
@@ -71,7 +72,14 @@ def host_identity(config: FreshnessConfig, *,
 
 
 class Freshness:
-    """The three host metrics of one daemon configuration."""
+    """The three host metrics of one daemon configuration; a cycle step of the daemon.
+
+    As a step (vhostmd_py.assemble.Step) it reads no statistics and adds its
+    metrics to the host part through render.append_metrics, after the other
+    steps, so every transport publishes them.
+    """
+
+    reads_stats = False
 
     def __init__(self, config: FreshnessConfig, update_period: int, *,
                  wall: Callable[[], float] = time.time,
@@ -83,18 +91,35 @@ class Freshness:
         # key and machine-id may not be readable afterwards.
         self.identity = host_identity(config, random=random)
         # The contract with the guest library is vhostmd_wire.protocol's.
-        tail = render_metric(
-            FRESHNESS_PERIOD_TYPE, FRESHNESS_PERIOD, str(update_period).encode(), None,
-            FRESHNESS_UNIT,
-        )
+        tail = [ExtraMetric(FRESHNESS_PERIOD, FRESHNESS_PERIOD_TYPE, FRESHNESS_UNIT,
+                            str(update_period))]
         if self.identity is not None:
-            tail += render_metric(
-                HOST_IDENTITY_TYPE, HOST_IDENTITY, self.identity.encode(), None, None
-            )
-        self._tail = tail
+            tail.append(ExtraMetric(HOST_IDENTITY, HOST_IDENTITY_TYPE, None, self.identity))
+        self._tail = tuple(tail)
+
+    def metrics(self) -> Tuple[ExtraMetric, ...]:
+        """The metrics, PublicationTime now."""
+        now = format_publication_time(self._wall())
+        return (ExtraMetric(FRESHNESS_TIME, FRESHNESS_TIME_TYPE, FRESHNESS_UNIT, now),
+                *self._tail)
 
     def render(self) -> bytes:
         """The metrics' elements, PublicationTime now."""
-        now = format_publication_time(self._wall()).encode()
-        head = render_metric(FRESHNESS_TIME_TYPE, FRESHNESS_TIME, now, None, FRESHNESS_UNIT)
-        return head + self._tail
+        return append_metrics(Snapshot(b"", ()), self.metrics(), {}).host
+
+    # --- a cycle step ---------------------------------------------------------------
+
+    async def observe(self, stats: object) -> None:
+        """Nothing to observe: the values are the clock's and the identity's."""
+
+    def decorate(self, snapshot: Snapshot) -> Snapshot:
+        """SNAPSHOT with the metrics appended to its host part."""
+        return append_metrics(snapshot, self.metrics(), {})
+
+    def reconfigure(self, config: Any) -> bool:
+        """Whether CONFIG asks for these very metrics (else: built anew, identity re-read)."""
+        return bool(config.freshness == self.config
+                    and config.update_period == self.update_period)
+
+    def close(self) -> None:
+        """Nothing held."""

@@ -42,15 +42,17 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Protocol
+from typing import Any, Callable, Dict, List, Protocol, TypeVar
 
 from vhostmd_py.config.monitors import AccountingConfig, Budget
 from vhostmd_py.cycle.stats import CycleStats
-from vhostmd_py.errors import ShapingError, StateFileError, StrPath
+from vhostmd_py.errors import LibvirtError, ShapingError, StateFileError, StrPath
 from vhostmd_py.fs import read_json, write_json_atomic
+from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.alarms import Alarm, GuestMetric
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ACCOUNTING_FILE = "accounting.json"
 STATE_VERSION = 1
@@ -79,58 +81,72 @@ class Shaper(Protocol):
 
 
 class LibvirtShaper:
-    """Shaper over libvirt-python; a read-write connection, opened on first use."""
+    """Shaper over libvirt: the read-write connection of the daemon's libvirt Host.
 
-    def __init__(self, uri: str | None, *, flags: int | None = None, conn: Any = None) -> None:
+    HOST (vhostmd_py.libvirt_host.Host) opens it on first use; by default a
+    Host of its own for URI. CONN: an already open connection (tests).
+    """
+
+    def __init__(self, uri: str | None, *, flags: int | None = None, conn: Any = None,
+                 host: Host | None = None) -> None:
         self.uri = uri
         # Default VIR_DOMAIN_AFFECT_CURRENT: the live domain when it runs, else its config.
         self.flags = 0 if flags is None else flags
         self._conn = conn
+        self._own_host = host is None
+        self.host = host if host is not None else Host(uri)
+
+    def _connection(self) -> Any:
+        if self._conn is not None and self._conn.isAlive():
+            return self._conn
+        self._conn = None
+        return self.host.read_write()
 
     def _domain(self, uuid: str, dev: str) -> Any:
-        import libvirt
-
-        from vhostmd_py.sources.vms import _silence_default_handler
-
-        _silence_default_handler(libvirt)
         try:
-            if self._conn is None or not self._conn.isAlive():
-                self._conn = libvirt.open(self.uri)
-            return self._conn.lookupByUUIDString(uuid)
-        except libvirt.libvirtError as err:
-            gone = err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+            conn = self._connection()
+            try:
+                return conn.lookupByUUIDString(uuid)
+            except Exception as err:
+                if self.host.is_error(err):
+                    raise self.host.error(err) from err
+                raise
+        except LibvirtError as err:
+            gone = self.host.is_error(err, "VIR_ERR_NO_DOMAIN")
             if not gone:
                 self._conn = None
-            raise ShapingError(uuid, dev, str(err), gone=gone) from err
+                self.host.drop_read_write()
+            raise ShapingError(uuid, dev, err.reason, gone=gone) from err
+
+    def _call(self, uuid: str, dev: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except Exception as err:
+            if self.host.is_error(err):
+                raise ShapingError(uuid, dev, str(err)) from err
+            raise
 
     def get(self, uuid: str, dev: str) -> Dict[str, int]:
         """The interface's parameters (``dom.interfaceParameters``)."""
-        import libvirt
-
         dom = self._domain(uuid, dev)
-        try:
-            return {str(k): int(v) for k, v in dom.interfaceParameters(dev, self.flags).items()}
-        except libvirt.libvirtError as err:
-            raise ShapingError(uuid, dev, str(err)) from err
+        found = self._call(uuid, dev, dom.interfaceParameters, dev, self.flags)
+        return {str(k): int(v) for k, v in found.items()}
 
     def set(self, uuid: str, dev: str, params: Dict[str, int]) -> None:
         """Change parameters (``dom.setInterfaceParameters``, as ``virsh domiftune``)."""
-        import libvirt
-
         dom = self._domain(uuid, dev)
-        try:
-            dom.setInterfaceParameters(dev, params, self.flags)
-        except libvirt.libvirtError as err:
-            raise ShapingError(uuid, dev, str(err)) from err
+        self._call(uuid, dev, dom.setInterfaceParameters, dev, params, self.flags)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (the Host's read-write one only when it is our own)."""
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
                 conn.close()
             except Exception as err:  # closing a dead connection: nothing to do
                 log.debug("closing libvirt: %r", err)
+        if self._own_host:
+            self.host.drop_read_write()
 
 
 def read_boot_id(path: StrPath = BOOT_ID_PATH) -> str:

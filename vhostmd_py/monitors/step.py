@@ -1,27 +1,31 @@
 """Alarms + accounting as the daemon sees them: one object fed once per cycle.
 
-The daemon (daemon.py) calls, per cycle, after collecting the metrics:
+As a cycle step of the daemon (MonitorStep, vhostmd_py.assemble.Step), per
+cycle, after collecting the metrics:
 
     monitor.observe(stats)            # blocking (libvirt shaping): worker thread
     snapshot = monitor.decorate(snapshot)   # adds the opt-in guest metrics
 
 and ``monitor.reconfigure(config)`` after a reload, ``monitor.close()`` at
-exit. ``stats`` is the cycle's CycleStats (vhostmd_py/stats.py); the alarm
-values come from it through ``datasources.RateAdapter`` (the history's
-derived values under the alarms' data-source names).
+exit. ``stats`` is the cycle's CycleStats (vhostmd_py.cycle.stats); the alarm
+values come from it through ``vhostmd_py.monitors.inputs.RateAdapter`` (the
+history's derived values under the alarms' data-source names). The shaper
+uses the daemon's libvirt Host (vhostmd_py.libvirt_host), its read-write
+connection opened only when a cap must be set or lifted.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, List
+from typing import Awaitable, Callable, List
 
 from vhostmd_py.config import Config
 from vhostmd_py.config.monitors import AlarmsConfig
 from vhostmd_py.cycle.render import append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.cycle.stats import CycleStats
-from vhostmd_py.errors import StrPath
+from vhostmd_py.errors import StrPath, VhostmdError
+from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
 from vhostmd_py.monitors.inputs import RateAdapter
@@ -42,6 +46,7 @@ class Monitor:
         config: Config,
         *,
         uri: str | None = None,
+        host: Host | None = None,
         state_dir: StrPath | None = None,
         journal_socket: str | None = None,
         shaper: Shaper | None = None,
@@ -49,6 +54,8 @@ class Monitor:
         hooks: HookRunner | None = None,
     ) -> None:
         self._uri = uri
+        # The daemon's libvirt boundary: the shaper uses its read-write connection.
+        self._host = host
         self._state_dir = state_dir
         self._journal_socket = journal_socket
         self._shaper = shaper
@@ -98,8 +105,8 @@ class Monitor:
                 "capped" in e for e in self.accounting.state["vms"].values()
             )
             if self.accounting.shaper is None and (enforcing or restoring):
-                # A read-write connection, separate from the read-only listing one.
-                self.accounting.shaper = LibvirtShaper(self._uri)
+                # The Host's read-write connection, apart from the read-only listing one.
+                self.accounting.shaper = LibvirtShaper(self._uri, host=self._host)
         else:
             self.accounting = None
 
@@ -147,3 +154,41 @@ class Monitor:
         close: Callable[[], None] | None = getattr(shaper, "close", None)
         if close is not None:
             close()
+
+
+class MonitorStep:
+    """The Monitor as a cycle step of the daemon (vhostmd_py.assemble.Step).
+
+    Observing can cap or restore a VM's rate (libvirt): it runs on RUN_BLOCKING
+    (the libvirt Host's worker). Unchanged alarm variables keep their state
+    across a reload: the Monitor is reconfigured in place, never rebuilt.
+    """
+
+    reads_stats = True
+
+    def __init__(self, monitor: Monitor,
+                 run_blocking: Callable[..., Awaitable[None]]) -> None:
+        self.monitor = monitor
+        self._run_blocking = run_blocking
+
+    async def observe(self, stats: CycleStats | None) -> None:
+        """Feed the alarms and the accounting (nothing when the statistics are missing)."""
+        if stats is None:
+            return
+        try:
+            await self._run_blocking(self.monitor.observe, stats)
+        except VhostmdError as err:
+            log.error("alarms/accounting: %s", err)
+
+    def decorate(self, snapshot: Snapshot) -> Snapshot:
+        """SNAPSHOT with each VM's opt-in metrics."""
+        return self.monitor.decorate(snapshot)
+
+    def reconfigure(self, config: Config) -> bool:
+        """Take CONFIG in place (alarm state kept)."""
+        self.monitor.reconfigure(config)
+        return True
+
+    def close(self) -> None:
+        """Stop the hook thread, close the shaper."""
+        self.monitor.close()

@@ -15,9 +15,9 @@ whether the daemon really started, which upstream's (always 0 once forked)
 does not. Exit codes are upstream's (FACTS section 5): every start-up
 failure exits 1.
 
-Signals: STOP_SIGNALS stop the daemon (upstream: SIGTERM, SIGINT, SIGQUIT),
-SIGHUP reloads (ours; upstream has no handler), SIGPIPE is ignored
-(upstream: a guest closing its channel must not kill us).
+Signals: what stops and what reloads is vhostmd_py.process.signals' (shared
+with the loop); SIGPIPE is ignored (upstream: a guest closing its channel
+must not kill us).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List
+from typing import TYPE_CHECKING, Callable, List
 
 from vhostmd_py.errors import ConfigError, PidFileError, VhostmdError
+from vhostmd_py.process.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
@@ -44,10 +45,6 @@ PROG = "vhostmd"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-
-# The signals that stop the daemon, in every phase of its life.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-
 
 @dataclass(frozen=True)
 class Options:
@@ -80,8 +77,7 @@ def run(opts: Options) -> int:
     # Until the event loop takes these over, a stop request during start-up
     # (a 256 MiB disk takes a while to zero) still removes the pid file and
     # clears the disk's busy flag via the finally clause below.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _exit_on_signal)
+    exit_on_stop()
     try:
         config = load_config(opts.config)
     except VhostmdError as err:
@@ -134,9 +130,9 @@ def run(opts: Options) -> int:
             # disk still busy from its creation, before the finally below knows
             # about them: hold the signals until each is done.
             if opts.pid_file is not None:
-                with _stop_signals_held():
+                with held_stop_signals():
                     pid_file = PidFile.create(opts.pid_file)
-            with _stop_signals_held():
+            with held_stop_signals():
                 daemon.open_disk()
             if ident is not None:
                 daemon.set_config_loader(_preload(config))
@@ -180,27 +176,6 @@ def run(opts: Options) -> int:
             pid_file.remove()
 
 
-def install_loop_signals(
-    loop: asyncio.AbstractEventLoop, stop: Callable[[], None], reload: Callable[[], None]
-) -> Callable[[], None]:
-    """Hand STOP_SIGNALS to STOP and SIGHUP to RELOAD on LOOP; returns the undo.
-
-    remove_signal_handler() resets to SIG_DFL, not to what was there (the
-    start-up stop handler of run()): the undo puts that back."""
-    saved: Dict[int, Any] = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGHUP)}
-    for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-
-    def restore() -> None:
-        for sig, previous in saved.items():
-            loop.remove_signal_handler(sig)
-            if previous is not None:
-                signal.signal(sig, previous)
-
-    return restore
-
-
 def _fail(message: str) -> int:
     sys.stderr.write(f"{message}\n")
     sys.stderr.flush()
@@ -220,16 +195,6 @@ def _runner_factory(opts: Options) -> Callable[[Config], ActionRunner]:
         )
 
     return make
-
-
-@contextlib.contextmanager
-def _stop_signals_held() -> Iterator[None]:
-    """Defer the stop signals until the block is done (then they act)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _log_started(opts: Options, config: Config) -> None:
@@ -326,7 +291,7 @@ class PidFileRemover:
             raise PidFileError(path, f"cannot start the pid file remover: {err.strerror}") from err
         if child == 0:  # pragma: no cover - runs in the child, exits there
             try:
-                for sig in (*STOP_SIGNALS, signal.SIGHUP):
+                for sig in HANDLED_SIGNALS:
                     signal.signal(sig, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_SETMASK, [])
                 os.closerange(0, read_end)
@@ -348,10 +313,6 @@ class PidFileRemover:
             self._write_end = -1
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(EXIT_OK)
 
 
 def _dump(daemon: Daemon) -> int:

@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import time
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import TYPE_CHECKING, Any, Callable, Dict
 
 from vhostmd_py.config import PerVmDiskConfig
 from vhostmd_py.cycle.render import EMPTY_DOCUMENT, document
@@ -182,6 +182,15 @@ class PerVmDisks:
         disk.close()
         log.info("Per-VM metrics disk %s of a gone VM closed%s", disk.path,
                  " and removed" if ours else "")
+
+    # --- a publisher of the daemon (vhostmd_py.assemble.Publisher) -------------------
+
+    where = None  # not in the daemon's first-publish line, nor in its publish health
+
+    def reconfigure(self, config: Any) -> bool:
+        """Whether CONFIG's <disk_per_vm> (and channel limit) are the ones in force."""
+        return bool(config.disk_per_vm == self.config
+                    and config.virtio.max_channels == self.max_disks)
 
     def close(self) -> None:
         """Close every disk, leaving the files (daemon stop, reload)."""

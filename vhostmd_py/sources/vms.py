@@ -8,55 +8,28 @@ gives an empty VM list, so host metrics keep being published, the connection
 is re-opened on the next cycle, and the outage is logged once when it starts
 and once when it ends.
 
-Liveness is checked with isAlive() before each use and any failed call drops
-the connection; registerCloseCallback is not used because it only fires with a
-libvirt event loop implementation running, which we do not run. The
-connection is read-only: listing and XMLDesc(0) need nothing more, and it also
-works after -u USER against a polkit-protected libvirtd.
+The connection, its liveness checks, the outage lines and the default
+error handler are vhostmd_py.libvirt_host's (one Host per daemon, shared with
+the built-in sources and the accounting's shaper).
 
-Note: with a file-backed test driver URI that does not exist, libxml2 itself
-(not libvirt's error reporting, which we silence) prints an "I/O warning" line
-on stderr at every re-connection attempt; real drivers do not.
-
-Every method is blocking (libvirt-python is): the daemon calls them from one
-worker thread. `libvirt` is imported lazily so that guests, which install
-without libvirt-python, can import the package. A host installed without the
-`[host]` extra has no libvirt-python either: that is said once, in one line
-with the way to install it, and the daemon publishes host metrics only
-(it used to log a 15-line ImportError traceback every cycle).
+Every method is blocking (libvirt-python is): the daemon calls them from the
+Host's worker thread. Without libvirt-python the lister answers [] (said once
+by the Host) and the daemon publishes host metrics only.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Dict, List, Tuple
 
 from lxml import etree
 from vhostmd_wire.protocol import CHANNEL_NAME
 
 from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.libvirt_host import Host
 from vhostmd_py.safexml import safe_parser
 
 log = logging.getLogger(__name__)
-
-MISSING_LIBVIRT = (
-    "libvirt-python is not installed (%s): VM metrics and the virtio transport are off, "
-    "publishing host metrics only; install it with pip install 'vhostmd-py[host]' "
-    "or your distribution's python3-libvirt"
-)
-
-_handler_lock = threading.Lock()
-_handler_installed = False
-
-
-def _silence_default_handler(libvirt: Any) -> None:
-    """Stop libvirt printing "libvirt: ... error : ..." on stderr; we log instead."""
-    global _handler_installed
-    with _handler_lock:
-        if not _handler_installed:
-            libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
-            _handler_installed = True
 
 
 def channel_path_from_xml(xml: str) -> str | None:
@@ -77,92 +50,37 @@ def channel_path_from_xml(xml: str) -> str | None:
 
 
 class LibvirtVMs:
-    """The running domains of one libvirt URI (None = libvirt's default URI)."""
+    """The running domains of one libvirt URI (None = libvirt's default URI).
 
-    def __init__(self, uri: str | None, *, want_channels: bool = False) -> None:
+    HOST: the daemon's shared libvirt boundary; by default one of its own.
+    """
+
+    def __init__(self, uri: str | None, *, want_channels: bool = False,
+                 host: Host | None = None) -> None:
         self.uri = uri
         self.want_channels = want_channels
         self.last_ok = False  # whether the last list_running() was libvirt's answer
-        self._libvirt: Any = None
-        self._conn: Any = None
-        self._down = False
-        # Set when `import libvirt` failed: said once, never retried (a package
-        # installed into a running interpreter's path needs a restart anyway).
-        self._missing: str | None = None
+        self._own_host = host is None
+        self.host = host if host is not None else Host(uri)
         # (id, uuid) -> channel path: the live XML is fetched once per domain life.
         self._channels: Dict[Tuple[int, str], str | None] = {}
 
     @property
     def connected(self) -> bool:
         """Whether a connection is currently open."""
-        return self._conn is not None
+        return self.host.connected
 
     @property
     def available(self) -> bool:
         """Whether libvirt-python can be imported (logs the one line when it cannot)."""
-        return self._module() is not None
-
-    def _module(self) -> Any:
-        """The libvirt module, or None when libvirt-python is missing (logged once)."""
-        if self._libvirt is None and self._missing is None:
-            try:
-                import libvirt
-            except ImportError as err:
-                self._missing = str(err)
-                log.warning(MISSING_LIBVIRT, err)
-                return None
-            _silence_default_handler(libvirt)
-            self._libvirt = libvirt
-        return self._libvirt
-
-    def _describe(self) -> str:
-        return self.uri if self.uri is not None else "(default URI)"
-
-    def _open(self) -> Any:
-        """An open connection, re-opened after a loss; None (logged once) when impossible."""
-        libvirt = self._module()
-        if libvirt is None:
-            return None
-        if self._conn is not None:
-            try:
-                if self._conn.isAlive():
-                    return self._conn
-            except libvirt.libvirtError:
-                pass
-            self._drop()
-        try:
-            # Read-only is all we need (listing, XML); it also works as non-root
-            # against a polkit-protected libvirtd after -u USER.
-            self._conn = libvirt.openReadOnly(self.uri)
-        except libvirt.libvirtError as err:
-            self._outage(err)
-            return None
-        if self._down:
-            log.info("libvirt connection to %s restored", self._describe())
-            self._down = False
-        return self._conn
-
-    def _outage(self, err: Exception) -> None:
-        if not self._down:
-            log.error("Unable to open libvirt connection to %s: %s", self._describe(), err)
-            self._down = True
-        else:
-            log.debug("libvirt still unreachable at %s: %s", self._describe(), err)
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception as err:  # closing a dead connection may fail; nothing to do
-                log.debug("closing libvirt connection: %s", err)
+        return self.host.available
 
     def connection(self) -> Any:
         """The open connection (re-opened after a loss), or None; for built-in sources.
 
         Blocking, like every method: call it from the same worker thread.
         """
-        return self._open()
+        return self.host.read_only()
 
     def list_running(self) -> List[VM]:
         """The running domains in libvirt's listing order; [] when libvirt is unreachable.
@@ -171,12 +89,12 @@ class LibvirtVMs:
         of VMs that merely could not be listed).
         """
         self.last_ok = False
-        libvirt = self._module()
+        libvirt = self.host.module()
         if libvirt is None:
             return []
         # One retry: a libvirtd restart between cycles costs nothing when it is back.
         for attempt in (1, 2):
-            conn = self._open()
+            conn = self.host.read_only()
             if conn is None:
                 return []
             try:
@@ -184,15 +102,15 @@ class LibvirtVMs:
                 self.last_ok = True
                 return vms
             except libvirt.libvirtError as err:
-                self._drop()
+                self.host.drop_read_only()
                 if attempt == 2:
-                    self._outage(err)
+                    self.host.outage(self.host.error(err))
                 else:
                     log.debug("libvirt call failed, reconnecting: %s", err)
         return []
 
     def _list(self, conn: Any) -> List[VM]:
-        libvirt = self._module()
+        libvirt = self.host.module()
         # Upstream lists with virConnectListDomains (ids, in the driver's order);
         # the document keeps that order. listAllDomains then gives name and
         # UUID in one call instead of three per domain.
@@ -217,7 +135,7 @@ class LibvirtVMs:
     def _channel_of(self, dom: Any, key: Tuple[int, str]) -> str | None:
         if key in self._channels:
             return self._channels[key]
-        libvirt = self._module()
+        libvirt = self.host.module()
         try:
             path = channel_path_from_xml(dom.XMLDesc(0))
         except libvirt.libvirtError as err:
@@ -230,6 +148,7 @@ class LibvirtVMs:
         return path
 
     def close(self) -> None:
-        """Close the connection (idempotent)."""
-        self._drop()
+        """Forget the channels; close the connection when the Host is this lister's own."""
+        if self._own_host:
+            self.host.close()
         self._channels.clear()

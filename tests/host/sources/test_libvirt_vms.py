@@ -76,7 +76,7 @@ def test_order_is_libvirts_listing_order(upstream: Path) -> None:
     vms = LibvirtVMs(uri)
     try:
         listed = [vm.id for vm in vms.list_running()]
-        conn = vms._conn  # the same connection: the same hash-ordered listing
+        conn = vms.connection()  # the same connection: the same hash-ordered listing
         assert listed == conn.listDomainsID()
         assert listed != sorted(listed)
     finally:
@@ -134,7 +134,7 @@ def test_outage_logged_once_then_restored(tmp_path: Path, caplog: pytest.LogCapt
     node = tmp_path / "node.xml"
     uri = f"test://{node}"
     vms = LibvirtVMs(uri)
-    caplog.set_level(logging.DEBUG, logger="vhostmd_py.sources.vms")
+    caplog.set_level(logging.DEBUG, logger="vhostmd_py.libvirt_host")
     try:
         for _ in range(5):
             assert vms.list_running() == []

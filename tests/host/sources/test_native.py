@@ -192,11 +192,11 @@ def test_vendor_from_os_release(tmp_path: Path) -> None:
 
 def _vms(conn: Any) -> List[VM]:
     """The running VMs as the daemon lists them."""
+    from vhostmd_py.libvirt_host import Host
     from vhostmd_py.sources.vms import LibvirtVMs
 
-    lister = LibvirtVMs(None)
-    lister._conn = conn  # the same test-driver instance as CONN (each open is its own)
-    lister._libvirt = libvirt
+    # The same test-driver instance as CONN (each open is its own).
+    lister = LibvirtVMs(None, host=Host(None, read_only=conn))
     return lister.list_running()
 
 
@@ -432,7 +432,7 @@ def test_slow_libvirt_is_bounded() -> None:
         gate.wait(10)
         return None
 
-    from vhostmd_py.daemon import BlockingWorker
+    from vhostmd_py.libvirt_host import BlockingWorker
 
     # The daemon's worker (a daemon thread): asyncio.run does not wait for it.
     src = NativeSource(connection=stuck, run_blocking=BlockingWorker().call, timeout=0.2)

@@ -141,9 +141,9 @@ class LibvirtStatsReader:
 
     def _module(self) -> Any:
         if self._libvirt is None:
-            import libvirt
+            from vhostmd_py.libvirt_host import import_libvirt
 
-            self._libvirt = libvirt
+            self._libvirt = import_libvirt()
         return self._libvirt
 
     def _reset_for(self, conn: Any) -> None:

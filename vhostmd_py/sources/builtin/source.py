@@ -96,6 +96,9 @@ class NativeSource:
         # Fields sampled every cycle whatever the metrics ask for: what the
         # consumers of raw statistics (the history) need, read in the same call.
         self.extra_fields: Tuple[str, ...] = ()
+        # VMs sampled whatever the metrics ask for (the cycle's running VMs, for
+        # the same consumers: host-only metrics must not leave them without VMs).
+        self.extra_vms: Sequence[VM] = ()
 
     # --- sampling ---------------------------------------------------------------
 
@@ -232,7 +235,7 @@ class NativeSource:
                         | set(self.extra_fields))
         vms: List[VM] = []
         seen: Set[str] = set()
-        for _, vm in requests:
+        for vm in (*self.extra_vms, *(vm for _, vm in requests)):
             if vm is not None and vm.uuid not in seen:
                 seen.add(vm.uuid)
                 vms.append(vm)
