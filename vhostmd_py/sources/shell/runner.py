@@ -53,18 +53,31 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import math
 import os
-import signal
-import threading
-import time
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
 from vhostmd_py.cycle.snapshot import DEFAULT_PATH
 from vhostmd_py.errors import ActionError
 from vhostmd_py.sources.base import VALUE_CAP
 from vhostmd_py.sources.shell import binding
+from vhostmd_py.sources.shell.batch import (
+    ActionJob,
+    ActionResult,
+    Batch,
+    default_runtime_dir,
+    not_run,
+)
+from vhostmd_py.sources.shell.stopping import Stopper
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ActionJob",
+    "ActionResult",
+    "ActionRunner",
+    "default_batch_threads",
+    "default_concurrency",
+    "default_runtime_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,71 +93,7 @@ KILL_GRACE = 2.0
 # background child holding its stdout) before we take what was read and kill
 # what it left in its process group. Upstream waits for EOF for ever.
 LINGER = 0.5
-# A cancelled run() waits at most this long for its child to be killed and
-# reaped (the daemon allows a cancelled cycle 1.2 s: daemon.CANCEL_GRACE).
-CANCEL_WAIT = 1.0
-# ... of which at most this long blocking the loop, for all the actions one
-# cancellation burst ends together (the stop path only).
-CANCEL_SPIN = 0.05
 DEFAULT_SHELL = "/bin/sh"
-
-
-def default_runtime_dir() -> str:
-    """Where the action fifos' private directories go: /dev/shm (tmpfs, already
-    needed for the disk), else $TMPDIR, else /tmp."""
-    for candidate in ("/dev/shm", os.environ.get("TMPDIR", ""), "/tmp"):
-        if candidate and os.path.isdir(candidate) and os.access(candidate, os.W_OK | os.X_OK):
-            return candidate
-    return "/tmp"
-
-
-def _private_dir(parent: str, _swept: Set[str] = set()) -> str:  # noqa: B006 - see below
-    """A new mode-0700 directory with an unguessable name in PARENT (which may be
-    world-writable: nobody can have made it first). tempfile.mkdtemp() does the
-    same but its import costs the daemon ~0.6 MB of RSS (bench/README.md, Cycle).
-
-    The name carries our pid, `vhostmd-actions.PID.RANDOM`: the first time a
-    process uses PARENT (_swept remembers it, for the process's life), it
-    removes the directories a killed daemon left there (kill -9 runs no
-    cleanup), only ours (owner = our euid, a real directory) and only those
-    whose PID no longer exists.
-    """
-    if parent not in _swept:
-        import stat  # here: this helper is the only part of the runner that needs it
-
-        _swept.add(parent)
-        me = os.geteuid()
-        with contextlib.suppress(OSError):
-            for name in os.listdir(parent):
-                fields = name.split(".")
-                if len(fields) != 3 or fields[0] != "vhostmd-actions" or not fields[1].isdigit():
-                    continue
-                path = os.path.join(parent, name)
-                try:
-                    st = os.lstat(path)
-                    if not stat.S_ISDIR(st.st_mode) or st.st_uid != me:
-                        continue
-                    os.kill(int(fields[1]), 0)
-                except ProcessLookupError:
-                    _remove_dir(path)  # its daemon is gone
-                except OSError:
-                    continue  # alive (EPERM: someone else's), or vanished
-    while True:
-        path = os.path.join(parent, f"vhostmd-actions.{os.getpid()}.{os.urandom(8).hex()}")
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue
-        return path
-
-
-def _remove_dir(path: str) -> None:
-    """Remove PATH and the fifos left in it (only a batch cut short leaves any)."""
-    with contextlib.suppress(OSError):
-        for name in os.listdir(path):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(path, name))
-        os.rmdir(path)
 
 
 def default_concurrency() -> int:
@@ -152,190 +101,10 @@ def default_concurrency() -> int:
     return min(32, 4 * (os.cpu_count() or 1))
 
 
-@dataclass(frozen=True)
-class ActionResult:
-    """What one action did."""
-
-    returncode: int | None  # exit status, -N when killed by signal N, None if not run
-    stdout: bytes  # the first `cap` bytes
-    stdout_size: int  # all bytes seen (read and discarded past the cap)
-    stderr: bytes  # the first stderr_cap bytes
-    duration: float
-    timed_out: bool = False
-    overflow: bool = False  # output exceeded max_output: killed
-    cancelled: bool = False
-    spawn_error: str | None = None
-    # Exited, but left something holding its output open for `linger` s: the
-    # output is what was read by then, that something was killed.
-    lingered: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """True when the action ran to completion and exited 0."""
-        return self.returncode == 0 and not (self.timed_out or self.overflow or self.cancelled)
-
-    def failure(self) -> str | None:
-        """Why the value cannot be used, or None when ok."""
-        if self.spawn_error is not None:
-            return f"cannot run the shell: {self.spawn_error}"
-        if self.cancelled:
-            return "cancelled (daemon stopping)"
-        if self.timed_out:
-            return f"timed out after {self.duration:.1f} s, killed"
-        if self.overflow:
-            return f"output exceeds the limit ({self.stdout_size} bytes read so far), killed"
-        if self.returncode is None:
-            return "did not finish"
-        if self.returncode < 0:
-            try:
-                name = signal.Signals(-self.returncode).name
-            except ValueError:
-                name = f"signal {-self.returncode}"
-            return f"killed by {name}"
-        if self.returncode != 0:
-            return f"exit status {self.returncode}"
-        return None
-
-
-_INT_MAX = 2**31 - 1  # C int milliseconds: ~24 days
-
-
-def _not_run(reason: str) -> ActionResult:
-    """The result of an action that could not be started."""
-    return ActionResult(None, b"", 0, b"", 0.0, spawn_error=reason)
-
-
-def _convert(batch: _Batch, i: int) -> ActionResult:
-    """Job I's ActionResult from the C result and buffers of BATCH (C is done with it)."""
-    flags, status, error, out, out_total, err, start_ns, end_ns = batch.c.raw(i)
-    if flags & binding.SPAWN_ERROR:
-        return _not_run(os.strerror(error))
-    return ActionResult(
-        returncode=os.waitstatus_to_exitcode(status) if flags & binding.REAPED else None,
-        stdout=out,
-        stdout_size=out_total,
-        stderr=err,
-        duration=(end_ns - start_ns) / 1e9,
-        timed_out=bool(flags & binding.TIMEOUT),
-        overflow=bool(flags & binding.OVERFLOW),
-        cancelled=bool(flags & binding.ABORTED),
-        lingered=bool(flags & binding.LINGERED),
-    )
-
-
 def default_batch_threads() -> int:
     """Threads running batches at once: one per CPU, at most 4 (bench/README.md, Actions)."""
     return max(1, min(4, os.cpu_count() or 1))
 
-
-class ActionJob:
-    """One submitted action: ``future`` gets its ActionResult (see submit_many)."""
-
-    __slots__ = ("batch", "cap", "command", "future", "index", "path", "submitted")
-
-    def __init__(self, command: bytes, cap: int, path: str, future: asyncio.Future[ActionResult]):
-        self.command = command
-        self.cap = cap
-        self.path = path
-        self.future = future
-        self.batch: _Batch | None = None
-        self.index = 0
-        self.submitted = time.monotonic()
-
-    def done(self) -> bool:
-        """True once the result is in ``future``."""
-        return self.future.done()
-
-
-_Job = ActionJob
-
-
-class _Batch:
-    """The jobs of one vh_run_batch() call, its C buffers and its abort pipe.
-
-    The pipe is per batch so that an index written for a job of an ended
-    batch can never kill a job of the next one; writes and the close are
-    under one lock because they come from the loop and the worker thread.
-    """
-
-    __slots__ = ("abort_r", "abort_w", "c", "closed", "fifo_dir", "jobs", "lock", "prefix",
-                 "share")
-
-    def __init__(self, runner: ActionRunner, jobs: List[_Job], share: int) -> None:
-        self.jobs = jobs
-        self.share = share
-        envs: Dict[str, binding.Environment] = {}
-        specs = []
-        for i, job in enumerate(jobs):
-            job.batch = self
-            job.index = i
-            env = envs.get(job.path)
-            if env is None:
-                env = envs[job.path] = runner._env(job.path)
-            specs.append((job.command, job.cap, env))
-        self.c = binding.Batch(specs, runner.stderr_cap)
-        # Non-blocking both ends: C drains its end; the loop never blocks writing.
-        self.abort_r, self.abort_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.lock = threading.Lock()
-        self.closed = False
-        self.fifo_dir = ""
-        # Made here, on the loop, so a failure fails this batch's jobs (see
-        # _flush); mode 0700, and made after -u dropped privileges.
-        try:
-            self.fifo_dir = _private_dir(runner.runtime_dir or default_runtime_dir())
-        except BaseException:
-            self.close()
-            raise
-        self.prefix = os.fsencode(self.fifo_dir + "/")
-
-    def ended(self, index: int) -> bool:
-        """True once C is done with job INDEX (its child killed and reaped, or never run)."""
-        return self.closed or self.c.ended(index)
-
-    def kill_now(self, index: int, until: float) -> None:
-        """SIGKILL job INDEX's worker group from this thread; wait until UNTIL for C.
-
-        While end_ns is 0 the pid (the job's worker shell) is our child,
-        alive or a zombie, so it cannot have been reused: C reaps a killed
-        or dead worker and stores end_ns a few instructions later (and Linux
-        hands out pids in sequence up to pid_max before reusing one). If the
-        job ends between the check and the kill, the worker may already run
-        another job of the batch, which dies too: this is the stop path,
-        where every action of the cycle is being cancelled anyway.
-        """
-        pid = self.c.pid(index)
-        if not pid or self.ended(index):
-            return
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        except OSError:  # EPERM: a setuid child in the group; C kills the shell
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        while not self.ended(index) and time.monotonic() < until:
-            time.sleep(0.0002)
-
-    def abort(self, index: int | None) -> None:
-        """Ask C to kill job INDEX (None: all of them); no-op once the batch ended."""
-        data = binding.abort_message(index)
-        with self.lock:
-            if self.closed:
-                return
-            try:
-                os.write(self.abort_w, data)
-            except BlockingIOError:
-                # 16384 requests not yet read: the job still ends at its timeout.
-                log.warning("abort pipe full; action %s left to its timeout", index)
-
-    def close(self) -> None:
-        """Worker side, after C returned."""
-        with self.lock:
-            self.closed = True
-            os.close(self.abort_r)
-            os.close(self.abort_w)
-        if self.fifo_dir:
-            _remove_dir(self.fifo_dir)
 
 
 class ActionRunner:
@@ -401,10 +170,9 @@ class ActionRunner:
         self._envs: Dict[str, binding.Environment] = {}
         self._shared = binding.Shared(concurrency)
         self._pending: Dict[asyncio.AbstractEventLoop, List[ActionJob]] = {}
-        self._batches: Set[_Batch] = set()
-        self._unreaped: Set[int] = set()
+        self._batches: Set[Batch] = set()
+        self._stopper = Stopper()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._spin_until = 0.0
         self.runtime_dir = runtime_dir
 
     @property
@@ -464,12 +232,12 @@ class ActionRunner:
             job = ActionJob(b"", cap, job_path, loop.create_future())
             out.append(job)
             if "\x00" in command:
-                job.future.set_result(_not_run("NUL character in command"))
+                job.future.set_result(not_run("NUL character in command"))
                 continue
             try:
                 job.command = os.fsencode(command)
             except UnicodeEncodeError as err:  # lone surrogates: no bytes to exec
-                job.future.set_result(_not_run(f"command not encodable: {err}"))
+                job.future.set_result(not_run(f"command not encodable: {err}"))
                 continue
             queued.append(job)
         if queued:
@@ -487,10 +255,10 @@ class ActionRunner:
         """The result of a done JOB (a batch that could not run: a spawn_error result)."""
         outcome = job.future.exception() if not job.future.cancelled() else None
         if job.future.cancelled():
-            return _not_run("cancelled")
+            return not_run("cancelled")
         if outcome is not None:
             reason = outcome.reason if isinstance(outcome, ActionError) else str(outcome)
-            return _not_run(reason)
+            return not_run(reason)
         return job.future.result()
 
     def collect_ready(self, jobs: Sequence[ActionJob]) -> None:
@@ -505,7 +273,7 @@ class ActionRunner:
             if batch is None or job.future.done():
                 continue
             if batch.c.ended(job.index):
-                job.future.set_result(_convert(batch, job.index))
+                job.future.set_result(batch.result(job.index))
 
     def worker_pids(self) -> Set[int]:
         """Pids of the worker shells of the batches running now (and of a few that ended).
@@ -520,49 +288,14 @@ class ActionRunner:
         return pids
 
     async def cancel(self, jobs: Sequence[ActionJob]) -> None:
-        """Kill JOBS (the daemon is stopping): none of their children outlives this call.
-
-        asyncio.gather() ends at the FIRST cancelled child, so what must be
-        true when the cycle's cancellation completes is done here
-        synchronously: abort, kill now and wait briefly for C to reap (a
-        killed shell is gone in well under a millisecond); only a child
-        stuck past that is waited for without blocking the loop (polling:
-        this is the stop path only).
-        """
-        for job in jobs:
-            if job.batch is None and not job.future.done():
-                job.future.cancel()  # not flushed yet: _flush skips it
-        started = [j for j in jobs if j.batch is not None]
-        mine: Dict[_Batch, int] = {}
-        for job in started:
-            assert job.batch is not None
-            mine[job.batch] = mine.get(job.batch, 0) + 1
-        for batch, count in mine.items():
-            if count == len(batch.jobs):
-                batch.abort(None)  # one write for the whole batch
-            else:
-                for job in started:
-                    if job.batch is batch:
-                        batch.abort(job.index)
-        now = time.monotonic()
-        if now >= self._spin_until:
-            # One budget per burst: a stopping cycle cancels every action in
-            # the same loop iteration.
-            self._spin_until = now + CANCEL_SPIN
-        for job in started:
-            assert job.batch is not None
-            job.batch.kill_now(job.index, self._spin_until)
-        deadline = time.monotonic() + CANCEL_WAIT
-        for job in started:
-            assert job.batch is not None
-            while not job.batch.ended(job.index) and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
+        """Kill JOBS (the daemon is stopping): none of their children outlives this call."""
+        await self._stopper.cancel(jobs)
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         jobs = [j for j in self._pending.pop(loop, ()) if not j.future.done()]
         if not jobs:
             return
-        self._reap_orphans()
+        self._stopper.reap()
         if self._pool is None:
             # A batch whose action outlives its cycle (the cycle publishes at
             # its deadline without it) keeps its thread until that action
@@ -583,7 +316,9 @@ class ActionRunner:
         for part in range(k):
             group = jobs[part::k]
             try:
-                self._submit(loop, _Batch(self, group, share))
+                batch = Batch(group, share, env=self._env, stderr_cap=self.stderr_cap,
+                              runtime_dir=self.runtime_dir)
+                self._submit(loop, batch)
             except Exception as err:
                 # Called from call_soon: an exception here would only reach
                 # asyncio's handler and leave these futures pending for ever,
@@ -596,7 +331,7 @@ class ActionRunner:
                             ActionError("(batch)", f"cannot start the batch: {err}")
                         )
 
-    def _submit(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+    def _submit(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
         assert self._pool is not None
         self._batches.add(batch)
         try:
@@ -612,7 +347,7 @@ class ActionRunner:
 
         done.add_done_callback(deliver)
 
-    def _deliver(self, batch: _Batch, fut: concurrent.futures.Future[List[ActionResult]]) -> None:
+    def _deliver(self, batch: Batch, fut: concurrent.futures.Future[List[ActionResult]]) -> None:
         self._batches.discard(batch)
         error = fut.exception()
         if error is None and self.on_results is not None:
@@ -631,50 +366,18 @@ class ActionRunner:
             env = self._envs[path] = binding.Environment({**self._environ, "PATH": path})
         return env
 
-    def _execute(self, batch: _Batch) -> List[ActionResult]:
+    def _execute(self, batch: Batch) -> List[ActionResult]:
         """Worker thread: run the batch in C, turn its results into ActionResults."""
-        try:
-            batch.c.run(
-                self._shell,
-                batch.prefix,
-                self._shared,
-                batch.abort_r,
-                timeout_ms=min(_INT_MAX, max(1, math.ceil(self.timeout * 1000))),
-                kill_grace_ms=min(_INT_MAX, math.ceil(self.kill_grace * 1000)),
-                max_output=self.max_output,
-                max_running=batch.share,
-                linger_ms=(
-                    -1 if self.linger is None else min(_INT_MAX, math.ceil(self.linger * 1000))
-                ),
-            )
-        except OSError as err:
-            raise ActionError("(batch)", f"cannot run actions: {err.strerror}") from err
-        finally:
-            batch.close()
-        out: List[ActionResult] = []
-        for i in range(len(batch.jobs)):
-            flags = batch.c.flags(i)
-            if flags & binding.UNREAPED and not flags & binding.SPAWN_ERROR:
-                pid = batch.c.pid(i)
-                self._unreaped.add(pid)
-                log.warning(
-                    "child %d still holds its output %.0f s after SIGKILL; abandoning it",
-                    pid,
-                    self.kill_grace,
-                )
-            out.append(_convert(batch, i))
-        return out
-
-    def _reap_orphans(self) -> None:
-        # Shells given up on after the kill grace: reap them now so they do
-        # not stay zombies.
-        for pid in list(self._unreaped):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
-                self._unreaped.discard(pid)
+        results, unreaped = batch.run(
+            self._shell,
+            self._shared,
+            timeout=self.timeout,
+            kill_grace=self.kill_grace,
+            max_output=self.max_output,
+            linger=self.linger,
+        )
+        self._stopper.abandoned(unreaped)
+        return results
 
     def cancel_all(self) -> None:
         """Kill every running action now (their metrics fail as cancelled); call on the loop."""
@@ -689,8 +392,4 @@ class ActionRunner:
             self._pool = None
         self._batches.clear()
         self._pending.clear()  # jobs of a loop that ended before its flush
-        deadline = time.monotonic() + 2.0
-        while self._unreaped and time.monotonic() < deadline:
-            self._reap_orphans()
-            if self._unreaped:
-                time.sleep(0.01)
+        self._stopper.reap_all(within=2.0)
