@@ -50,8 +50,6 @@ the action is killed; at most ``max_concurrency`` actions run at once.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import logging
 import os
 from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
@@ -68,6 +66,7 @@ from vhostmd_py.sources.shell.batch import (
     not_run,
 )
 from vhostmd_py.sources.shell.stopping import Stopper
+from vhostmd_py.sources.shell.threads import BatchThreads
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -170,9 +169,14 @@ class ActionRunner:
         self._envs: Dict[str, binding.Environment] = {}
         self._shared = binding.Shared(concurrency)
         self._pending: Dict[asyncio.AbstractEventLoop, List[ActionJob]] = {}
-        self._batches: Set[Batch] = set()
         self._stopper = Stopper()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # A batch whose action outlives its cycle (the cycle publishes at
+        # its deadline without it) keeps its thread until that action
+        # ends (at worst its timeout); the next cycles' batches must not
+        # queue behind it, so there are threads to spare: such a batch
+        # holds a running action, i.e. one of max_concurrency slots.
+        # Idle threads are reused: normally only batch_threads exist.
+        self._threads = BatchThreads(threads + concurrency, self._execute, self._delivered)
         self.runtime_dir = runtime_dir
 
     @property
@@ -283,7 +287,7 @@ class ActionRunner:
         (vhostmd_py.sources.shell.orphans only ends a process seen as an orphan twice).
         """
         pids: Set[int] = set()
-        for batch in self._batches:
+        for batch in self._threads.batches:
             pids.update(batch.c.started_pids())
         return pids
 
@@ -296,17 +300,6 @@ class ActionRunner:
         if not jobs:
             return
         self._stopper.reap()
-        if self._pool is None:
-            # A batch whose action outlives its cycle (the cycle publishes at
-            # its deadline without it) keeps its thread until that action
-            # ends (at worst its timeout); the next cycles' batches must not
-            # queue behind it, so there are threads to spare: such a batch
-            # holds a running action, i.e. one of max_concurrency slots.
-            # Idle threads are reused: normally only batch_threads exist.
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self.batch_threads + self.max_concurrency,
-                thread_name_prefix="vhostmd-actions",
-            )
         # WHY split: one poll loop per CPU shares our own per-action work
         # (fifos, reads, a few syscalls) between cores while the workers'
         # forks use them too; the shared counter keeps the total at
@@ -318,7 +311,7 @@ class ActionRunner:
             try:
                 batch = Batch(group, share, env=self._env, stderr_cap=self.stderr_cap,
                               runtime_dir=self.runtime_dir)
-                self._submit(loop, batch)
+                self._threads.submit(loop, batch)
             except Exception as err:
                 # Called from call_soon: an exception here would only reach
                 # asyncio's handler and leave these futures pending for ever,
@@ -331,34 +324,9 @@ class ActionRunner:
                             ActionError("(batch)", f"cannot start the batch: {err}")
                         )
 
-    def _submit(self, loop: asyncio.AbstractEventLoop, batch: Batch) -> None:
-        assert self._pool is not None
-        self._batches.add(batch)
-        try:
-            done = self._pool.submit(self._execute, batch)
-        except BaseException:
-            self._batches.discard(batch)
-            batch.close()
-            raise
-
-        def deliver(fut: concurrent.futures.Future[List[ActionResult]]) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(self._deliver, batch, fut)
-
-        done.add_done_callback(deliver)
-
-    def _deliver(self, batch: Batch, fut: concurrent.futures.Future[List[ActionResult]]) -> None:
-        self._batches.discard(batch)
-        error = fut.exception()
-        if error is None and self.on_results is not None:
-            self.on_results(fut.result())  # the health counters (endpoint), once per batch
-        for index, job in enumerate(batch.jobs):
-            if job.future.done():
-                continue
-            if error is not None:
-                job.future.set_exception(error)
-            else:
-                job.future.set_result(fut.result()[index])
+    def _delivered(self, results: Sequence[ActionResult]) -> None:
+        if self.on_results is not None:
+            self.on_results(results)  # the health counters (endpoint), once per batch
 
     def _env(self, path: str) -> binding.Environment:
         env = self._envs.get(path)
@@ -381,15 +349,12 @@ class ActionRunner:
 
     def cancel_all(self) -> None:
         """Kill every running action now (their metrics fail as cancelled); call on the loop."""
-        for batch in list(self._batches):
+        for batch in list(self._threads.batches):
             batch.abort(None)
 
     def close(self) -> None:
         """Kill running actions and reap what was left (blocking briefly)."""
         self.cancel_all()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        self._batches.clear()
+        self._threads.shutdown()
         self._pending.clear()  # jobs of a loop that ended before its flush
         self._stopper.reap_all(within=2.0)
