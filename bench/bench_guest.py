@@ -33,6 +33,12 @@ from vhostmd_guest.reader import DiskSource, MetricsReader, fetch_disk_metrics, 
 from vhostmd_wire import disk as wire
 
 from vhostmd_py.publish import mdisk
+
+# C's stable-read attempt is test-only C (csrc/tests/mdisk_read.c), built by
+# the tests' helper on first use; guests read in pure Python.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.cread import CReadStrategy
+
 from vhostmd_py.safexml import safe_parser
 
 KIB = 1024
@@ -127,7 +133,7 @@ def run(base: Path, runs: int) -> Dict[str, object]:
         rows.append(
             _row(
                 f"C stable read {label} (same retry policy, C attempt)",
-                _samples(lambda p=path: wire.read_disk(p, strategy=mdisk.CReadStrategy()), calls),
+                _samples(lambda p=path: wire.read_disk(p, strategy=CReadStrategy()), calls),
             )
         )
         rows.append(

@@ -14,15 +14,22 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
 import click
 from vhostmd_wire import disk as wire
 
 from vhostmd_py.publish import mdisk
+
+# C's stable-read attempt is test-only C (csrc/tests/mdisk_read.c), built by
+# the tests' helper on first use; guests read in pure Python.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers.cread import CReadStrategy
 
 KIB = 1024
 DOC_256K = 256 * KIB
@@ -134,7 +141,7 @@ def bench_read(workdir: str, calls: int) -> Dict[str, Timing]:
         with mdisk.MetricsDisk.create(path, 1024 * KIB) as disk:
             disk.publish(doc)
             # One retry policy (vhostmd_wire.disk.DiskReader); only the attempt differs.
-            strategies = (("c", mdisk.CReadStrategy), ("py", wire.PyReadStrategy))
+            strategies = (("c", CReadStrategy), ("py", wire.PyReadStrategy))
             for label, strategy in strategies:
                 reader = wire.DiskReader(path, strategy=strategy())
                 try:
@@ -158,7 +165,7 @@ def _check_o_direct(workdir: str) -> bool:
     path = os.path.join(workdir, "probe")
     with mdisk.MetricsDisk.create(path, 4096) as disk:
         disk.publish(b"probe")
-    with mdisk.DiskReader(path) as reader:
+    with wire.DiskReader(path) as reader:
         direct = reader.direct
     os.unlink(path)
     return direct

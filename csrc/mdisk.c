@@ -1,6 +1,6 @@
 /*
  * mdisk.c - the vhostmd metrics disk ("mvbd"), wire-compatible with
- * vhostmd 1.2 (SPEC section 4, FACTS sections 2-3).
+ * vhostmd 1.2 (docs/COMPATIBILITY.md).
  *
  * The binary layout is described once, in the docstring of
  * guest/vhostmd_wire/disk.py (the wire format both sides import; its pure
@@ -11,8 +11,9 @@
  * signed (FACTS: utf8-1k sums to 18185, not the unsigned 20745).
  *
  * Everything here works on a file descriptor the caller opened: the
- * paths and modes are vhostmd_py/mdisk.py's business, the retry policy
- * vhostmd_wire.disk.DiskReader's (mdisk_read_stable is one attempt).
+ * paths and modes are vhostmd_py/publish/diskfile.py's business. Only the
+ * host's side is here (it is what ships); the stable read the tests and
+ * benchmarks compare against the wire's pure Python is csrc/tests/mdisk_read.c.
  * Functions return MDISK_OK, a positive MDISK_E_* status, or -errno.
  */
 
@@ -123,31 +124,6 @@ void mdisk_header_unpack(const unsigned char *in16, struct mdisk_header *h)
     h->length = get_be32(in16 + 12);
 }
 
-/* ---- aligned buffers -------------------------------------------------- */
-
-static size_t round_up(size_t n)
-{
-    return (n + (MDISK_ALIGN - 1)) & ~((size_t)MDISK_ALIGN - 1);
-}
-
-unsigned char *mdisk_buf_alloc(size_t size)
-{
-    void *p = NULL;
-
-    if (size == 0)
-        size = MDISK_ALIGN;
-    if (size > SIZE_MAX - (MDISK_ALIGN - 1))
-        return NULL; /* round_up() would wrap to 0 */
-    if (posix_memalign(&p, MDISK_ALIGN, round_up(size)) != 0)
-        return NULL;
-    return p;
-}
-
-void mdisk_buf_free(unsigned char *buf)
-{
-    free(buf);
-}
-
 /* ---- writing (host) --------------------------------------------------- */
 
 /* pwrite all of it, restarting after EINTR (a signal to the daemon must
@@ -254,110 +230,5 @@ int mdisk_publish(int fd, const unsigned char *content, size_t len,
 
 fail:
     (void)mdisk_set_busy(fd, 0);
-    return rc;
-}
-
-/* ---- reading (guest) -------------------------------------------------- */
-
-/*
- * pread up to `want` bytes (a multiple of MDISK_ALIGN) at offset 0. With
- * O_DIRECT the kernel returns less at end of file; that is only an error
- * if it does not cover what the header says, which the caller checks.
- * Upstream insists on full 64 KiB blocks and so cannot read a disk
- * smaller than 64 KiB (FACTS 3 small-1k): we accept the short read.
- */
-static ssize_t pread_upto(int fd, unsigned char *buf, size_t want)
-{
-    size_t got = 0;
-
-    while (got < want) {
-        ssize_t n = pread(fd, buf + got, want - got, (off_t)got);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (n == 0)
-            break;
-        got += (size_t)n;
-        /* A short, unaligned O_DIRECT read means end of file; asking
-         * again at an unaligned offset would fail with EINVAL. */
-        if (got % MDISK_ALIGN != 0)
-            break;
-    }
-    return (ssize_t)got;
-}
-
-static void drop_cache(int fd, int direct)
-{
-    /* Without O_DIRECT a guest would re-read its own stale page cache of
-     * the block device forever; ask the kernel to forget it first. The
-     * advice may be refused (e.g. on a pipe); then there is nothing to do. */
-    if (!direct)
-        (void)posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
-}
-
-/*
- * One attempt: header and content in one read, the header again, and the
- * checks upstream's reader does (busy, header unchanged) plus the ones it
- * does not (length within the device, checksum against the content:
- * SPEC 6 DEVIATION). Retrying is the caller's job.
- */
-int mdisk_read_stable(int fd, int direct, uint64_t dev_size,
-                      unsigned char *buf, size_t bufsize,
-                      struct mdisk_header *out)
-{
-    unsigned char *again;
-    struct mdisk_header h2;
-    uint64_t need;
-    ssize_t n;
-    int rc;
-
-    if (bufsize < MDISK_ALIGN || bufsize % MDISK_ALIGN != 0 ||
-        ((uintptr_t)buf % MDISK_ALIGN) != 0)
-        return MDISK_E_ARG;
-
-    drop_cache(fd, direct);
-    n = pread_upto(fd, buf, bufsize);
-    if (n < 0)
-        return (int)n;
-    if (n < MDISK_HEADER_SIZE)
-        return MDISK_E_SHORT;
-    mdisk_header_unpack(buf, out);
-    if (out->signature != MDISK_SIGNATURE)
-        return MDISK_E_SIGNATURE;
-    if (out->busy != 0)
-        return MDISK_E_BUSY;
-    need = MDISK_HEADER_SIZE + (uint64_t)out->length;
-    if (need > dev_size || need > MDISK_MAX_DISK_SIZE)
-        return MDISK_E_LENGTH;
-    if (need > bufsize)
-        return MDISK_E_BUFFER;
-    if (need > (uint64_t)n)
-        /* The file ended before the content although its size said
-         * otherwise: it shrank under us (re-created). Let the caller retry. */
-        return MDISK_E_CHANGED;
-
-    again = mdisk_buf_alloc(MDISK_ALIGN);
-    if (again == NULL)
-        return -ENOMEM;
-    drop_cache(fd, direct);
-    n = pread_upto(fd, again, MDISK_ALIGN);
-    if (n < 0) {
-        rc = (int)n;
-    } else if (n < MDISK_HEADER_SIZE) {
-        rc = MDISK_E_CHANGED;
-    } else {
-        mdisk_header_unpack(again, &h2);
-        if (h2.busy != 0)
-            rc = MDISK_E_BUSY;
-        else if (memcmp(again, buf, MDISK_HEADER_SIZE) != 0)
-            rc = MDISK_E_CHANGED;
-        else if (mdisk_checksum(buf + MDISK_HEADER_SIZE, out->length) != out->checksum)
-            rc = MDISK_E_CHECKSUM;
-        else
-            rc = MDISK_OK;
-    }
-    mdisk_buf_free(again);
     return rc;
 }

@@ -37,21 +37,8 @@ uint32_t mdisk_checksum(const unsigned char *buf, size_t len);
 void mdisk_header_pack(const struct mdisk_header *h, unsigned char *out16);
 void mdisk_header_unpack(const unsigned char *in16, struct mdisk_header *h);
 
-/* Buffers suitable for O_DIRECT: MDISK_ALIGN-aligned, size rounded up to
- * a multiple of MDISK_ALIGN. NULL when out of memory. */
-unsigned char *mdisk_buf_alloc(size_t size);
-void mdisk_buf_free(unsigned char *buf);
-
 int mdisk_set_busy(int fd, uint32_t busy);
 /* clear_to: end offset (exclusive) of what the previous publish wrote,
  * i.e. 16 + previous length; bytes between the new end and it are zeroed. */
 int mdisk_publish(int fd, const unsigned char *content, size_t len,
                   uint64_t disk_size, uint64_t clear_to);
-/* One attempt of the guest's stable read. buf from mdisk_buf_alloc,
- * bufsize a multiple of MDISK_ALIGN; direct = fd was opened O_DIRECT
- * (else the page cache is dropped before each read). On MDISK_OK the
- * content is at buf + 16, out->length bytes. out is filled whenever a
- * header was read (every status but MDISK_E_SHORT and errors). */
-int mdisk_read_stable(int fd, int direct, uint64_t dev_size,
-                      unsigned char *buf, size_t bufsize,
-                      struct mdisk_header *out);

@@ -87,8 +87,9 @@ class LibvirtError(VhostmdError):
 class PidFileError(VhostmdError):
     """The pid file cannot be created (another daemon holds it, or no access)."""
 
-    def __init__(self, path: StrPath, reason: str) -> None:
+    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.errno = errno
         super().__init__(reason, f"Failed to open pid file '{self.path}' : {reason}")
 
 
@@ -106,8 +107,9 @@ class PrivilegeError(VhostmdError):
 class StateFileError(VhostmdError):
     """A state file (alarms, accounting) cannot be read or written atomically."""
 
-    def __init__(self, path: StrPath, reason: str) -> None:
+    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.errno = errno
         super().__init__(reason, f"state file {self.path}: {reason}")
 
 
@@ -127,6 +129,7 @@ class ShapingError(VhostmdError):
 class IdentityError(VhostmdError):
     """The host identity's key or host id cannot be read or created."""
 
-    def __init__(self, path: StrPath, reason: str) -> None:
+    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.errno = errno
         super().__init__(reason, f"host identity {self.path}: {reason}")

@@ -1,4 +1,10 @@
-"""Atomic JSON state files (alarms history, accounting).
+"""The filesystem boundary: atomic writes, directory fsync and creation, OSError translation.
+
+Every module that touches files for state that must survive (alarms and
+accounting state, the history index and RRD directories, the pid file, the
+metrics disks, the virtio socket directory) goes through here, so an OSError
+becomes a product error (vhostmd_py.errors) in one place, naming the path and
+what was being done: ``<what failed>: <strerror>``.
 
 A state file is replaced, never rewritten in place: the new content goes to a
 temporary file in the same directory (same filesystem, so rename is atomic),
@@ -13,30 +19,78 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import tempfile
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from vhostmd_py.errors import StateFileError, StrPath
+from vhostmd_py.errors import StateFileError, StrPath, VhostmdError
 
-log = logging.getLogger(__name__)
+# A product error made from (path, reason, errno): every path-carrying error
+# class of vhostmd_py.errors takes these three.
+ErrorKind = Callable[[str, str, "int | None"], VhostmdError]
 
 
-def write_json_atomic(path: StrPath, data: Any, *, mode: int = 0o644) -> None:
-    """Replace PATH with DATA as JSON: temp file, fsync, rename, fsync of the directory."""
+def os_error(kind: ErrorKind, path: StrPath, doing: str, err: OSError) -> VhostmdError:
+    """The product error of KIND for ERR, raised while DOING on PATH ("DOING: strerror")."""
+    return kind(os.fspath(path), f"{doing}: {err.strerror or err}", err.errno)
+
+
+@contextlib.contextmanager
+def translated(kind: ErrorKind, path: StrPath, doing: str) -> Iterator[None]:
+    """Run the block; an OSError in it leaves as os_error(KIND, PATH, DOING, err)."""
+    try:
+        yield
+    except OSError as err:
+        raise os_error(kind, path, doing, err) from err
+
+
+def fsync_dir(directory: StrPath) -> None:
+    """fsync DIRECTORY itself, so a rename or a creation in it survives a power loss."""
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def make_dirs(directory: StrPath, kind: ErrorKind, *, mode: int = 0o755) -> None:
+    """Create DIRECTORY and its missing parents with MODE (less the umask); KIND on failure."""
+    with translated(kind, directory, "cannot create"):
+        os.makedirs(directory, mode=mode, exist_ok=True)
+
+
+def remove(path: StrPath, kind: ErrorKind) -> bool:
+    """Remove the file PATH; False when it was not there, KIND on any other failure."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        raise os_error(kind, path, "cannot remove", err) from err
+    return True
+
+
+def write_atomic(
+    path: StrPath, data: bytes, *, mode: int = 0o644, kind: ErrorKind = StateFileError,
+    make_parent: bool = True,
+) -> None:
+    """Replace PATH with DATA: temp file, fsync, rename, fsync of the directory; KIND on failure.
+
+    MAKE_PARENT: create the directory first when missing. The temporary file
+    (hidden, unguessable name, same directory) never survives a failure.
+    """
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))
-    try:
-        os.makedirs(directory, exist_ok=True)
+    with translated(kind, target, "cannot create a temporary file"):
+        if make_parent:
+            os.makedirs(directory, exist_ok=True)
+        # tempfile is imported here: the daemon's RSS (bench/README.md, Cycle).
+        import tempfile
+
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", dir=directory)
-    except OSError as err:
-        raise StateFileError(target, f"cannot create a temporary file: {err.strerror}") from err
-    try:
+    with translated(kind, target, "cannot write"):
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1, sort_keys=True)
-                fh.write("\n")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
                 fh.flush()
                 os.fchmod(fh.fileno(), mode)
                 os.fsync(fh.fileno())
@@ -46,24 +100,33 @@ def write_json_atomic(path: StrPath, data: Any, *, mode: int = 0o644) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(directory)
+
+
+def write_json_atomic(path: StrPath, data: Any, *, mode: int = 0o644) -> None:
+    """Replace PATH with DATA as JSON (write_atomic); StateFileError on failure."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    write_atomic(path, text.encode("utf-8"), mode=mode)
+
+
+def read_bytes(path: StrPath, kind: ErrorKind) -> bytes | None:
+    """The content of PATH, or None when it does not exist; KIND when unreadable."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
     except OSError as err:
-        raise StateFileError(target, f"cannot write: {err.strerror or err}") from err
+        raise os_error(kind, path, "cannot read", err) from err
 
 
 def read_json(path: StrPath) -> Any:
     """The JSON content of PATH, or None when it does not exist; StateFileError when unusable."""
     target = os.fspath(path)
-    try:
-        with open(target, encoding="utf-8") as fh:
-            return json.load(fh)
-    except FileNotFoundError:
+    raw = read_bytes(target, StateFileError)
+    if raw is None:
         return None
-    except OSError as err:
-        raise StateFileError(target, f"cannot read: {err.strerror or err}") from err
-    except ValueError as err:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError is one too
         raise StateFileError(target, f"not valid JSON: {err}") from err

@@ -1,7 +1,8 @@
 """The two implementations of the disk format the wire tests compare, as namespaces.
 
-"c": the host's compiled binding (vhostmd_py.publish.mdisk: checksum, header and
-the stable-read attempt in csrc/mdisk.c). "py": the wire format's pure
+"c": the host's compiled binding (vhostmd_py.publish.mdisk: checksum and
+header in csrc/mdisk.c) and the C stable-read attempt the tests build
+(helpers.cread, csrc/tests/mdisk_read.c). "py": the wire format's pure
 Python (vhostmd_wire.disk), the oracle. Both read with the ONE retry policy
 of vhostmd_wire.disk.DiskReader (only the read strategy differs) and both
 publish with the host's C writer, the only writer there is. ``__name__``
@@ -55,9 +56,10 @@ def _impl(strategy: Any, functions: Any) -> SimpleNamespace:
 
 def c_impl() -> SimpleNamespace:
     """The C binding's functions with the wire's retry policy around C's read attempt."""
+    from helpers.cread import CReadStrategy
     from vhostmd_py.publish import mdisk
 
-    return _impl(mdisk.CReadStrategy, mdisk)
+    return _impl(CReadStrategy, mdisk)
 
 
 def py_impl() -> SimpleNamespace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from helpers import cread
 from vhostmd_wire.disk import read_header
 
 pytest.importorskip("vhostmd_py.publish.mdisk", reason="the host package is not installed")
@@ -52,7 +54,8 @@ _READER = (
     + r"""
 from vhostmd_wire import disk as wire
 if sys.argv[3] == "c":
-    from vhostmd_py.publish.mdisk import CReadStrategy as strategy
+    sys.path.insert(0, os.environ["VHOSTMD_TEST_HELPERS"])
+    from helpers.cread import CReadStrategy as strategy
 else:
     strategy = wire.PyReadStrategy
 duration = float(sys.argv[4])
@@ -114,8 +117,11 @@ print(json.dumps({"impl": "naive", "reads": reads, "torn": torn}), flush=True)
 
 
 def _spawn(script: str, *args: str) -> subprocess.Popen[str]:
+    # The readers import helpers.cread (the tests' build of C's read attempt).
+    env = dict(os.environ, VHOSTMD_TEST_HELPERS=str(Path(__file__).resolve().parents[1]))
     return subprocess.Popen(
         [sys.executable, "-c", script, json.dumps(DOCS), *args],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -144,6 +150,7 @@ def test_no_torn_reads(shm_dir: Path, writer: str, readers: List[str]) -> None:
     """Readers accept only whole documents while the writer republishes nonstop."""
     path = shm_dir / "vhostmd0"
     stop = shm_dir / "stop"
+    cread.module()  # built (or found built) before the readers start their clocks
     wproc = _spawn(_WRITER, str(path), writer, str(stop), str(DISK_SIZE))
     try:
         assert wproc.stdout is not None

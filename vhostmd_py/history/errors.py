@@ -10,8 +10,9 @@ from vhostmd_py.errors import StrPath, VhostmdError
 class HistoryError(VhostmdError):
     """The history cannot read or write its state (names the path and the reason)."""
 
-    def __init__(self, path: StrPath, reason: str) -> None:
+    def __init__(self, path: StrPath, reason: str, errno: int | None = None) -> None:
         self.path = os.fspath(path)
+        self.errno = errno
         super().__init__(reason, f"{self.path}: {reason}")
 
 

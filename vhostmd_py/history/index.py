@@ -12,13 +12,13 @@ mix. ``step`` and ``rrdcached`` tell vhostmdctl how the daemon writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping
 
 from vhostmd_py.errors import StrPath
+from vhostmd_py.fs import read_bytes, write_atomic
 from vhostmd_py.history.errors import HistoryError
 
 INDEX_NAME = "index.json"
@@ -63,13 +63,9 @@ def index_path(state_dir: StrPath) -> str:
 def read_index(state_dir: StrPath) -> Index:
     """The index, or an empty one when there is none yet (HistoryError if unreadable)."""
     path = index_path(state_dir)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
-    except FileNotFoundError:
+    raw = read_bytes(path, HistoryError)
+    if raw is None:
         return Index()
-    except OSError as err:
-        raise HistoryError(path, f"cannot read: {err.strerror or err}") from err
     try:
         doc = json.loads(raw)
         vms = {
@@ -84,26 +80,5 @@ def read_index(state_dir: StrPath) -> Index:
 
 
 def write_index(state_dir: StrPath, index: Index) -> None:
-    """Replace the index atomically (temp file, fsync, rename, fsync directory)."""
-    path = index_path(state_dir)
-    tmp = f"{path}.tmp{os.getpid()}"
-    data = index.to_json()
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise HistoryError(path, f"cannot write: {err.strerror or err}") from err
+    """Replace the index atomically (vhostmd_py.fs.write_atomic); HistoryError on failure."""
+    write_atomic(index_path(state_dir), index.to_json(), kind=HistoryError, make_parent=False)

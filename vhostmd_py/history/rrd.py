@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import rrdtool
 
 from vhostmd_py.errors import StrPath
+from vhostmd_py.fs import fsync_dir, make_dirs, remove, translated
 from vhostmd_py.history.errors import HistoryError
 
 log = logging.getLogger(__name__)
@@ -237,10 +238,7 @@ class RrdStore:
 
     def prepare(self) -> None:
         """Create the state directory and its vm/ subdirectory (mode 0755)."""
-        try:
-            os.makedirs(self.vm_dir, mode=0o755, exist_ok=True)
-        except OSError as err:
-            raise HistoryError(self.vm_dir, f"cannot create: {err.strerror or err}") from err
+        make_dirs(self.vm_dir, HistoryError, mode=0o755)
 
     # --- files ------------------------------------------------------------------
 
@@ -322,10 +320,8 @@ class RrdStore:
     def sync_dirs(self) -> None:
         """fsync the state directory and vm/ (after creating files)."""
         for path in (self.vm_dir, self.state_dir):
-            try:
-                _fsync_dir(path)
-            except OSError as err:
-                raise HistoryError(path, f"cannot fsync: {err.strerror or err}") from err
+            with translated(HistoryError, path, "cannot fsync"):
+                fsync_dir(path or ".")
 
     def update(self, path: str, wall: float, values: Sequence[float | None]) -> bool:
         """Add one sample; False when skipped (not later than the file's last update)."""
@@ -361,12 +357,7 @@ class RrdStore:
                 rrdtool.flushcached("--daemon", self.daemon, path)
             except rrdtool.OperationalError as err:
                 log.debug("flushing %s before removal: %s", path, err)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise HistoryError(path, f"cannot remove: {err.strerror or err}") from err
+        remove(path, HistoryError)
 
     def flush(self) -> None:
         """Ask rrdcached to write what it holds for our files (no-op without it)."""
@@ -378,9 +369,3 @@ class RrdStore:
             log.warning("rrdcached at %s did not flush: %s", self.daemon, err)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

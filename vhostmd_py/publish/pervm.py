@@ -17,7 +17,8 @@ document and the next daemon takes them over.
 
 The directory must be the daemon's (root's) and writable by nobody else:
 /dev/shm is world-writable, and a directory someone else owns would let them
-swap our files under us (the openat walk of mdisk refuses symlinks anyway).
+swap our files under us (the openat walk of vhostmd_py.publish.diskfile
+refuses planted symlinks anyway).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from vhostmd_py.config import PerVmDiskConfig
 from vhostmd_py.cycle.render import EMPTY_DOCUMENT, document
 from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.errors import ContentTooLargeError, DiskIOError, VhostmdError
+from vhostmd_py.publish import diskfile
 
 if TYPE_CHECKING:  # the C binding is imported only when a disk is written
     from vhostmd_py.publish.mdisk import MetricsDisk
@@ -49,13 +51,7 @@ def check_directory(directory: str, *, create: bool = True) -> None:
 
     Created 0755 when missing (only its last component, as the shared disk's).
     """
-    from vhostmd_py.publish.mdisk import open_parent
-
-    dirfd, _ = open_parent(os.path.join(directory, "x"), create=create)
-    try:
-        st = os.fstat(dirfd)
-    finally:
-        os.close(dirfd)
+    st = diskfile.directory_stat(directory, create=create)
     if st.st_uid not in (0, os.geteuid()):
         raise DiskIOError(directory, f"per-VM disk directory is owned by uid {st.st_uid}, "
                           "not by root or us: refusing it", errno.EPERM)
@@ -169,31 +165,20 @@ class PerVmDisks:
 
     def _retire(self, uuid: str) -> None:
         """Close a gone VM's disk and remove its file if the path still names it."""
-        from vhostmd_py.publish.mdisk import path_identity
-
         disk = self._disks.pop(uuid)
         self._gone_since.pop(uuid, None)
         self._published.pop(uuid, None)
         self._said.pop(uuid, None)
         try:
-            st = os.fstat(disk.fileno())
-            ours = path_identity(disk.path) == (st.st_dev, st.st_ino)
-        except (OSError, VhostmdError) as err:
+            ours = diskfile.names_file(disk.path, disk.fileno())
+        except VhostmdError as err:
             log.warning("per-VM metrics disk %s: %s", disk.path, err)
             ours = False
         if ours:
-            from vhostmd_py.publish.mdisk import open_parent
-
-            # Unlinked relative to the directory walked with openat: never
-            # through a symlink planted in the path.
             try:
-                dirfd, name = open_parent(disk.path, create=False)
-                try:
-                    os.unlink(name, dir_fd=dirfd)
-                finally:
-                    os.close(dirfd)
-            except (OSError, VhostmdError) as err:
-                log.warning("per-VM metrics disk %s: cannot remove: %s", disk.path, err)
+                diskfile.unlink(disk.path)
+            except VhostmdError as err:
+                log.warning("per-VM metrics disk %s: %s", disk.path, err.reason)
         disk.close()
         log.info("Per-VM metrics disk %s of a gone VM closed%s", disk.path,
                  " and removed" if ours else "")
