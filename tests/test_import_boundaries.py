@@ -123,3 +123,26 @@ def test_wire_imports_nothing_of_the_guest() -> None:
     """The wire format stands alone: importing it loads no vhostmd_guest module."""
     loaded = _modules_with_blocked(_package_modules("vhostmd_wire"), ["vhostmd_guest"])
     assert [m for m in loaded if m.split(".")[0] in ("vhostmd_guest", "vhostmd_py")] == []
+
+
+def test_each_compiled_module_has_one_binding() -> None:
+    """Only the binding modules import the compiled modules (at module level or in a function):
+    sources/shell/binding.py for _runner, publish/mdisk.py for _mdisk."""
+    owners = {
+        "vhostmd_py.sources.shell._runner": "vhostmd_py/sources/shell/binding.py",
+        "vhostmd_py.publish._mdisk": "vhostmd_py/publish/mdisk.py",
+    }
+    found: dict[str, List[str]] = {name: [] for name in owners}
+    for path in sorted((REPO / "vhostmd_py").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for name in names:
+                if name in found:
+                    found[name].append(str(path.relative_to(REPO)))
+    assert found == {name: [owner] for name, owner in owners.items()}

@@ -5,8 +5,8 @@ background outlives it, and what calls setsid() or double-forks leaves even
 our process group, so a killpg() at the timeout misses it: an action starting
 50 such children every cycle left 1,600 processes after 32 cycles (issue 11).
 
-The daemon becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``, set in C:
-csrc/runner.c ``vh_set_child_subreaper``): when an action's shell exits, what
+The daemon becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``, through the runner's
+binding: vhostmd_py.sources.shell.binding): when an action's shell exits, what
 it left is reparented to us instead of init. After each cycle ``sweep()``
 lists our children; one that is not a worker shell of a running batch and is
 not in our own session (libvirt's own helpers, an ``ssh`` for a remote URI,
@@ -64,16 +64,16 @@ class _Proc:
 
 def enable_subreaper() -> bool:
     """Make this process the reaper of its descendants' orphans; False (logged) if refused."""
-    from vhostmd_py.sources.shell._runner import (
-        lib,  # the runner binding's module: only the daemon calls this
-    )
+    # The runner's binding (it loads the compiled _runner): only the daemon calls this.
+    from vhostmd_py.sources.shell import binding
 
-    rc = lib.vh_set_child_subreaper(1)
-    if rc != 0:
+    try:
+        binding.set_child_subreaper(True)
+    except OSError as err:
         log.warning(
             "cannot become the reaper of actions' orphans (%s): what actions leave running "
             "outside their process group is not ended",
-            os.strerror(-rc),
+            err.strerror,
         )
         return False
     return True

@@ -1,11 +1,12 @@
-"""The action runner: binding of the compiled ``vhostmd_py.sources.shell._runner`` (csrc/runner.c).
+"""The action runner: scheduling of the actions' batches on asyncio (C runs them).
 
 Imported only by code that runs actions (the daemon's runner factory, tests,
 benchmarks), so rendering, substitution and the config load no compiled
-module. Substitution of the action text is vhostmd_py.sources.shell.substitution.
+module. Substitution of the action text is vhostmd_py.sources.shell.substitution;
+the C batch runner (csrc/runner.c) is reached only through its binding,
+vhostmd_py.sources.shell.binding.
 
-Running (csrc/runner.c, through the cffi module vhostmd_py.sources.shell._runner, imported
-only here): each batch starts a few worker shells (``/bin/sh -s``, at most
+Running: each batch starts a few worker shells (``/bin/sh -s``, at most
 ``max_concurrency`` across batches), each leading its own session, and runs
 every action in a subshell of one of them: ``( eval ' CMD' )`` with stdin
 ``/dev/null`` and stdout/stderr on two fifos made fresh for that action in a
@@ -55,16 +56,15 @@ import logging
 import math
 import os
 import signal
-import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
 from vhostmd_py.cycle.snapshot import DEFAULT_PATH
 from vhostmd_py.errors import ActionError
 from vhostmd_py.sources.base import VALUE_CAP
-from vhostmd_py.sources.shell._runner import ffi, lib
+from vhostmd_py.sources.shell import binding
 
 log = logging.getLogger(__name__)
 
@@ -197,21 +197,7 @@ class ActionResult:
         return None
 
 
-# Runs ONE batch of actions in C (csrc/runner.c) in a worker thread; the
-# constants below are its struct vh_result flags.
-_F_REAPED = lib.VH_REAPED
-_F_TIMEOUT = lib.VH_TIMEOUT
-_F_OVERFLOW = lib.VH_OVERFLOW
-_F_ABORTED = lib.VH_ABORTED
-_F_SPAWN_ERROR = lib.VH_SPAWN_ERROR
-_F_UNREAPED = lib.VH_UNREAPED
-_F_STARTED = lib.VH_STARTED
-_F_LINGERED = lib.VH_LINGERED
-_ABORT_ALL = struct.pack("=I", lib.VH_ABORT_ALL)
 _INT_MAX = 2**31 - 1  # C int milliseconds: ~24 days
-# Output buffers are written by C before they are read: no need to zero the
-# (mostly untouched) stderr_cap bytes per action.
-_new_uncleared = ffi.new_allocator(should_clear_after_alloc=False)
 
 
 def _not_run(reason: str) -> ActionResult:
@@ -221,21 +207,19 @@ def _not_run(reason: str) -> ActionResult:
 
 def _convert(batch: _Batch, i: int) -> ActionResult:
     """Job I's ActionResult from the C result and buffers of BATCH (C is done with it)."""
-    r = batch.results[i]
-    flags = r.flags
-    if flags & _F_SPAWN_ERROR:
-        return _not_run(os.strerror(r.error))
-    errcap = batch.errcap
+    flags, status, error, out, out_total, err, start_ns, end_ns = batch.c.raw(i)
+    if flags & binding.SPAWN_ERROR:
+        return _not_run(os.strerror(error))
     return ActionResult(
-        returncode=os.waitstatus_to_exitcode(r.status) if flags & _F_REAPED else None,
-        stdout=ffi.buffer(batch.outs + batch.offsets[i], r.out_len)[:],
-        stdout_size=r.out_total,
-        stderr=ffi.buffer(batch.errs + i * errcap, r.err_len)[:] if r.err_len else b"",
-        duration=(r.end_ns - r.start_ns) / 1e9,
-        timed_out=bool(flags & _F_TIMEOUT),
-        overflow=bool(flags & _F_OVERFLOW),
-        cancelled=bool(flags & _F_ABORTED),
-        lingered=bool(flags & _F_LINGERED),
+        returncode=os.waitstatus_to_exitcode(status) if flags & binding.REAPED else None,
+        stdout=out,
+        stdout_size=out_total,
+        stderr=err,
+        duration=(end_ns - start_ns) / 1e9,
+        timed_out=bool(flags & binding.TIMEOUT),
+        overflow=bool(flags & binding.OVERFLOW),
+        cancelled=bool(flags & binding.ABORTED),
+        lingered=bool(flags & binding.LINGERED),
     )
 
 
@@ -274,52 +258,22 @@ class _Batch:
     under one lock because they come from the loop and the worker thread.
     """
 
-    __slots__ = (
-        "abort_r",
-        "abort_w",
-        "cjobs",
-        "closed",
-        "errcap",
-        "errs",
-        "fifo_dir",
-        "jobs",
-        "keep",
-        "lock",
-        "offsets",
-        "outs",
-        "prefix",
-        "results",
-        "share",
-    )
+    __slots__ = ("abort_r", "abort_w", "c", "closed", "fifo_dir", "jobs", "lock", "prefix",
+                 "share")
 
     def __init__(self, runner: ActionRunner, jobs: List[_Job], share: int) -> None:
         self.jobs = jobs
         self.share = share
-        n = len(jobs)
-        errcap = self.errcap = runner.stderr_cap
-        self.cjobs = cjobs = ffi.new("struct vh_job[]", n)
-        self.outs = outs = _new_uncleared("unsigned char[]", max(1, sum(j.cap for j in jobs)))
-        self.errs = errs = _new_uncleared("unsigned char[]", max(1, n * errcap))
-        self.results = ffi.new("struct vh_result[]", n)
-        self.keep = keep = [ffi.new("char[]", j.command) for j in jobs]
-        self.offsets: List[int] = []
-        envps: Dict[str, Any] = {}
-        offset = 0
+        envs: Dict[str, binding.Environment] = {}
+        specs = []
         for i, job in enumerate(jobs):
-            self.offsets.append(offset)
             job.batch = self
             job.index = i
-            c = cjobs[i]
-            c.command = keep[i]
-            envp = envps.get(job.path)
-            if envp is None:
-                envp = envps[job.path] = runner._envp(job.path)
-            c.envp = envp
-            c.out = outs + offset
-            c.out_cap = job.cap
-            offset += job.cap
-            c.err = errs + i * errcap
-            c.err_cap = errcap
+            env = envs.get(job.path)
+            if env is None:
+                env = envs[job.path] = runner._env(job.path)
+            specs.append((job.command, job.cap, env))
+        self.c = binding.Batch(specs, runner.stderr_cap)
         # Non-blocking both ends: C drains its end; the loop never blocks writing.
         self.abort_r, self.abort_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.lock = threading.Lock()
@@ -336,7 +290,7 @@ class _Batch:
 
     def ended(self, index: int) -> bool:
         """True once C is done with job INDEX (its child killed and reaped, or never run)."""
-        return self.closed or bool(self.results[index].end_ns)
+        return self.closed or self.c.ended(index)
 
     def kill_now(self, index: int, until: float) -> None:
         """SIGKILL job INDEX's worker group from this thread; wait until UNTIL for C.
@@ -349,8 +303,7 @@ class _Batch:
         another job of the batch, which dies too: this is the stop path,
         where every action of the cycle is being cancelled anyway.
         """
-        result = self.results[index]
-        pid = result.pid
+        pid = self.c.pid(index)
         if not pid or self.ended(index):
             return
         try:
@@ -365,7 +318,7 @@ class _Batch:
 
     def abort(self, index: int | None) -> None:
         """Ask C to kill job INDEX (None: all of them); no-op once the batch ended."""
-        data = _ABORT_ALL if index is None else struct.pack("=I", index)
+        data = binding.abort_message(index)
         with self.lock:
             if self.closed:
                 return
@@ -445,9 +398,8 @@ class ActionRunner:
         self.on_results: Callable[[Sequence[ActionResult]], None] | None = None
         self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)
-        self._envps: Dict[str, Tuple[Any, List[Any]]] = {}
-        self._shared = ffi.new("struct vh_shared *")
-        self._shared.slots = concurrency
+        self._envs: Dict[str, binding.Environment] = {}
+        self._shared = binding.Shared(concurrency)
         self._pending: Dict[asyncio.AbstractEventLoop, List[ActionJob]] = {}
         self._batches: Set[_Batch] = set()
         self._unreaped: Set[int] = set()
@@ -466,7 +418,7 @@ class ActionRunner:
     @property
     def running(self) -> int:
         """Number of children running now."""
-        return int(self._shared.running)
+        return self._shared.running
 
     async def run(
         self, command: str, *, cap: int = VALUE_CAP, path: str | None = None
@@ -552,7 +504,7 @@ class ActionRunner:
             batch = job.batch
             if batch is None or job.future.done():
                 continue
-            if batch.results[job.index].end_ns:
+            if batch.c.ended(job.index):
                 job.future.set_result(_convert(batch, job.index))
 
     def worker_pids(self) -> Set[int]:
@@ -564,11 +516,7 @@ class ActionRunner:
         """
         pids: Set[int] = set()
         for batch in self._batches:
-            results = batch.results
-            for i in range(len(batch.jobs)):
-                r = results[i]
-                if r.flags & _F_STARTED:
-                    pids.add(r.pid)
+            pids.update(batch.c.started_pids())
         return pids
 
     async def cancel(self, jobs: Sequence[ActionJob]) -> None:
@@ -677,52 +625,41 @@ class ActionRunner:
             else:
                 job.future.set_result(fut.result()[index])
 
-    def _envp(self, path: str) -> Any:
-        entry = self._envps.get(path)
-        if entry is None:
-            env = dict(self._environ)
-            env["PATH"] = path
-            keep = [ffi.new("char[]", os.fsencode(f"{k}={v}")) for k, v in env.items()]
-            entry = (ffi.new("char *[]", [*keep, ffi.NULL]), keep)
-            self._envps[path] = entry
-        return entry[0]
+    def _env(self, path: str) -> binding.Environment:
+        env = self._envs.get(path)
+        if env is None:
+            env = self._envs[path] = binding.Environment({**self._environ, "PATH": path})
+        return env
 
     def _execute(self, batch: _Batch) -> List[ActionResult]:
         """Worker thread: run the batch in C, turn its results into ActionResults."""
-        jobs = batch.jobs
-        n = len(jobs)
-        results = batch.results
         try:
-            limits = ffi.new("struct vh_limits *")
-            limits.timeout_ms = min(_INT_MAX, max(1, math.ceil(self.timeout * 1000)))
-            limits.kill_grace_ms = min(_INT_MAX, math.ceil(self.kill_grace * 1000))
-            limits.max_output = self.max_output
-            limits.max_running = batch.share
-            limits.linger_ms = (
-                -1 if self.linger is None else min(_INT_MAX, math.ceil(self.linger * 1000))
-            )
-            rc = lib.vh_run_batch(
+            batch.c.run(
                 self._shell,
                 batch.prefix,
-                batch.cjobs,
-                n,
                 self._shared,
-                limits,
                 batch.abort_r,
-                results,
+                timeout_ms=min(_INT_MAX, max(1, math.ceil(self.timeout * 1000))),
+                kill_grace_ms=min(_INT_MAX, math.ceil(self.kill_grace * 1000)),
+                max_output=self.max_output,
+                max_running=batch.share,
+                linger_ms=(
+                    -1 if self.linger is None else min(_INT_MAX, math.ceil(self.linger * 1000))
+                ),
             )
+        except OSError as err:
+            raise ActionError("(batch)", f"cannot run actions: {err.strerror}") from err
         finally:
             batch.close()
-        if rc != 0:
-            raise ActionError("(batch)", f"cannot run actions: {os.strerror(-rc)}")
         out: List[ActionResult] = []
-        for i in range(n):
-            r = results[i]
-            if r.flags & _F_UNREAPED and not r.flags & _F_SPAWN_ERROR:
-                self._unreaped.add(r.pid)
+        for i in range(len(batch.jobs)):
+            flags = batch.c.flags(i)
+            if flags & binding.UNREAPED and not flags & binding.SPAWN_ERROR:
+                pid = batch.c.pid(i)
+                self._unreaped.add(pid)
                 log.warning(
                     "child %d still holds its output %.0f s after SIGKILL; abandoning it",
-                    r.pid,
+                    pid,
                     self.kill_grace,
                 )
             out.append(_convert(batch, i))
