@@ -631,284 +631,369 @@ static struct worker *pick_worker(struct worker *ws, unsigned n, char *const *en
     return other;
 }
 
+/* ---- the batch, in phases ---------------------------------------------
+ *
+ * vh_run_batch() is prepare, then rounds of (deadlines, start, collect,
+ * wait, events) until every job is done, then release: the one cleanup
+ * path, also taken when prepare fails halfway. */
+
+struct batch {
+    const char *shell, *prefix;
+    const struct vh_job *jobs;
+    size_t njobs;
+    struct vh_shared *shared;
+    const struct vh_limits *lim;
+    int abort_fd;
+    struct vh_result *results;
+
+    unsigned max_local;       /* worker slots of this batch                   */
+    unsigned nbusy;           /* slots with a job                             */
+    size_t next, ndone;       /* next job to start; jobs done                 */
+    struct worker *ws;
+    struct pollfd *pfds;
+    unsigned char *scratch;   /* one read's buffer                            */
+    unsigned char *state;     /* ST_* per job                                 */
+    unsigned char *abort_req; /* per job: abort requested                     */
+    char *path_o, *path_e;    /* fifo path buffers                            */
+    size_t path_size;
+    posix_spawnattr_t attr;
+    int have_attr;
+    int devnull;              /* -1: each worker opens it                     */
+    int all_aborted, abort_ready;
+    int abort_at;             /* this round's pollfd index of abort_fd        */
+};
+
+/* Allocations, spawn attributes, /dev/null; 0 or -errno. What was set up
+ * is released by batch_release() either way. */
+static int batch_prepare(struct batch *b)
+{
+    int rc;
+
+    b->devnull = -1;
+    b->abort_ready = 1;
+    b->max_local = b->lim->max_running ? b->lim->max_running : 1;
+    if (b->max_local > b->njobs)
+        b->max_local = (unsigned)b->njobs;
+    rc = setup_attr(&b->attr);
+    if (rc != 0)
+        return -rc;
+    b->have_attr = 1;
+    b->path_size = strlen(b->prefix) + 32;
+    b->ws = calloc(b->max_local, sizeof *b->ws);
+    if (b->ws) {
+        for (unsigned i = 0; i < b->max_local; i++) {
+            struct worker *w = &b->ws[i];
+            w->in_fd = w->st_fd = w->pid_fd = w->out_fd = w->err_fd = -1;
+        }
+    }
+    b->pfds = calloc(5 * (size_t)b->max_local + 1, sizeof *b->pfds);
+    b->scratch = malloc(READ_CHUNK);
+    b->state = calloc(b->njobs, 2);
+    b->path_o = malloc(2 * b->path_size);
+    if (!b->ws || !b->pfds || !b->scratch || !b->state || !b->path_o)
+        return -ENOMEM;
+    b->path_e = b->path_o + b->path_size;
+    b->abort_req = b->state + b->njobs;
+    /* Below 3 (our own stdio was closed) the worker's dup2 onto 0 or 1
+     * would clobber it first: do not use it. */
+    b->devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+    if (b->devnull >= 0 && b->devnull < 3) {
+        close(b->devnull);
+        b->devnull = -1;
+    }
+    return 0;
+}
+
+/* The one cleanup: workers retired and reaped, everything freed. */
+static void batch_release(struct batch *b)
+{
+    if (b->ws)
+        retire_workers(b->ws, b->max_local);
+    if (b->devnull >= 0)
+        close(b->devnull);
+    free(b->ws);
+    free(b->pfds);
+    free(b->scratch);
+    free(b->state);
+    free(b->path_o);
+    if (b->have_attr)
+        posix_spawnattr_destroy(&b->attr);
+}
+
+/* Job done (its fifos closed): result published, slot given back. */
+static void batch_job_done(struct batch *b, struct worker *w, int64_t now)
+{
+    finish_job(w, b->results, b->state, b->shared, b->prefix, b->path_o, b->path_size, now);
+    b->nbusy--;
+    b->ndone++;
+}
+
+/* Aborts, timeouts, lingering output, and the end of kill graces. */
+static void batch_deadlines(struct batch *b, int64_t now)
+{
+    const struct vh_limits *lim = b->lim;
+
+    for (unsigned i = 0; i < b->max_local; i++) {
+        struct worker *w = &b->ws[i];
+        struct vh_result *r;
+        if (!w->has_job)
+            continue;
+        r = &b->results[w->job];
+        if (!w->killed && (b->all_aborted || b->abort_req[w->job])) {
+            r->flags |= VH_ABORTED;
+            kill_worker(w, now,
+                        lim->kill_grace_ms < ABORT_GRACE_MS ? lim->kill_grace_ms
+                                                            : ABORT_GRACE_MS);
+        } else if (!w->killed && now >= w->deadline) {
+            r->flags |= VH_TIMEOUT;
+            kill_worker(w, now, lim->kill_grace_ms);
+        } else if (!w->killed && w->linger_at && now >= w->linger_at) {
+            /* The action has exited but something it started still holds
+             * its output open (`sleep 1000 &`, 50 background children).
+             * Upstream's read() would wait for ever; we take what was read,
+             * close the fifos (a writer that escaped the group dies of
+             * SIGPIPE at its next write) and kill what it left in the
+             * worker's process group, the worker with it (the next action
+             * gets a fresh one). */
+            drain_job(w, &b->jobs[w->job], r, b->scratch);
+            close_fd(&w->out_fd);
+            close_fd(&w->err_fd);
+            r->flags |= VH_LINGERED;
+            w->lingered = 1;
+            kill_worker(w, now, lim->kill_grace_ms);
+        } else if (w->killed && now >= w->deadline) {
+            /* Grace over: stop waiting for fifos a stray process holds. */
+            if (!reap(w, r))
+                r->flags |= VH_UNREAPED;
+            settle_lingered(w, r);
+            batch_job_done(b, w, now);
+            drop_worker(w);
+        }
+    }
+}
+
+/* The next job never runs (aborted before its start, or its spawn failed). */
+static void batch_skip(struct batch *b)
+{
+    b->state[b->next++] = ST_DONE;
+    b->ndone++;
+}
+
+/* Starts what the bounds allow; 1 when starved (no worker or no slot yet). */
+static int batch_start(struct batch *b, int64_t now)
+{
+    while (b->next < b->njobs && b->nbusy < b->max_local) {
+        size_t job = b->next;
+        struct vh_result *r = &b->results[job];
+        struct worker *w;
+        int rc;
+        if (b->all_aborted || b->abort_req[job]) {
+            r->flags |= VH_ABORTED;
+            r->start_ns = r->end_ns = now;
+            batch_skip(b);
+            continue;
+        }
+        w = pick_worker(b->ws, b->max_local, b->jobs[job].envp);
+        if (!w)
+            return 1;  /* the free slot's worker died, not reaped yet: look again */
+        if (!take_slot(b->shared))
+            return 1;
+        r->start_ns = now_ns();
+        rc = w->pid ? 0 : spawn_worker(w, b->shell, b->jobs[job].envp, &b->attr, b->devnull);
+        if (rc == 0)
+            rc = start_job(w, job, &b->jobs[job], b->prefix, b->path_o, b->path_e,
+                           b->path_size);
+        if (rc != 0 && b->nbusy > 0
+            && (rc == EMFILE || rc == ENFILE || rc == EAGAIN || rc == ENOMEM)) {
+            /* Out of fds or processes for now: the running actions free
+             * some as they end. Retry then rather than fail the rest. */
+            give_slot(b->shared);
+            return 1;
+        }
+        if (rc != 0) {
+            r->flags |= VH_SPAWN_ERROR;
+            r->error = rc;
+            r->end_ns = r->start_ns;
+            give_slot(b->shared);
+            batch_skip(b);
+            continue;
+        }
+        r->pid = w->pid;
+        r->flags |= VH_STARTED;
+        w->deadline = r->start_ns + (int64_t)b->lim->timeout_ms * 1000000;
+        b->state[b->next++] = ST_RUNNING;
+        b->nbusy++;
+    }
+    return 0;
+}
+
+/* Jobs whose fifos are at EOF: done once the status is in, or once the
+ * worker (dead, or killed) is reaped. Returns 1 when a job finished; sets
+ * *tick when a dead worker must be polled for (no pidfd). */
+static int batch_collect(struct batch *b, int *tick)
+{
+    int64_t now = now_ns();
+    int finished = 0;
+
+    for (unsigned i = 0; i < b->max_local; i++) {
+        struct worker *w = &b->ws[i];
+        struct vh_result *r;
+        if (!w->has_job || w->out_fd >= 0 || w->err_fd >= 0)
+            continue;
+        r = &b->results[w->job];
+        if (w->have_status && !w->killed) {
+            /* The same wait status `sh -c` exiting with $? would give. */
+            r->status = w->status << 8;
+            r->flags |= VH_REAPED;
+            batch_job_done(b, w, now);
+        } else if (w->gone || w->killed) {
+            if (!reap(w, r)) {
+                if (w->pid_fd < 0)
+                    w->pid_fd = open_pidfd(w->pid);
+                if (w->pid_fd < 0)
+                    *tick = 1;
+                continue;
+            }
+            settle_lingered(w, r);
+            drop_worker(w);
+            batch_job_done(b, w, now);
+        } else {
+            continue;
+        }
+        finished = 1;
+    }
+    return finished;
+}
+
+/* Sleeps until output, a status, an exit, an abort or a deadline; 1 when
+ * poll() reported events (they are in b->pfds). */
+static int batch_wait(struct batch *b, int starved, int tick)
+{
+    int64_t now = now_ns(), wake = INT64_MAX;
+    int timeout_ms;
+    nfds_t np = 0;
+
+    for (unsigned i = 0; i < b->max_local; i++) {
+        struct worker *w = &b->ws[i];
+        w->p_in = w->p_st = w->p_out = w->p_err = w->p_pid = -1;
+        if (!w->pid)
+            continue;
+        if (w->has_job && w->deadline < wake)
+            wake = w->deadline;
+        if (w->has_job && !w->killed && w->linger_at && w->linger_at < wake)
+            wake = w->linger_at;
+        w->p_in = w->wbuf ? watch(b->pfds, &np, w->in_fd, POLLOUT) : -1;
+        w->p_st = watch(b->pfds, &np, w->st_fd, POLLIN);
+        w->p_out = watch(b->pfds, &np, w->out_fd, POLLIN);
+        w->p_err = watch(b->pfds, &np, w->err_fd, POLLIN);
+        /* Readable = exited: the collect phase reaps it next round. */
+        w->p_pid = watch(b->pfds, &np, w->pid_fd, POLLIN);
+    }
+    b->abort_at = watch(b->pfds, &np, b->abort_fd, POLLIN);
+    if (wake == INT64_MAX) {
+        timeout_ms = -1;
+    } else if (wake <= now) {
+        timeout_ms = 0;
+    } else {
+        int64_t ms = (wake - now + 999999) / 1000000;
+        timeout_ms = ms > 60000 ? 60000 : (int)ms;
+    }
+    if (starved && (timeout_ms < 0 || timeout_ms > STARVED_TICK_MS))
+        timeout_ms = STARVED_TICK_MS;
+    if (tick && (timeout_ms < 0 || timeout_ms > PIDFD_TICK_MS))
+        timeout_ms = PIDFD_TICK_MS;
+    if (np == 0 && timeout_ms < 0)
+        timeout_ms = STARVED_TICK_MS;  /* cannot happen; never block forever */
+    return poll(b->pfds, np, timeout_ms) > 0;  /* timeout or EINTR: checks run again */
+}
+
+/* What poll() reported: commands pushed, status lines, output, overflow. */
+static void batch_events(struct batch *b)
+{
+    const struct vh_limits *lim = b->lim;
+    struct pollfd *pfds = b->pfds;
+
+    if (b->abort_at >= 0 && pfds[b->abort_at].revents)
+        b->abort_ready = 1;
+    for (unsigned i = 0; i < b->max_local; i++) {
+        struct worker *w = &b->ws[i];
+        const struct vh_job *j;
+        struct vh_result *r;
+        int probe = 0;
+        if (!w->pid)
+            continue;
+        if (w->p_in >= 0 && pfds[w->p_in].revents)
+            push_command(w);
+        if (w->p_st >= 0 && pfds[w->p_st].revents) {
+            int had = w->have_status, was_gone = w->gone;
+            read_status(w);
+            /* The subshell has ended (status) or the worker has: a fifo
+             * it never opened will never report EOF by itself. */
+            probe = (w->have_status && !had) || (w->gone && !was_gone);
+            if (w->have_status && !had && w->has_job && lim->linger_ms >= 0)
+                w->linger_at = now_ns() + (int64_t)lim->linger_ms * 1000000;
+        }
+        if (!w->has_job)
+            continue;
+        j = &b->jobs[w->job];
+        r = &b->results[w->job];
+        if (probe) {
+            drain_job(w, j, r, b->scratch);
+        } else {
+            if (w->p_out >= 0 && pfds[w->p_out].revents)
+                drain(&w->out_fd, b->scratch, j->out, j->out_cap, &r->out_len, &r->out_total);
+            if (w->p_err >= 0 && pfds[w->p_err].revents)
+                drain(&w->err_fd, b->scratch, j->err, j->err_cap, &r->err_len, &r->err_total);
+        }
+        if (!w->killed && (r->out_total > lim->max_output || r->err_total > lim->max_output)) {
+            r->flags |= VH_OVERFLOW;
+            kill_worker(w, now_ns(), lim->kill_grace_ms);
+        }
+    }
+}
+
 int vh_run_batch(const char *shell, const char *fifo_prefix,
                  const struct vh_job *jobs, size_t njobs,
                  struct vh_shared *shared, const struct vh_limits *lim,
                  int abort_fd, struct vh_result *results)
 {
-    unsigned max_local, nbusy = 0;
-    size_t next = 0, ndone = 0, path_size;
-    struct worker *ws;
-    struct pollfd *pfds;
-    unsigned char *scratch, *state, *abort_req;
-    char *path_o, *path_e;
-    posix_spawnattr_t attr;
-    int rc, all_aborted = 0, abort_ready = 1, devnull;
+    struct batch b;
+    int rc;
 
     memset(results, 0, njobs * sizeof *results);
     if (njobs == 0)
         return 0;
-    max_local = lim->max_running ? lim->max_running : 1;
-    if (max_local > njobs)
-        max_local = (unsigned)njobs;
-    rc = setup_attr(&attr);
-    if (rc != 0)
-        return -rc;
-    path_size = strlen(fifo_prefix) + 32;
-    ws = calloc(max_local, sizeof *ws);
-    pfds = calloc(5 * (size_t)max_local + 1, sizeof *pfds);
-    scratch = malloc(READ_CHUNK);
-    state = calloc(njobs, 2);
-    path_o = malloc(2 * path_size);
-    if (!ws || !pfds || !scratch || !state || !path_o) {
-        free(ws);
-        free(pfds);
-        free(scratch);
-        free(state);
-        free(path_o);
-        posix_spawnattr_destroy(&attr);
-        return -ENOMEM;
-    }
-    path_e = path_o + path_size;
-    abort_req = state + njobs;
-    for (unsigned i = 0; i < max_local; i++) {
-        ws[i].in_fd = ws[i].st_fd = ws[i].pid_fd = ws[i].out_fd = ws[i].err_fd = -1;
-    }
-    /* -1: each worker opens it. Below 3 (our own stdio was closed) the
-     * worker's dup2 onto 0 or 1 would clobber it first: do not use it. */
-    devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
-    if (devnull >= 0 && devnull < 3) {
-        close(devnull);
-        devnull = -1;
-    }
-
-    while (ndone < njobs) {
-        int64_t now, wake;
-        int timeout_ms, starved = 0, tick = 0, finished, abort_at;
-        nfds_t np = 0;
-
+    memset(&b, 0, sizeof b);
+    b.shell = shell;
+    b.prefix = fifo_prefix;
+    b.jobs = jobs;
+    b.njobs = njobs;
+    b.shared = shared;
+    b.lim = lim;
+    b.abort_fd = abort_fd;
+    b.results = results;
+    rc = batch_prepare(&b);
+    while (rc == 0 && b.ndone < b.njobs) {
+        int starved, tick = 0;
+        int64_t now;
         /* Only when poll() said so (or first round): saves a failing read
          * per wake-up. */
-        if (abort_fd >= 0 && abort_ready && read_aborts(&abort_fd, state, njobs, abort_req))
-            all_aborted = 1;
-        abort_ready = 0;
+        if (b.abort_fd >= 0 && b.abort_ready
+            && read_aborts(&b.abort_fd, b.state, b.njobs, b.abort_req))
+            b.all_aborted = 1;
+        b.abort_ready = 0;
         now = now_ns();
-
-        /* Aborts, timeouts, and the end of kill graces. */
-        for (unsigned i = 0; i < max_local; i++) {
-            struct worker *w = &ws[i];
-            struct vh_result *r;
-            if (!w->has_job)
-                continue;
-            r = &results[w->job];
-            if (!w->killed && (all_aborted || abort_req[w->job])) {
-                r->flags |= VH_ABORTED;
-                kill_worker(w, now,
-                            lim->kill_grace_ms < ABORT_GRACE_MS ? lim->kill_grace_ms
-                                                                : ABORT_GRACE_MS);
-            } else if (!w->killed && now >= w->deadline) {
-                r->flags |= VH_TIMEOUT;
-                kill_worker(w, now, lim->kill_grace_ms);
-            } else if (!w->killed && w->linger_at && now >= w->linger_at) {
-                /* The action has exited but something it started still holds
-                 * its output open (`sleep 1000 &`, 50 background children).
-                 * Upstream's read() would wait for ever; we take what was read,
-                 * close the fifos (a writer that escaped the group dies of
-                 * SIGPIPE at its next write) and kill what it left in the
-                 * worker's process group, the worker with it (the next action
-                 * gets a fresh one). */
-                drain_job(w, &jobs[w->job], r, scratch);
-                close_fd(&w->out_fd);
-                close_fd(&w->err_fd);
-                r->flags |= VH_LINGERED;
-                w->lingered = 1;
-                kill_worker(w, now, lim->kill_grace_ms);
-            } else if (w->killed && now >= w->deadline) {
-                /* Grace over: stop waiting for fifos a stray process holds. */
-                if (!reap(w, r))
-                    r->flags |= VH_UNREAPED;
-                settle_lingered(w, r);
-                finish_job(w, results, state, shared, fifo_prefix, path_o, path_size, now);
-                drop_worker(w);
-                nbusy--;
-                ndone++;
-            }
-        }
-
-        /* Start what the bounds allow. */
-        while (next < njobs && nbusy < max_local) {
-            struct vh_result *r = &results[next];
-            struct worker *w;
-            if (all_aborted || abort_req[next]) {
-                r->flags |= VH_ABORTED;
-                r->start_ns = r->end_ns = now;
-                state[next++] = ST_DONE;
-                ndone++;
-                continue;
-            }
-            w = pick_worker(ws, max_local, jobs[next].envp);
-            if (!w) {
-                /* The free slot's worker died and is not reaped yet: look
-                 * again shortly. */
-                starved = 1;
-                break;
-            }
-            if (!take_slot(shared)) {
-                starved = 1;
-                break;
-            }
-            r->start_ns = now_ns();
-            rc = w->pid ? 0 : spawn_worker(w, shell, jobs[next].envp, &attr, devnull);
-            if (rc == 0)
-                rc = start_job(w, next, &jobs[next], fifo_prefix, path_o, path_e, path_size);
-            if (rc != 0 && nbusy > 0
-                && (rc == EMFILE || rc == ENFILE || rc == EAGAIN || rc == ENOMEM)) {
-                /* Out of fds or processes for now: the running actions free
-                 * some as they end. Retry then rather than fail the rest. */
-                give_slot(shared);
-                starved = 1;
-                break;
-            }
-            if (rc != 0) {
-                r->flags |= VH_SPAWN_ERROR;
-                r->error = rc;
-                r->end_ns = r->start_ns;
-                give_slot(shared);
-                state[next++] = ST_DONE;
-                ndone++;
-                continue;
-            }
-            r->pid = w->pid;
-            r->flags |= VH_STARTED;
-            w->deadline = r->start_ns + (int64_t)lim->timeout_ms * 1000000;
-            state[next++] = ST_RUNNING;
-            nbusy++;
-        }
-
-        /* Jobs whose fifos are at EOF: done once the status is in, or once
-         * the worker (dead, or killed) is reaped. */
-        now = now_ns();
-        finished = 0;
-        for (unsigned i = 0; i < max_local; i++) {
-            struct worker *w = &ws[i];
-            struct vh_result *r;
-            if (!w->has_job || w->out_fd >= 0 || w->err_fd >= 0)
-                continue;
-            r = &results[w->job];
-            if (w->have_status && !w->killed) {
-                /* The same wait status `sh -c` exiting with $? would give. */
-                r->status = w->status << 8;
-                r->flags |= VH_REAPED;
-            } else if (w->gone || w->killed) {
-                if (!reap(w, r)) {
-                    if (w->pid_fd < 0)
-                        w->pid_fd = open_pidfd(w->pid);
-                    if (w->pid_fd < 0)
-                        tick = 1;
-                    continue;
-                }
-                settle_lingered(w, r);
-                drop_worker(w);
-            } else {
-                continue;
-            }
-            finish_job(w, results, state, shared, fifo_prefix, path_o, path_size, now);
-            nbusy--;
-            ndone++;
-            finished = 1;
-        }
-        if (ndone >= njobs)
-            break;
-        if (finished && next < njobs)
+        batch_deadlines(&b, now);
+        starved = batch_start(&b, now);
+        if (batch_collect(&b, &tick) && b.ndone < b.njobs && b.next < b.njobs)
             continue;  /* workers were freed: start the next jobs first */
-
-        /* Sleep until output, a status, an exit, an abort or a deadline. */
-        wake = INT64_MAX;
-        for (unsigned i = 0; i < max_local; i++) {
-            struct worker *w = &ws[i];
-            w->p_in = w->p_st = w->p_out = w->p_err = w->p_pid = -1;
-            if (!w->pid)
-                continue;
-            if (w->has_job && w->deadline < wake)
-                wake = w->deadline;
-            if (w->has_job && !w->killed && w->linger_at && w->linger_at < wake)
-                wake = w->linger_at;
-            w->p_in = w->wbuf ? watch(pfds, &np, w->in_fd, POLLOUT) : -1;
-            w->p_st = watch(pfds, &np, w->st_fd, POLLIN);
-            w->p_out = watch(pfds, &np, w->out_fd, POLLIN);
-            w->p_err = watch(pfds, &np, w->err_fd, POLLIN);
-            /* Readable = exited: the pass above reaps it next round. */
-            w->p_pid = watch(pfds, &np, w->pid_fd, POLLIN);
-        }
-        abort_at = watch(pfds, &np, abort_fd, POLLIN);
-        if (wake == INT64_MAX) {
-            timeout_ms = -1;
-        } else if (wake <= now) {
-            timeout_ms = 0;
-        } else {
-            int64_t ms = (wake - now + 999999) / 1000000;
-            timeout_ms = ms > 60000 ? 60000 : (int)ms;
-        }
-        if (starved && (timeout_ms < 0 || timeout_ms > STARVED_TICK_MS))
-            timeout_ms = STARVED_TICK_MS;
-        if (tick && (timeout_ms < 0 || timeout_ms > PIDFD_TICK_MS))
-            timeout_ms = PIDFD_TICK_MS;
-        if (np == 0 && timeout_ms < 0)
-            timeout_ms = STARVED_TICK_MS;  /* cannot happen; never block forever */
-        if (poll(pfds, np, timeout_ms) <= 0)
-            continue;  /* timeout or EINTR: the checks above run again */
-
-        if (abort_at >= 0 && pfds[abort_at].revents)
-            abort_ready = 1;
-
-        for (unsigned i = 0; i < max_local; i++) {
-            struct worker *w = &ws[i];
-            const struct vh_job *j;
-            struct vh_result *r;
-            int probe = 0;
-            if (!w->pid)
-                continue;
-            if (w->p_in >= 0 && pfds[w->p_in].revents)
-                push_command(w);
-            if (w->p_st >= 0 && pfds[w->p_st].revents) {
-                int had = w->have_status, was_gone = w->gone;
-                read_status(w);
-                /* The subshell has ended (status) or the worker has: a fifo
-                 * it never opened will never report EOF by itself. */
-                probe = (w->have_status && !had) || (w->gone && !was_gone);
-                if (w->have_status && !had && w->has_job && lim->linger_ms >= 0)
-                    w->linger_at = now_ns() + (int64_t)lim->linger_ms * 1000000;
-            }
-            if (!w->has_job)
-                continue;
-            j = &jobs[w->job];
-            r = &results[w->job];
-            if (probe) {
-                drain_job(w, j, r, scratch);
-            } else {
-                if (w->p_out >= 0 && pfds[w->p_out].revents)
-                    drain(&w->out_fd, scratch, j->out, j->out_cap, &r->out_len, &r->out_total);
-                if (w->p_err >= 0 && pfds[w->p_err].revents)
-                    drain(&w->err_fd, scratch, j->err, j->err_cap, &r->err_len, &r->err_total);
-            }
-            if (!w->killed && (r->out_total > lim->max_output
-                               || r->err_total > lim->max_output)) {
-                r->flags |= VH_OVERFLOW;
-                kill_worker(w, now_ns(), lim->kill_grace_ms);
-            }
-        }
+        if (b.ndone >= b.njobs)
+            break;
+        if (batch_wait(&b, starved, tick))
+            batch_events(&b);
     }
-
-    retire_workers(ws, max_local);
-    if (devnull >= 0)
-        close(devnull);
-    free(ws);
-    free(pfds);
-    free(scratch);
-    free(state);
-    free(path_o);
-    posix_spawnattr_destroy(&attr);
-    return 0;
+    batch_release(&b);
+    return rc;
 }
 
 int vh_set_child_subreaper(int on)

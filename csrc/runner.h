@@ -68,6 +68,11 @@ struct vh_limits {
 /* Written (native-endian uint32) to the abort pipe: a job index, or this. */
 #define VH_ABORT_ALL   4294967295
 
+/* prctl(PR_SET_CHILD_SUBREAPER, on): what an action leaves running when its
+ * parent exits (setsid, double fork) is reparented to us instead of init, so
+ * the daemon can reap and end it. 0, or -errno. */
+int vh_set_child_subreaper(int on);
+
 /* Runs njobs actions, at most lim->max_running (and shared->slots) at a
  * time, until every job has a result. fifo_prefix: a path prefix in a
  * private directory, unique to this batch, where the actions' output fifos
@@ -75,11 +80,6 @@ struct vh_limits {
  * pipe the caller writes job indexes (or VH_ABORT_ALL) to; -1 for none.
  * Returns 0, or -errno when the batch could not be set up (no result is
  * then valid). */
-/* prctl(PR_SET_CHILD_SUBREAPER, on): what an action leaves running when its
- * parent exits (setsid, double fork) is reparented to us instead of init, so
- * the daemon can reap and end it. 0, or -errno. */
-int vh_set_child_subreaper(int on);
-
 int vh_run_batch(const char *shell, const char *fifo_prefix,
                  const struct vh_job *jobs, size_t njobs,
                  struct vh_shared *shared, const struct vh_limits *lim,
