@@ -30,8 +30,12 @@ ErrorKind = Callable[[str, str, "int | None"], VhostmdError]
 
 
 def os_error(kind: ErrorKind, path: StrPath, doing: str, err: OSError) -> VhostmdError:
-    """The product error of KIND for ERR, raised while DOING on PATH ("DOING: strerror")."""
-    return kind(os.fspath(path), f"{doing}: {err.strerror or err}", err.errno)
+    """The product error of KIND for ERR, raised while DOING on PATH.
+
+    Its reason is "DOING: strerror", or the bare strerror when DOING is ""
+    (where the wording is upstream's, as the pid file's)."""
+    why = err.strerror or str(err)
+    return kind(os.fspath(path), f"{doing}: {why}" if doing else why, err.errno)
 
 
 @contextlib.contextmanager
@@ -58,14 +62,14 @@ def make_dirs(directory: StrPath, kind: ErrorKind, *, mode: int = 0o755) -> None
         os.makedirs(directory, mode=mode, exist_ok=True)
 
 
-def remove(path: StrPath, kind: ErrorKind) -> bool:
+def remove(path: StrPath, kind: ErrorKind, doing: str = "cannot remove") -> bool:
     """Remove the file PATH; False when it was not there, KIND on any other failure."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         return False
     except OSError as err:
-        raise os_error(kind, path, "cannot remove", err) from err
+        raise os_error(kind, path, doing, err) from err
     return True
 
 
@@ -109,15 +113,72 @@ def write_json_atomic(path: StrPath, data: Any, *, mode: int = 0o644) -> None:
     write_atomic(path, text.encode("utf-8"), mode=mode)
 
 
-def read_bytes(path: StrPath, kind: ErrorKind) -> bytes | None:
-    """The content of PATH, or None when it does not exist; KIND when unreadable."""
+def read_bytes(path: StrPath, kind: ErrorKind, *, limit: int = -1) -> bytes | None:
+    """The content of PATH (at most LIMIT bytes), or None when it does not exist; KIND when
+    unreadable."""
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            return fh.read(limit)
     except FileNotFoundError:
         return None
     except OSError as err:
         raise os_error(kind, path, "cannot read", err) from err
+
+
+def read_small(path: StrPath, kind: ErrorKind, *, limit: int = 4096) -> bytes | None:
+    """PATH's bytes (at most LIMIT), never through a symlink; None when it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise os_error(kind, path, "cannot open", err) from err
+    try:
+        with translated(kind, path, "cannot read"):
+            return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def create_once(path: StrPath, make: Callable[[], bytes], kind: ErrorKind, *,
+                mode: int = 0o600) -> bytes:
+    """PATH's content; when missing, MAKE's bytes written there atomically with MODE.
+
+    Atomic and never overwriting: the bytes go to a private temporary file
+    (MODE from its creation, so never readable by others) that is
+    hard-linked to PATH; if someone created PATH meanwhile (a second daemon),
+    link fails and theirs is used, so every reader sees one value, complete.
+    """
+    target = os.fspath(path)
+    data = read_small(target, kind)
+    if data is not None:
+        return data
+    directory = os.path.dirname(target)
+    with translated(kind, target, f"cannot create directory {directory}"):
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    with translated(kind, target, f"cannot create {tmp}"):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+    try:
+        with translated(kind, target, "cannot write"):
+            try:
+                os.fchmod(fd, mode)  # whatever the umask
+                os.write(fd, make())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # Created meanwhile (a second daemon): theirs wins, never overwritten.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, target)
+                fsync_dir(directory or ".")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    data = read_small(target, kind)
+    if data is None:
+        raise kind(target, "vanished right after its creation", None)
+    return data
 
 
 def read_json(path: StrPath) -> Any:

@@ -19,7 +19,6 @@ Every OS boundary is a parameter (key path, machine-id path, clock, random).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
@@ -41,6 +40,7 @@ from vhostmd_py.config import FreshnessConfig
 from vhostmd_py.cycle.render import ExtraMetric, append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.errors import IdentityError
+from vhostmd_py.fs import create_once, read_small
 
 KEY_BYTES = 32
 IDENTITY_HEX = 32
@@ -48,63 +48,10 @@ IDENTITY_HEX = 32
 HOST_ID_NAME = "host-id"
 
 
-def _read_small(path: str) -> bytes | None:
-    """PATH's bytes (at most 4 KiB), None when it does not exist."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise IdentityError(path, f"cannot open: {err.strerror}") from err
-    try:
-        return os.read(fd, 4096)
-    except OSError as err:
-        raise IdentityError(path, f"cannot read: {err.strerror}") from err
-    finally:
-        os.close(fd)
-
-
 def read_or_create(path: str, make: Callable[[], bytes]) -> bytes:
-    """PATH's content; when missing, MAKE's bytes written there atomically with mode 0600.
-
-    Atomic and never overwriting: the bytes go to a private temporary file
-    (0600 from its creation, so never readable by others) that is
-    hard-linked to PATH; if someone created PATH meanwhile (a second daemon),
-    link fails and theirs is used, so every reader sees one value, complete.
-    """
-    data = _read_small(path)
-    if data is not None:
-        return data
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-    except OSError as err:
-        raise IdentityError(path, f"cannot create directory {directory}: {err.strerror}") from err
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except OSError as err:
-        raise IdentityError(path, f"cannot create {tmp}: {err.strerror}") from err
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # whatever the umask
-            os.write(fd, make())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # Created meanwhile (a second daemon): theirs wins, never overwritten.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    except OSError as err:
-        raise IdentityError(path, f"cannot write: {err.strerror}") from err
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    data = _read_small(path)
-    if data is None:
-        raise IdentityError(path, "vanished right after its creation")
-    return data
+    """PATH's content; when missing, MAKE's bytes written there atomically with mode 0600
+    (vhostmd_py.fs.create_once: never overwriting, a second daemon's value wins)."""
+    return create_once(path, make, IdentityError, mode=0o600)
 
 
 def host_identity(config: FreshnessConfig, *,
@@ -116,7 +63,7 @@ def host_identity(config: FreshnessConfig, *,
     if len(key) < 16:
         raise IdentityError(config.identity_key, f"key of {len(key)} bytes is too short "
                             "(at least 16; delete it to get a new random one)")
-    host_id = (_read_small(config.machine_id) or b"").strip()
+    host_id = (read_small(config.machine_id, IdentityError) or b"").strip()
     if not host_id:
         # No machine-id (containers, minimal hosts): a random one of our own.
         beside = os.path.join(os.path.dirname(config.identity_key), HOST_ID_NAME)

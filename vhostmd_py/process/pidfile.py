@@ -18,6 +18,7 @@ import os
 from typing import Callable
 
 from vhostmd_py.errors import PidFileError, StrPath
+from vhostmd_py.fs import read_bytes, remove, translated
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ def _pid_alive(pid: int) -> bool:
 def _read_pid(path: str) -> int | None:
     """The pid written in an existing pid file, or None when unreadable or not a pid."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read(64).decode("ascii", "replace").strip()
-    except OSError:
+        raw = read_bytes(path, PidFileError, limit=64)
+    except PidFileError:
         return None
+    if raw is None:
+        return None
+    text = raw.decode("ascii", "replace").strip()
     if not text.isdigit():
         return None
     pid = int(text)
@@ -66,33 +69,32 @@ class PidFile:
         """Create PATH exclusively with PID (default: ours); PidFileError when taken."""
         spath = os.fspath(path)
         own = os.getpid() if pid is None else pid
-        try:
-            fd = cls._open_exclusive(spath)
-        except FileExistsError as err:
-            stale = _read_pid(spath)
-            if stale is not None and stale != own and alive(stale):
-                # Upstream's wording, plus who holds it (issue 11 item 3).
-                raise PidFileError(
-                    spath, f"{os.strerror(errno.EEXIST)} (vhostmd pid {stale} is running)"
-                ) from err
-            if stale is None or stale == own:
-                raise PidFileError(spath, os.strerror(errno.EEXIST)) from err
-            log.warning("Removing stale pid file '%s' of process %d, which is gone", spath, stale)
+        # Upstream's wording: the bare strerror after "Failed to open pid file".
+        with translated(PidFileError, spath, ""):
             try:
+                fd = cls._open_exclusive(spath)
+            except FileExistsError as err:
+                stale = _read_pid(spath)
+                if stale is not None and stale != own and alive(stale):
+                    # Upstream's wording, plus who holds it.
+                    raise PidFileError(
+                        spath, f"{os.strerror(errno.EEXIST)} (vhostmd pid {stale} is running)"
+                    ) from err
+                if stale is None or stale == own:
+                    raise PidFileError(spath, os.strerror(errno.EEXIST)) from err
+                log.warning(
+                    "Removing stale pid file '%s' of process %d, which is gone", spath, stale
+                )
+                # Failing here: another daemon won the race for the stale file, it is theirs.
                 os.unlink(spath)
                 fd = cls._open_exclusive(spath)
-            except OSError as again:
-                # Another daemon won the race for the stale file: it is theirs.
-                raise PidFileError(spath, again.strerror or str(again)) from again
-        except OSError as err:
-            raise PidFileError(spath, err.strerror or str(err)) from err
-        try:
-            os.write(fd, f"{own}\n".encode("ascii"))
-        except OSError as err:
+            try:
+                os.write(fd, f"{own}\n".encode("ascii"))
+            except BaseException:
+                os.close(fd)
+                os.unlink(spath)
+                raise
             os.close(fd)
-            os.unlink(spath)
-            raise PidFileError(spath, err.strerror or str(err)) from err
-        os.close(fd)
         return cls(spath, own)
 
     @staticmethod
@@ -108,7 +110,7 @@ class PidFile:
             log.warning("Pid file '%s' no longer holds pid %d: left in place", self.path, self.pid)
             return
         try:
-            os.unlink(self.path)
-        except OSError as err:
+            remove(self.path, PidFileError, "")
+        except PidFileError as err:
             # Typical after -u USER: /run is not writable by the unprivileged user.
-            log.warning("Unable to remove pid file '%s': %s", self.path, err.strerror or err)
+            log.warning("Unable to remove pid file '%s': %s", self.path, err.reason)

@@ -19,6 +19,7 @@ This module says WHEN to look (scan_due, the inotify callback) and WHERE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import logging
@@ -118,8 +119,9 @@ class Inotify:
                 pos += _EVENT_HEADER.size + length
 
     def close(self) -> None:
-        """Release the inotify descriptor."""
-        os.close(self.fd)
+        """Release the inotify descriptor (Linux releases it even when close() fails)."""
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 class ChannelDiscovery:

@@ -94,7 +94,13 @@ def raise_fd_limit(needed: int) -> int:
         return soft
     new = needed if hard == resource.RLIM_INFINITY else min(hard, needed)
     if new > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        except (OSError, ValueError) as err:
+            # Refused (a sandbox): the transport still starts, with the
+            # channels the current limit allows (said below).
+            logger.debug("cannot raise the open file limit to %d: %s", new, err)
+            new = soft
     if new < needed:
         logger.warning(
             "open file limit %d is below the %d that max_channels needs; "
