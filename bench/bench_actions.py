@@ -7,7 +7,8 @@ Compares, on the same N actions (default 3000 = perf-echo3 x 1000 domains):
            per batch, each action a subshell of one of them, output on fifos,
            one poll() loop per batch in a worker thread), default concurrency;
 - worker serial: the same with max_concurrency=1, one after another like upstream;
-- with --old-rev REV: REV's vhostmd_py/runner.py (actions.py before the split) with
+- with --old-rev REV: REV's runner (vhostmd_py/sources/shell/runner.py, earlier
+           vhostmd_py/runner.py, actions.py before the split) with
            REV's csrc/runner.c built beside it (e.g. adf8109~1, the posix_spawn `sh -c` per action
            C runner), default concurrency and serial.
 Rounds are interleaved so machine noise hits every variant alike; the tables
@@ -73,12 +74,23 @@ def _load_old(rev: str) -> Any:
         extra_compile_args=["-O2", "-std=c99", "-D_GNU_SOURCE"],
     )
     built = ffi.compile(tmpdir=str(tmp))
-    try:
-        source = _git_show(rev, "vhostmd_py/runner.py").decode()
-    except subprocess.CalledProcessError:
-        source = _git_show(rev, "vhostmd_py/actions.py").decode()
+    source = ""
+    # Where the runner lived: the folders by stage, the flat package, before the split.
+    for where in ("vhostmd_py/sources/shell/runner.py", "vhostmd_py/runner.py",
+                  "vhostmd_py/actions.py"):
+        try:
+            source = _git_show(rev, where).decode()
+            break
+        except subprocess.CalledProcessError:
+            continue
+    if "from vhostmd_py.sources.shell import binding" in source:
+        raise SystemExit(f"{rev}'s runner goes through its binding module: compare a revision "
+                         "before it (this loader swaps the compiled module only)")
     (tmp / "old_actions.py").write_text(
-        source.replace("from ._runner import", "from ._bench_old_runner import")
+        source.replace("from ._runner import", "from ._bench_old_runner import").replace(
+            "from vhostmd_py.sources.shell._runner import",
+            "from vhostmd_py._bench_old_runner import",
+        )
     )
     module: Any = None
     for name, path in (

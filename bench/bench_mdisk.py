@@ -152,7 +152,9 @@ def bench_read(workdir: str, calls: int) -> Dict[str, Timing]:
                 results[f"{size}-{label}"] = _timing(
                     f"DiskReader.read {size // KIB} KiB ({label})", samples, calls
                 )
-                oneshot = functools.partial(wire.read_disk, path, strategy=strategy())
+                # A strategy per call: read_disk frees its buffer when it closes.
+                def oneshot(path: str = path, strategy: Callable[[], object] = strategy) -> bytes:
+                    return wire.read_disk(path, strategy=strategy())
                 samples = _single_calls(oneshot, calls)
                 results[f"{size}-{label}-oneshot"] = _timing(
                     f"read_disk {size // KIB} KiB, open+read+close ({label})", samples, calls

@@ -123,6 +123,8 @@ class CReadStrategy:
 
     def attempt(self, fd: int, direct: bool, dev_size: int, want: int) -> AttemptResult:
         """One attempt in C: (Status or -errno, header, content if OK or CHECKSUM)."""
+        if not self._ccap:  # as PyReadStrategy's closed mmap: never C on a freed buffer
+            raise ValueError("read attempt on a released buffer")
         ch = self._chdr
         rc = int(self._lib.mdisk_read_stable(fd, int(direct), dev_size, self._cbuf, want, ch))
         if rc < 0 or rc in (Status.SHORT, Status.ARG):
