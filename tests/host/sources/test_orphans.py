@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from helpers import REPO
 
@@ -71,3 +72,14 @@ def test_orphans_bounded_aged_and_ended() -> None:
     assert out["aged_killed"] == 2  # the shell's group (its child with it) and the sleep
     assert out["end_all"] == 0  # nothing left to kill: the aged ones went
     assert out["left"] == 1 and out["own_alive"]  # only our own child, untouched
+
+
+def test_no_proc_means_no_orphans_and_no_os_error(tmp_path: Path) -> None:
+    """Without a readable /proc (a sandbox) sweeps and the stop find nothing: no OSError leaves
+    the module for the daemon to catch."""
+    from vhostmd_py.sources.shell.orphans import OrphanReaper
+
+    reaper = OrphanReaper(max_age=0, limit=0, proc=str(tmp_path / "no-proc"))
+    assert reaper.sweep(()) == 0
+    assert reaper.end_all((), budget=0.01) == 0
+    assert reaper.killed == 0

@@ -116,7 +116,12 @@ class OrphanReaper:
             return pids
         except OSError:
             pass
-        for entry in os.listdir(self._proc):
+        try:
+            entries = os.listdir(self._proc)
+        except OSError as err:  # no /proc (a sandbox): no orphan can be told apart
+            log.debug("cannot list %s: %s", self._proc, err)
+            return []
+        for entry in entries:
             if entry.isdigit():
                 proc = self._stat(int(entry))
                 if proc is not None and proc.ppid == me:
