@@ -2,10 +2,13 @@
 
 Each module is a real .c file compiled as it is, plus its declarations-only
 header, read both as the cffi cdef and by the C compiler:
-- vhostmd_py.publish._mdisk: the metrics disk (checksum, header, publish, stable
-  read attempt); the host publishes through it. Guests do not need it:
-  they read with the pure Python of vhostmd_wire.disk.
+- vhostmd_py.publish._mdisk: the metrics disk (checksum, header, publish);
+  the host publishes through it. Guests do not need it: they read with the
+  pure Python of vhostmd_wire.disk.
 - vhostmd_py.sources.shell._runner: the daemon's action batch runner.
+
+Test-only C (csrc/tests/: the C stable read, a runner harness) is not built
+here: the tests build it (tests/helpers/cread.py, tests/host/sources).
 """
 
 from __future__ import annotations
