@@ -4,7 +4,11 @@ Imported only by code that runs actions (the daemon's runner factory, tests,
 benchmarks), so rendering, substitution and the config load no compiled
 module. Substitution of the action text is vhostmd_py.sources.shell.substitution;
 the C batch runner (csrc/runner.c) is reached only through its binding,
-vhostmd_py.sources.shell.binding.
+vhostmd_py.sources.shell.binding. This module takes the jobs and makes the
+batches; one batch (its C buffers, fifo directory, abort pipe, results) is
+vhostmd_py.sources.shell.batch, the threads that run batches
+vhostmd_py.sources.shell.threads, cancellation and reaping
+vhostmd_py.sources.shell.stopping.
 
 Running: each batch starts a few worker shells (``/bin/sh -s``, at most
 ``max_concurrency`` across batches), each leading its own session, and runs
@@ -103,7 +107,6 @@ def default_concurrency() -> int:
 def default_batch_threads() -> int:
     """Threads running batches at once: one per CPU, at most 4 (bench/README.md, Actions)."""
     return max(1, min(4, os.cpu_count() or 1))
-
 
 
 class ActionRunner:
