@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 import click
 
-from vhostmd_py.config.monitors import DEFAULT_STATE_DIR
+from vhostmd_py.config import DEFAULT_STATE_DIR
 from vhostmd_py.errors import StateFileError
 from vhostmd_py.fs import read_json
 from vhostmd_py.monitors.accounting import ACCOUNTING_FILE

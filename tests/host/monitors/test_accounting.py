@@ -15,8 +15,7 @@ import pytest
 from helpers import REPO
 from helpers.monitor import write_conf
 
-from vhostmd_py.config import load_config
-from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.config import AccountingConfig, Budget, load_config
 from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, period_start
