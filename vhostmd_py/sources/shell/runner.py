@@ -63,7 +63,7 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
 from vhostmd_py.config import DEFAULT_PATH
 from vhostmd_py.errors import ActionError
-from vhostmd_py.sources.base import VALUE_CAP
+from vhostmd_py.sources.shell import VALUE_CAP
 from vhostmd_py.sources.shell._runner import ffi, lib
 
 log = logging.getLogger(__name__)
