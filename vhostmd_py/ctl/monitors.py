@@ -2,7 +2,7 @@
 
 Both only read (``alarms.json``, ``accounting.json`` in the state directory,
 written atomically by the daemon), so they work while it runs, as any user
-allowed to read the directory. The lead registers them in the vhostmdctl group.
+allowed to read the directory. vhostmd_py.ctl.main registers them in the group.
 """
 
 from __future__ import annotations
