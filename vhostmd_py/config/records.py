@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
-from vhostmd_py.config.units import DEFAULT_STATE_DIR
+from vhostmd_py.config.units import DEFAULT_STATE_DIR, parse_duration
 from vhostmd_py.errors import ConfigError
 
 # PATH of actions when the config's <path> is empty (upstream's default config).
@@ -251,14 +251,20 @@ def resolve(var: PartialVariable) -> VariableConfig:
     if level != level or level in (float("inf"), float("-inf")):
         raise fail(f"alarm_trigger_level {raw_level!r} is not a finite number")
 
-    def integer(key: str, default: int, minimum: int) -> int:
+    def integer(key: str, default: int, minimum: int, duration: bool = False) -> int:
         raw = given.get(key)
         if raw is None:
             return default
         try:
             value = int(raw, 10)
         except ValueError as err:
-            raise fail(f"{key} {raw!r} is not an integer") from err
+            if not duration:
+                raise fail(f"{key} {raw!r} is not an integer") from err
+            # perfmon writes seconds; "5m" or "1w" read as everywhere else in the file.
+            try:
+                value = parse_duration(raw)
+            except ValueError:
+                raise fail(f"{key} {raw!r} is not an integer or a duration") from err
         if value < minimum:
             raise fail(f"{key} {value} is less than {minimum}")
         return value
@@ -269,8 +275,10 @@ def resolve(var: PartialVariable) -> VariableConfig:
         consolidation_fn=consolidation,
         alarm_trigger_level=level,
         alarm_trigger_sense=sense,
-        alarm_trigger_period=integer("alarm_trigger_period", DEFAULT_TRIGGER_PERIOD, 1),
-        alarm_auto_inhibit_period=integer("alarm_auto_inhibit_period", DEFAULT_INHIBIT_PERIOD, 0),
+        alarm_trigger_period=integer("alarm_trigger_period", DEFAULT_TRIGGER_PERIOD, 1, True),
+        alarm_auto_inhibit_period=integer(
+            "alarm_auto_inhibit_period", DEFAULT_INHIBIT_PERIOD, 0, True
+        ),
         alarm_priority=integer("alarm_priority", DEFAULT_PRIORITY, 0),
         where=f"{var.file}:{var.line}",
     )
