@@ -11,6 +11,7 @@ import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -123,3 +124,66 @@ def test_wire_imports_nothing_of_the_guest() -> None:
     """The wire format stands alone: importing it loads no vhostmd_guest module."""
     loaded = _modules_with_blocked(_package_modules("vhostmd_wire"), ["vhostmd_guest"])
     assert [m for m in loaded if m.split(".")[0] in ("vhostmd_guest", "vhostmd_py")] == []
+
+
+# --- the host package's import graph, from its source ------------------------------------
+#
+# Every import counts: module level, inside functions, and under ``if TYPE_CHECKING:``.
+# An import inside a function only moves a dependency from import time to call time, and
+# a TYPE_CHECKING import is still a dependency of the module's interface (its annotations
+# name the other module's types, and mypy reads them); hiding either kind is how circles
+# and arrows back up the layers had gone unnoticed.
+
+
+def _module_files() -> dict[str, Path]:
+    files = {}
+    for path in sorted((REPO / "vhostmd_py").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def _imported(node: ast.AST, module: str, is_package: bool, known: set[str]) -> List[str]:
+    """The vhostmd_py modules one import statement NODE of MODULE names."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name.split(".")[0] == "vhostmd_py"]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - (node.level - 1)]
+        base = ".".join(package + ([base] if base else []))
+    if base.split(".")[0] != "vhostmd_py":
+        return []
+    # `from P import n` imports module P.n when there is one, else takes n from P.
+    names = [f"{base}.{alias.name}" for alias in node.names]
+    submodules = [name for name in names if name in known]
+    return submodules if len(submodules) == len(names) else [base, *submodules]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the host modules it imports, from every import statement in its source.
+
+    A name that is no .py module of the package (a compiled extension) is a leaf.
+    """
+    files = _module_files()
+    known = set(files)
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        targets = graph.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets.update(t for t in _imported(node, module, is_package, known) if t != module)
+    return graph
+
+
+def test_config_imports_nothing_above_it() -> None:
+    """The config package reads the file and builds records: it imports the errors and the
+    safe XML parser, never a source, the cycle or a publisher (the built-in sources' field
+    table is handed to its parser)."""
+    graph = import_graph()
+    config = {m: deps for m, deps in graph.items() if m.split(".")[:2] == ["vhostmd_py", "config"]}
+    assert len(config) > 5
+    outside = {d for deps in config.values() for d in deps if not d.startswith("vhostmd_py.config")}
+    assert outside == {"vhostmd_py.errors", "vhostmd_py.safexml"}
