@@ -14,7 +14,7 @@ from vhostmd_py.config.units import (
     DISK_SIZE_RANGE,
     INTEGER,
     PERVM_GRACE_RANGE,
-    parse_duration,
+    duration_of,
     shown,
     size_factor,
     too_long,
@@ -120,10 +120,7 @@ def parse_disk_per_vm(
         raise ConfigError(file, "disk_per_vm unit given without a size", line)
     raw = elem.get("grace")
     if raw is not None:
-        try:
-            grace = parse_duration(str(raw))
-        except ValueError as err:
-            raise ConfigError(file, f"disk_per_vm grace: {err}", line) from err
+        grace = duration_of(str(raw), file, line, "disk_per_vm grace")
         low, high = PERVM_GRACE_RANGE
         if not low <= grace <= high:
             raise ConfigError(

@@ -8,7 +8,7 @@ from lxml import etree
 
 from vhostmd_py.config.document import line_of
 from vhostmd_py.config.records import DEFAULT_RETENTION, HistoryConfig
-from vhostmd_py.config.units import DEFAULT_STATE_DIR, parse_duration
+from vhostmd_py.config.units import DEFAULT_STATE_DIR, duration_of
 from vhostmd_py.errors import ConfigError
 
 
@@ -24,10 +24,7 @@ def parse_history(globals_: etree._Element, file: str, update_period: int) -> Hi
     retention = DEFAULT_RETENTION
     raw = elem.get("retention")
     if raw is not None:
-        try:
-            retention = parse_duration(str(raw))
-        except ValueError as err:
-            raise ConfigError(file, f"history retention: {err}", line) from err
+        retention = duration_of(str(raw), file, line, "history retention")
     publish_raw = str(elem.get("publish", "no")).strip().lower()
     if publish_raw not in ("yes", "no"):
         raise ConfigError(file, f"history publish '{publish_raw}' is not yes or no", line)
@@ -36,10 +33,7 @@ def parse_history(globals_: etree._Element, file: str, update_period: int) -> Hi
     heartbeat = None
     raw = elem.get("heartbeat")
     if raw is not None:
-        try:
-            heartbeat = parse_duration(str(raw))
-        except ValueError as err:
-            raise ConfigError(file, f"history heartbeat: {err}", line) from err
+        heartbeat = duration_of(str(raw), file, line, "history heartbeat")
         if heartbeat <= update_period:
             raise ConfigError(
                 file,

@@ -141,3 +141,11 @@ def parse_duration(text: str) -> int:
     if match is None or too_long(match.group(1)):
         raise ValueError(f"'{text}' is not a duration (a number with s, m, h, d or w)")
     return int(match.group(1), 10) * DURATION_UNITS[match.group(2)]
+
+
+def duration_of(raw: str, file: str, line: int | None, what: str) -> int:
+    """The duration RAW of attribute WHAT in seconds, else ConfigError ``WHAT: reason``."""
+    try:
+        return parse_duration(raw)
+    except ValueError as err:
+        raise ConfigError(file, f"{what}: {err}", line) from err
