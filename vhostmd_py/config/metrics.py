@@ -8,6 +8,7 @@ config's records, so the config does not import the sources back.
 from __future__ import annotations
 
 import logging
+from types import MappingProxyType
 from typing import List, Mapping, Protocol, Tuple
 
 from lxml import etree
@@ -43,7 +44,7 @@ class BuiltinField(Protocol):
 
 # Field name -> field, in the order a message lists them.
 BuiltinFields = Mapping[str, BuiltinField]
-NO_BUILTIN_FIELDS: BuiltinFields = {}
+NO_BUILTIN_FIELDS: BuiltinFields = MappingProxyType({})
 
 
 def parse_metrics(root: etree._Element, file: str, fields: BuiltinFields) -> Tuple[MetricSpec, ...]:
