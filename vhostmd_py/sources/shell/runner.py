@@ -61,10 +61,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
-from vhostmd_py.cycle.snapshot import DEFAULT_PATH
+from vhostmd_py.config import DEFAULT_PATH
 from vhostmd_py.errors import ActionError
-from vhostmd_py.sources.base import VALUE_CAP
-from vhostmd_py.sources.shell import binding
+from vhostmd_py.sources.shell import VALUE_CAP, binding
 
 log = logging.getLogger(__name__)
 
