@@ -11,6 +11,7 @@ import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import List
 
 import pytest
@@ -146,3 +147,143 @@ def test_each_compiled_module_has_one_binding() -> None:
                 if name in found:
                     found[name].append(str(path.relative_to(REPO)))
     assert found == {name: [owner] for name, owner in owners.items()}
+
+
+# --- the host package's import graph, from its source ------------------------------------
+#
+# Every import counts: module level, inside functions, and under ``if TYPE_CHECKING:``.
+# An import inside a function only moves a dependency from import time to call time, and
+# a TYPE_CHECKING import is still a dependency of the module's interface (its annotations
+# name the other module's types, and mypy reads them); hiding either kind is how circles
+# and arrows back up the layers had gone unnoticed.
+
+
+def _module_files() -> dict[str, Path]:
+    files = {}
+    for path in sorted((REPO / "vhostmd_py").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def _imported(node: ast.AST, module: str, is_package: bool, known: set[str]) -> List[str]:
+    """The vhostmd_py modules one import statement NODE of MODULE names."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name.split(".")[0] == "vhostmd_py"]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[: len(package) - (node.level - 1)]
+        base = ".".join(package + ([base] if base else []))
+    if base.split(".")[0] != "vhostmd_py":
+        return []
+    # `from P import n` imports module P.n when there is one, else takes n from P.
+    names = [f"{base}.{alias.name}" for alias in node.names]
+    submodules = [name for name in names if name in known]
+    return submodules if len(submodules) == len(names) else [base, *submodules]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the host modules it imports, from every import statement in its source.
+
+    A name that is no .py module of the package (a compiled extension) is a leaf.
+    """
+    files = _module_files()
+    known = set(files)
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        targets = graph.setdefault(module, set())
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets.update(t for t in _imported(node, module, is_package, known) if t != module)
+    return graph
+
+
+def test_config_imports_nothing_above_it() -> None:
+    """The config package reads the file and builds records: it imports the errors and the
+    safe XML parser, never a source, the cycle or a publisher (the built-in sources' field
+    table is handed to its parser)."""
+    graph = import_graph()
+    config = {m: deps for m, deps in graph.items() if m.split(".")[:2] == ["vhostmd_py", "config"]}
+    assert len(config) > 5
+    outside = {d for deps in config.values() for d in deps if not d.startswith("vhostmd_py.config")}
+    assert outside == {"vhostmd_py.errors", "vhostmd_py.safexml"}
+def find_cycles(graph: dict[str, set[str]]) -> List[List[str]]:
+    """One cycle (first module repeated at the end) per strongly connected component."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: List[str] = []
+    on_stack: set[str] = set()
+    components: List[List[str]] = []
+
+    def visit(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph.get(node, ())):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return [_cycle_in(graph, set(component), component[0]) for component in components]
+
+
+def _cycle_in(graph: dict[str, set[str]], members: set[str], start: str) -> List[str]:
+    """A shortest path from START back to itself inside one component (breadth first)."""
+    parents: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for succ in sorted(graph[node] & members):
+                if succ == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(parents[path[-1]])
+                    return [*reversed(path), start]
+                if succ not in parents:
+                    parents[succ] = node
+                    following.append(succ)
+        frontier = following
+    raise AssertionError(f"{start} is in no cycle")  # a component always has one
+
+
+def test_the_cycle_finder_finds_a_cycle_hidden_in_a_function() -> None:
+    """The check below can fail: a circle closed only by an import inside a function."""
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycles(graph) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set()}) == []
+    # Function-level and TYPE_CHECKING imports are edges of the graph as well.
+    module = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from vhostmd_py.errors import ConfigError\n"
+        "def f():\n    from vhostmd_py import cli\n    import vhostmd_py.fs\n"
+    )
+    known = {"vhostmd_py", "vhostmd_py.errors", "vhostmd_py.cli", "vhostmd_py.fs"}
+    found = {t for node in ast.walk(module) for t in _imported(node, "vhostmd_py.x", False, known)}
+    assert found == {"vhostmd_py.errors", "vhostmd_py.cli", "vhostmd_py.fs"}
+
+
+def test_no_import_circle_in_the_host_package() -> None:
+    """No chain of imports (anywhere in a module) leads from a host module back to itself."""
+    graph = import_graph()
+    assert "vhostmd_py.config" in graph and graph["vhostmd_py.cli"]  # the graph was read
+    cycles = find_cycles(graph)
+    assert cycles == [], "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.config import AccountingConfig, Budget
 from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper
 

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.config import AccountingConfig, Budget
 from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.monitors.accounting import Accounting
 

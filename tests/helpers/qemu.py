@@ -44,6 +44,8 @@ class FakeQemuChannel:
         self.listener.settimeout(timeout)
         conn, _ = self.listener.accept()
         conn.settimeout(5.0)
+        if self.conn is not None:  # the daemon reconnected: the old connection is over
+            self.conn.close()
         self.conn = conn
         return time.monotonic() - start
 

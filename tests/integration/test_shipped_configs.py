@@ -27,7 +27,8 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 import pytest
 from lxml import etree
 
-from vhostmd_py.config import Config, load_config
+from vhostmd_py.config import Config
+from vhostmd_py.process.life import load_config  # as the daemon loads: with the catalogue
 
 pytestmark = pytest.mark.integration
 

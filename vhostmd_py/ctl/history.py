@@ -1,4 +1,4 @@
-"""``vhostmdctl``: the operator's view of the history (reads the state directory only).
+"""``vhostmdctl list``, ``history``, ``graph``: the history (reads the state directory only).
 
 No running daemon is needed: the command reads the RRD files and index.json
 the daemon keeps in its state directory. When the daemon writes through
@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Sequence, Tuple
 
 import click
 
-from vhostmd_py.config import DEFAULT_STATE_DIR, parse_duration
+from vhostmd_py.config import parse_duration
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.history.errors import (
     HistoryError,
@@ -316,27 +316,6 @@ def _end(value: str) -> int:
         ) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--state-dir",
-    default=DEFAULT_STATE_DIR,
-    show_default=True,
-    envvar="VHOSTMD_STATE_DIR",
-    help="The daemon's state directory (<history>, <alarms>, <accounting> state_dir).",
-)
-@click.option(
-    "--daemon",
-    "rrdcached",
-    default=None,
-    metavar="ADDR",
-    help="rrdcached address to flush through (default: the daemon's, from the index).",
-)
-@click.pass_context
-def main(ctx: click.Context, state_dir: str, rrdcached: str | None) -> None:
-    """What vhostmd recorded: history and graphs, alarms, network usage (no daemon needed)."""
-    ctx.obj = (state_dir, rrdcached)
-
-
 def _state(ctx: click.Context) -> State:
     state_dir, rrdcached = ctx.obj
     try:
@@ -345,7 +324,7 @@ def _state(ctx: click.Context) -> State:
         _fail(err)
 
 
-@main.command("list")
+@click.command("list")
 @click.pass_context
 def list_cmd(ctx: click.Context) -> None:
     """The VMs with a history: UUID, name, last seen."""
@@ -354,7 +333,7 @@ def list_cmd(ctx: click.Context) -> None:
         click.echo(f"{uuid}  {_iso(int(entry.last_seen))}  {entry.name}")
 
 
-@main.command("history")
+@click.command("history")
 @click.option("--vm", required=True, help="VM name, UUID, or 'host'.")
 @click.option(
     "--metric",
@@ -394,7 +373,7 @@ def history_cmd(
     click.echo(render(series, target, metric, cf, fmt), nl=False)
 
 
-@main.command("graph")
+@click.command("graph")
 @click.option("--vm", required=True, help="VM name, UUID, or 'host'.")
 @click.option("--metric", required=True, type=click.Choice(GRAPH_METRICS))
 @click.option("--period", type=click.Choice(list(PERIODS)), default="day", show_default=True)
@@ -425,6 +404,3 @@ def graph_cmd(
         _fail(err)
     click.echo(output)
 
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 Both only read (``alarms.json``, ``accounting.json`` in the state directory,
 written atomically by the daemon), so they work while it runs, as any user
-allowed to read the directory. The lead registers them in the vhostmdctl group.
+allowed to read the directory. vhostmd_py.ctl.main registers them in the group.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 
 import click
 
-from vhostmd_py.config.monitors import DEFAULT_STATE_DIR
+from vhostmd_py.config import DEFAULT_STATE_DIR
 from vhostmd_py.errors import StateFileError
 from vhostmd_py.fs import read_json
 from vhostmd_py.monitors.accounting import ACCOUNTING_FILE

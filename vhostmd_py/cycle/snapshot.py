@@ -11,9 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-# PATH of actions when the config's <path> is empty (upstream's default config).
-DEFAULT_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
-
 
 @dataclass(frozen=True)
 class VM:

@@ -44,7 +44,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Protocol, TypeVar
 
-from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.config import AccountingConfig, Budget
 from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.errors import LibvirtError, ShapingError, StateFileError, StrPath
 from vhostmd_py.fs import read_json, write_json_atomic

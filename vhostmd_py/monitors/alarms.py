@@ -45,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
-from vhostmd_py.config.monitors import AlarmsConfig, VariableConfig
+from vhostmd_py.config import AlarmsConfig, VariableConfig
 from vhostmd_py.cycle.render import ExtraMetric
 from vhostmd_py.errors import StateFileError, StrPath
 from vhostmd_py.fs import read_json, write_json_atomic

@@ -19,8 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Awaitable, Callable, List
 
-from vhostmd_py.config import Config
-from vhostmd_py.config.monitors import AlarmsConfig
+from vhostmd_py.config import AlarmsConfig, Config
 from vhostmd_py.cycle.render import append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.cycle.stats import CycleStats

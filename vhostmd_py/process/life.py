@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List
 
-from vhostmd_py.errors import ConfigError, PidFileError, VhostmdError
+from vhostmd_py.errors import ConfigError, PidFileError, StrPath, VhostmdError
 from vhostmd_py.process.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
 
 if TYPE_CHECKING:
@@ -65,7 +65,6 @@ class Options:
 def run(opts: Options) -> int:
     """Start the daemon as OPTS say, run it until stopped; the process exit status."""
     from vhostmd_py import logsetup
-    from vhostmd_py.config import load_config
     from vhostmd_py.daemon import Daemon, describe_config
     from vhostmd_py.process.pidfile import PidFile
     from vhostmd_py.process.privileges import drop_privileges, resolve_user
@@ -234,7 +233,7 @@ def _preload(config: Config) -> Callable[[str], Config]:
     import vhostmd_py.sources.shell.orphans
     import vhostmd_py.sources.shell.runner
     import vhostmd_py.sources.shell.substitution
-    from vhostmd_py.config import default_dtd_path, load_config
+    from vhostmd_py.config import default_dtd_path
 
     vhostmd_py.cycle.render.xml_validator()
     if "virtio" in config.transports:
@@ -313,6 +312,18 @@ class PidFileRemover:
             self._write_end = -1
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
+
+
+def load_config(path: StrPath, dtd: StrPath | None = None) -> Config:
+    """The config at PATH (validated against DTD, default the shipped one).
+
+    Its ``<source>`` fields are checked against the built-in sources' table,
+    handed to the parser here: the config package imports no source.
+    """
+    from vhostmd_py.config import load_config as load
+    from vhostmd_py.sources.builtin.catalogue import CATALOGUE
+
+    return load(path, dtd=dtd, builtin_fields=CATALOGUE)
 
 
 def _dump(daemon: Daemon) -> int:

@@ -30,17 +30,13 @@ from typing import (
 from vhostmd_py.config import MetricSpec
 from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ActionError
+from vhostmd_py.sources.shell import VALUE_CAP, XML_VALUE_CAP
 from vhostmd_py.sources.shell.substitution import substitute
 
 if TYPE_CHECKING:  # the runner binding loads _runner: only code running actions imports it
     from vhostmd_py.sources.shell.runner import ActionJob, ActionResult, ActionRunner
 
 log = logging.getLogger(__name__)
-
-# Upstream reads at most this many bytes of an action's output (FACTS section 2:
-# edge-4k `Long` and negsum-1k keep 255 bytes); xml metrics get 2047.
-VALUE_CAP = 255
-XML_VALUE_CAP = 2047
 
 # One metric to produce: host context when the VM is None.
 Request = Tuple[MetricSpec, Optional[VM]]

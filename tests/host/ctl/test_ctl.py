@@ -43,7 +43,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ctl(*args: str) -> Tuple[int, str, str]:
     """Run vhostmdctl; (status, stdout, stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "vhostmd_py.ctl.history", *args],
+        [sys.executable, "-m", "vhostmd_py.ctl.main", *args],
         capture_output=True, text=True, timeout=60, check=False,
     )
     return proc.returncode, proc.stdout, proc.stderr

@@ -12,9 +12,10 @@ import pytest
 from helpers.config import write_config
 from vhostmd_wire.disk import read_disk
 
-from vhostmd_py.config import Config, load_config
+from vhostmd_py.config import Config
 from vhostmd_py.cycle.render import EMPTY_DOCUMENT, document, parse_document
 from vhostmd_py.daemon import Daemon
+from vhostmd_py.process.life import load_config  # as the daemon loads: with the catalogue
 from vhostmd_py.sources.shell.runner import ActionRunner
 
 TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"  # test:///default's running domain

@@ -264,7 +264,7 @@ def test_file_of_the_old_layout_is_read_then_upgraded(
 
 def _ctl(state: Path, *args: str) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "vhostmd_py.ctl.history", "--state-dir", str(state), *args],
+        [sys.executable, "-m", "vhostmd_py.ctl.main", "--state-dir", str(state), *args],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stderr

@@ -15,8 +15,7 @@ import pytest
 from helpers import REPO
 from helpers.monitor import write_conf
 
-from vhostmd_py.config import load_config
-from vhostmd_py.config.monitors import AccountingConfig, Budget
+from vhostmd_py.config import AccountingConfig, Budget, load_config
 from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, period_start
@@ -122,13 +121,13 @@ def test_kill_9_between_state_writes_then_continue(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     script_path = REPO / "tests" / "helpers" / "accounting_driver.py"
     driver = [sys.executable, str(script_path), str(state), str(script)]
-    proc = subprocess.Popen([*driver, "0", "7", "boot-1"], stdout=subprocess.PIPE, text=True,
-                            env=env)
-    assert proc.stdout is not None
-    for expected in range(4):
-        assert proc.stdout.readline().strip() == f"done {expected}"
-    proc.send_signal(signal.SIGKILL)  # sleeping after the write of step 3
-    assert proc.wait(10) == -signal.SIGKILL
+    with subprocess.Popen([*driver, "0", "7", "boot-1"], stdout=subprocess.PIPE, text=True,
+                          env=env) as proc:  # closes the pipe, whatever happens
+        assert proc.stdout is not None
+        for expected in range(4):
+            assert proc.stdout.readline().strip() == f"done {expected}"
+        proc.send_signal(signal.SIGKILL)  # sleeping after the write of step 3
+        assert proc.wait(10) == -signal.SIGKILL
     saved = json.loads((state / "accounting.json").read_text())
     assert saved["vms"][A]["nics"]["vnet0"]["tx"] == 2000 + 1500 + 4500
     assert not [p for p in state.iterdir() if p.name.startswith(".")]  # no temporaries left

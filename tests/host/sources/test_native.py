@@ -22,12 +22,18 @@ import pytest
 from helpers import REPO
 from lxml import etree
 
-from vhostmd_py.config import parse_config
+from vhostmd_py import config
 from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ConfigError
-from vhostmd_py.sources.builtin.catalogue import FIELDS, device_metric_name
+from vhostmd_py.sources.builtin.catalogue import CATALOGUE, FIELDS, device_metric_name
 from vhostmd_py.sources.builtin.hostproc import HostProc, parse_cpu_list, parse_os_release
 from vhostmd_py.sources.builtin.source import NativeSource
+
+
+def parse_config(data: bytes, file: str = "<config>") -> config.Config:
+    """As the daemon parses: <source> fields checked against the built-in catalogue."""
+    return config.parse_config(data, file=file, builtin_fields=CATALOGUE)
+
 
 libvirt = pytest.importorskip("libvirt")
 

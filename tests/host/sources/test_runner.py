@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vhostmd_py.errors import ActionError
-from vhostmd_py.sources.base import VALUE_CAP
+from vhostmd_py.sources.shell import VALUE_CAP
 from vhostmd_py.sources.shell.runner import ActionResult, ActionRunner
 from vhostmd_py.sources.shell.substitution import substitute
 

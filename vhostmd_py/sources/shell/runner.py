@@ -58,10 +58,9 @@ import logging
 import os
 from typing import Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
-from vhostmd_py.cycle.snapshot import DEFAULT_PATH
+from vhostmd_py.config import DEFAULT_PATH
 from vhostmd_py.errors import ActionError
-from vhostmd_py.sources.base import VALUE_CAP
-from vhostmd_py.sources.shell import binding
+from vhostmd_py.sources.shell import VALUE_CAP, binding
 from vhostmd_py.sources.shell.batch import (
     ActionJob,
     ActionResult,
