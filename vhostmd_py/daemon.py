@@ -328,6 +328,7 @@ class Daemon:
         snapshot, stats = await gather.collect(
             config, vms, deadline=deadline, stats=any(s.reads_stats for s in steps)
         )
+        self.health.record_carried(gather.carry.carried_last)
         for step in steps:
             await step.observe(stats if step.reads_stats else None)
             snapshot = step.decorate(snapshot)

@@ -18,6 +18,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, List, Tuple
 
+from vhostmd_py.cycle.carry import Carry
 from vhostmd_py.cycle.snapshot import VM, Snapshot
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
     from vhostmd_py.sources.vms import LibvirtVMs
 
 log = logging.getLogger(__name__)
+
+# How long a late value is carried when the runner states no action timeout.
+DEFAULT_CARRY = 30.0
 
 # A libvirtd that accepts connections but never answers blocks libvirt-python
 # calls forever (no keepalive without a libvirt event loop). Past this many
@@ -79,6 +83,7 @@ class Gatherer:
         self.libvirt_timeout = libvirt_timeout
         self._on_results = on_results
         self.runner = self._make_runner(config)
+        self.carry = self._make_carry(config)
         self._shell: ShellActionSource | None = None  # made with the runner, on first use
         self._native: NativeSource | None = None  # made on first use
         self._vms: LibvirtVMs | None = None
@@ -86,6 +91,11 @@ class Gatherer:
         self._libvirt_stuck = False
         self.listed_ok = True  # whether the last VM listing was libvirt's answer
         self._orphans: OrphanReaper | None = None
+
+    def _make_carry(self, config: Config) -> Carry:
+        # Carried no longer than an action may run (then it is killed).
+        timeout = float(getattr(self.runner, "timeout", None) or DEFAULT_CARRY)
+        return Carry(bound=timeout, annotate=config.freshness is not None)
 
     def _make_runner(self, config: Config) -> ActionRunner:
         runner = self._runner_factory(config)
@@ -186,7 +196,8 @@ class Gatherer:
         native = self._native
         sampled = native.last_snapshot if native is not None else None
         snapshot = await collect(
-            config, vms, self.runner, sources=self._sources(config), deadline=deadline
+            config, vms, self.runner, sources=self._sources(config), deadline=deadline,
+            carry=self.carry,
         )
         if not stats:
             return snapshot, None
@@ -244,6 +255,7 @@ class Gatherer:
         """A new runner for CONFIG (its PATH); a new lister when what it lists changed."""
         old_runner, self.runner = self.runner, self._make_runner(config)
         old_runner.close()  # kills what still runs past its cycle's deadline, reaps leftovers
+        self.carry = self._make_carry(config)  # a metric's action may have changed
         vms = self._vms
         channels = self._channels(config)
         if vms is not None and (not needs_vms(config, channels=channels)

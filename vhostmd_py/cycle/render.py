@@ -66,7 +66,7 @@ from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 from vhostmd_py.config import MetricSpec
 from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
 from vhostmd_py.safexml import safe_parser
-from vhostmd_py.sources.base import PerDevice, RawValue, describe
+from vhostmd_py.sources.base import Pending, PerDevice, RawValue, describe
 from vhostmd_py.sources.builtin.catalogue import device_metric_name
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def render_value(
     validator: XmlMetricValidator | None = None,
 ) -> bytes:
     """The <metric> element(s) for one metric's raw value (b"" when left out)."""
-    if raw is None:
+    if raw is None or isinstance(raw, Pending):
         return b""
     if isinstance(raw, PerDevice):
         # A per-device built-in field: one element per device, named after it.

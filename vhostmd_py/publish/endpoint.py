@@ -7,7 +7,8 @@ each scrape reads, without touching the metrics loop:
 - the daemon's health (vhostmd_py.publish.health.Health, a locked copy):
   ``vhostmd_cycle_duration_seconds`` (histogram), ``vhostmd_actions_total``,
   ``vhostmd_action_failures_total``, ``vhostmd_action_timeouts_total``,
-  ``vhostmd_publish_errors_total`` (counters), ``vhostmd_vms``,
+  ``vhostmd_publish_errors_total``, ``vhostmd_carried_values_total`` (counters),
+  ``vhostmd_vms``, ``vhostmd_carried_values_last_cycle``,
   ``vhostmd_virtio_channels_connected``, ``vhostmd_last_publish_timestamp_seconds``
   (gauges);
 - every value of the last published Snapshot (``Daemon.last_snapshot``, one
@@ -257,6 +258,17 @@ class VhostmdCollector:
             value=reading.publish_errors,
         )
         yield GaugeMetricFamily("vhostmd_vms", "VMs seen in the last cycle.", value=reading.vms)
+        yield CounterMetricFamily(
+            "vhostmd_carried_values",
+            "Metric values published from an earlier cycle because their source was still "
+            "being read at the deadline.",
+            value=reading.carried_values,
+        )
+        yield GaugeMetricFamily(
+            "vhostmd_carried_values_last_cycle",
+            "Metric values the last cycle published from an earlier cycle.",
+            value=reading.carried_now,
+        )
         yield GaugeMetricFamily(
             "vhostmd_virtio_channels_connected", "virtio-serial channels connected.",
             value=self._daemon.virtio_connections,
