@@ -7,12 +7,14 @@ metric that has had a value for a running VM, and a guest agent reading a
 few named metrics never sees them flicker in and out. The fresh value
 replaces the carried one in the first document after it arrives.
 
-A value is carried for at most ``carry_bound()`` seconds after it was read:
-CARRY_PERIODS update periods, and never longer than the action timeout (a
-shell action still running then is killed). Past that it is dropped, logged
-once, until a fresh value arrives again. A metric that failed (non-zero exit,
-garbage, a value that does not fit its type) is left out and its carried
-value forgotten: only lateness is bridged, never a failure.
+A value is carried for at most ``bound`` seconds after it was read: the
+action timeout (``--action-timeout``, 30 s by default), by which a shell
+action still running is killed; a built-in read that hangs is bounded the
+same. Past that, or when the late read fails, the carried value is
+dropped, logged once, and left out until a fresh value arrives. A metric
+that failed (non-zero exit, garbage, a value that does not fit its type)
+is left out and its carried value forgotten: only lateness is bridged,
+never a failure.
 
 With ``<freshness/>`` (``annotate``) a carried element says how old its
 value is, as an ``age`` attribute in seconds, which upstream's reader and
@@ -39,16 +41,6 @@ log = logging.getLogger(__name__)
 CarryKey = Tuple[str, str, Optional[str]]
 
 _OPEN_TAG = re.compile(rb"<metric(?=[\s>])")
-
-# How many update periods a value may be carried: long enough to bridge an
-# action that takes a few periods (upstream's 100-VM virsh config needs about
-# three), short enough that a guest never reads a value much older than that.
-CARRY_PERIODS = 5
-
-
-def carry_bound(update_period: float, action_timeout: float) -> float:
-    """Seconds a value may be carried: CARRY_PERIODS periods, at most the action timeout."""
-    return min(CARRY_PERIODS * update_period, action_timeout)
 
 
 @dataclass
@@ -85,6 +77,7 @@ class Carry:
         self._wall = wall
         self._kept: Dict[CarryKey, _Kept] = {}
         self._expired: Set[CarryKey] = set()  # dropped past the bound, logged once
+        self._carrying: Set[CarryKey] = set()  # carried by the last cycle
         self.carried_last = 0  # how many values the last cycle carried
 
     def settle(
@@ -102,6 +95,7 @@ class Carry:
         now = self._wall()
         out: List[bytes] = []
         asked: Set[CarryKey] = set()
+        now_carrying: Set[CarryKey] = set()
         carried = 0
         for (metric, vm), raw, xml in zip(requests, raws, rendered):
             key = _key(metric, vm)
@@ -113,7 +107,11 @@ class Carry:
                         self._expired.discard(key)
                         log.info("%s: a fresh value again", describe(metric, vm))
                 else:
-                    self._kept.pop(key, None)  # failed or left out: nothing to carry
+                    kept = self._kept.pop(key, None)  # failed or left out: nothing to carry
+                    if kept is not None and key in self._carrying:
+                        self._expired.add(key)
+                        log.warning("%s: its value of %.0f s ago is no longer published: "
+                                    "the late read failed", kept.describe, now - kept.read_at)
                 out.append(xml)
                 continue
             kept = self._kept.get(key)
@@ -126,16 +124,18 @@ class Carry:
                 self._expired.add(key)
                 log.warning(
                     "%s: its value of %.0f s ago is no longer published (carried at most "
-                    "%.0f s); left out until the source answers",
+                    "%.0f s, the action timeout); left out until the source answers",
                     kept.describe, age, self.bound,
                 )
                 out.append(b"")
                 continue
             carried += 1
+            now_carrying.add(key)
             out.append(annotate(kept.xml, age) if self.annotate and metric.type != "xml"
                        else kept.xml)
         for key in set(self._kept) - asked:
             del self._kept[key]
         self._expired &= asked
+        self._carrying = now_carrying
         self.carried_last = carried
         return out
