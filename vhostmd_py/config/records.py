@@ -348,9 +348,47 @@ def _select(items: Tuple[Any, ...], uuid: str, name: str) -> Any:
 # --- the whole file -----------------------------------------------------------------
 
 
+# <policy>: domain metadata is re-read at this period (and on libvirt's
+# metadata-change event), within this range.
+DEFAULT_REFRESH = 300
+REFRESH_RANGE = (1, 7 * 86400)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one source says of a VM's view; None fields are not said (taken from below)."""
+
+    allow: Tuple[str, ...] | None = None  # None: not said; () never (an empty list is None)
+    deny: Tuple[str, ...] | None = None
+    blocked: bool | None = None
+    shared: bool | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``<policy>``: the default rule, per-VM rules by name and by UUID, metadata reading."""
+
+    default: Rule = Rule()
+    by_name: Dict[str, Rule] = field(default_factory=dict)
+    by_uuid: Dict[str, Rule] = field(default_factory=dict)
+    metadata: bool = True
+    refresh: int = DEFAULT_REFRESH  # seconds between two reads of every domain's metadata
+    state_dir: str | None = None  # where policy.json goes (vhostmdctl policy); None: nowhere
+
+    def config_rule(self, name: str, uuid: str) -> Tuple[str, Rule] | None:
+        """This file's rule for the VM (by UUID first), with its origin, or None."""
+        rule = self.by_uuid.get(uuid.lower())
+        if rule is not None:
+            return f"config policy_vm uuid={uuid.lower()}", rule
+        rule = self.by_name.get(name)
+        if rule is not None:
+            return f"config policy_vm name={name}", rule
+        return None
+
+
 @dataclass(frozen=True)
 class Config:
-    """A loaded, validated vhostmd.conf: its 15 fields.
+    """A loaded, validated vhostmd.conf: its 16 fields.
 
     ``file`` (the path it was read from, for messages and reloads);
     ``disk_name``, ``disk_path``, ``disk_size`` (bytes): ``<disk>``;
@@ -360,7 +398,8 @@ class Config:
     config order); then the optional vhostmd-py sections, None when absent:
     ``history`` (HistoryConfig), ``metrics_endpoint`` (EndpointConfig),
     ``alarms`` (AlarmsConfig), ``accounting`` (AccountingConfig),
-    ``disk_per_vm`` (PerVmDiskConfig), ``freshness`` (FreshnessConfig).
+    ``disk_per_vm`` (PerVmDiskConfig), ``freshness`` (FreshnessConfig),
+    ``policy`` (PolicyConfig: what each VM may see).
     """
 
     file: str
@@ -378,6 +417,7 @@ class Config:
     accounting: AccountingConfig | None = None
     disk_per_vm: PerVmDiskConfig | None = None
     freshness: FreshnessConfig | None = None
+    policy: PolicyConfig | None = None  # None: every VM sees everything, as upstream
 
     def host_metrics(self) -> Tuple[MetricSpec, ...]:
         """Metrics evaluated once per cycle, in config order."""
