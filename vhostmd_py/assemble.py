@@ -284,6 +284,7 @@ class Assembler:
         stats_source: Callable[[List[VM]], CycleStats] | None = None,
         on_results: Callable[..., None] | None = None,
         extra_slots: Sequence[Slot] = (),
+        host: Host | None = None,
     ) -> None:
         self.uri = uri
         self._runner_factory = runner_factory
@@ -296,7 +297,7 @@ class Assembler:
         self._stats_source = stats_source
         self._on_results = on_results
         self._extra = tuple(extra_slots)
-        self.host = Host(uri)
+        self.host = host if host is not None else Host(uri)
         self._gather: Gatherer | None = None
 
     def virtio_wanted(self, config: Config) -> bool:
@@ -336,6 +337,9 @@ class Assembler:
             *extra_steps,
             Slot("freshness", "step", lambda c: c.freshness is not None, self._freshness,
                  early=True),
+            # Last: it attaches to the finished snapshot what each VM may see of it.
+            Slot("policy", "step", lambda c: c.policy is not None, self._policy,
+                 failure="policy", fatal_at_start=False),
         ]
 
     # --- the built-in parts -------------------------------------------------------------
@@ -378,6 +382,16 @@ class Assembler:
 
         assert config.freshness is not None
         return Freshness(config.freshness, config.update_period, wall=self._wall)
+
+
+    def _policy(self, config: Config) -> Step:
+        from vhostmd_py.publish.policy import PolicyStep
+
+        assert config.policy is not None and self._gather is not None
+        gather = self._gather
+        return PolicyStep(config.policy, vms=lambda: gather.last_vms, host=self.host,
+                          state_dir=config.policy.state_dir, timeout=self._libvirt_timeout,
+                          wall=self._wall)
 
 
 def _monitor_wanted(config: Config) -> bool:

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
     from vhostmd_py.cycle.snapshot import VM, Snapshot
     from vhostmd_py.cycle.stats import CycleStats
     from vhostmd_py.history.core import History
+    from vhostmd_py.libvirt_host import Host
     from vhostmd_py.monitors.step import Monitor
     from vhostmd_py.publish.endpoint import MetricsEndpoint
     from vhostmd_py.publish.mdisk import MetricsDisk
@@ -111,7 +112,9 @@ class Daemon:
         reap_orphans: bool = False,
         wall: Callable[[], float] = time.time,
         extra_slots: Sequence[Slot] = (),
+        host: Host | None = None,
     ) -> None:
+        """HOST: the libvirt boundary to use (default: one for URI)."""
         self.config = config
         self.uri = uri
         self._config_loader = config_loader
@@ -125,7 +128,7 @@ class Daemon:
             uri=uri, runner_factory=runner_factory, disk_factory=disk_factory, clock=clock,
             wall=wall, publish=publish, use_virtio=use_virtio, libvirt_timeout=libvirt_timeout,
             stats_source=stats_source, on_results=self.health.record_actions,
-            extra_slots=extra_slots,
+            extra_slots=extra_slots, host=host,
         )
         self.parts: Parts = self.assembler.assemble(config)
         self.parts.build_with_daemon(config)

@@ -37,6 +37,9 @@ from vhostmd_py.config.records import DEFAULT_REFRESH, REFRESH_RANGE, PolicyConf
 from vhostmd_py.config.units import DEFAULT_STATE_DIR, duration_of
 from vhostmd_py.errors import ConfigError
 
+# The state file that says each VM's policy in force (vhostmdctl policy).
+POLICY_FILE = "policy.json"
+
 
 @dataclass(frozen=True)
 class Effective:

@@ -14,9 +14,8 @@ from typing import Any, Dict, List
 
 import click
 
+from vhostmd_py.config.policy import POLICY_FILE
 from vhostmd_py.ctl.monitors import _read, _state_dir
-
-POLICY_FILE = "policy.json"
 
 
 def _listed(values: Any) -> str:

@@ -57,6 +57,8 @@ def needs_vms(config: Config, *, channels: bool = False) -> bool:
         or config.history is not None
         or config.alarms is not None
         or config.accounting is not None
+        # A policy: the shared disk holds what every running VM may see.
+        or config.policy is not None
     )
 
 
@@ -90,6 +92,7 @@ class Gatherer:
         self._pending_list: asyncio.Future[List[VM]] | None = None
         self._libvirt_stuck = False
         self.listed_ok = True  # whether the last VM listing was libvirt's answer
+        self.last_vms: List[VM] = []  # the last cycle's running VMs (the policy step's)
         self._orphans: OrphanReaper | None = None
 
     def _make_carry(self, config: Config) -> Carry:
@@ -117,6 +120,10 @@ class Gatherer:
 
     async def list_vms(self, config: Config) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""
+        self.last_vms = await self._list_vms(config)
+        return self.last_vms
+
+    async def _list_vms(self, config: Config) -> List[VM]:
         source = self._lister(config)
         if source is None:
             return []

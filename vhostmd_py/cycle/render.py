@@ -331,7 +331,7 @@ def append_metrics(
         blocks.append(block)
     if not changed:
         return snapshot
-    return Snapshot(snapshot.host + host_xml, tuple(blocks))
+    return replace(snapshot, host=snapshot.host + host_xml, vms=tuple(blocks))
 
 
 def document(snapshot: Snapshot) -> bytes:

@@ -8,8 +8,8 @@ document's head and tail, the virtio reply) are vhostmd_py.cycle.render's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Protocol, Tuple
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,24 @@ class VmBlock:
     xml: bytes
 
 
+class View(Protocol):
+    """What each VM may see of a snapshot (vhostmd_py.publish.policy's PolicyView)."""
+
+    def shared(self, snapshot: Snapshot) -> Snapshot:
+        """What the shared disk, read by every VM, may hold."""
+
+    def for_vm(self, snapshot: Snapshot, vm: VM) -> Snapshot | None:
+        """What VM's own disk or channel may hold; None when the VM is blocked."""
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """All rendered metrics of one cycle, in upstream's document order."""
+    """All rendered metrics of one cycle, in upstream's document order.
+
+    VIEW, when a policy is configured, says what each transport may show of
+    it (the publishers apply it); None: everything, as upstream.
+    """
 
     host: bytes
     vms: Tuple[VmBlock, ...]
+    view: View | None = field(default=None, compare=False, repr=False)

@@ -21,15 +21,26 @@ that, by the configured name before the first dot.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
+import os
 import re
+import time
+from dataclasses import replace
 from html import unescape
-from typing import Dict, Iterable, List, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
-from vhostmd_py.config.policy import Effective, resolve
+from vhostmd_py.config.policy import POLICY_FILE, Effective, resolve
 from vhostmd_py.config.records import PolicyConfig
 from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
-from vhostmd_py.sources.metadata import MetadataBook
+from vhostmd_py.errors import VhostmdError
+from vhostmd_py.libvirt_host import events_running
+from vhostmd_py.sources.metadata import NAMESPACE, MetadataBook, read_domain
+
+log = logging.getLogger(__name__)
+
 
 _ELEMENT = re.compile(rb"[ \t]*<metric\b.*?</metric>[ \t]*\n?", re.DOTALL)
 _NAME = re.compile(rb"<name>(.*?)</name>", re.DOTALL)
@@ -120,7 +131,133 @@ class PolicyView:
         return out
 
 
-def table_json(table: Dict[str, Dict[str, object]], *, written: float) -> bytes:
-    """The state file's bytes (policy.json)."""
-    return json.dumps({"version": 1, "written": written, "vms": table},
-                      indent=1, sort_keys=True).encode("utf-8")
+class PolicyStep:
+    """The cycle step that keeps the policies in force and attaches them to each snapshot.
+
+    Each cycle it reads the metadata that is due (a VM seen for the first
+    time, the refresh period, libvirt's metadata-change event) on the
+    libvirt worker, bounded by the libvirt timeout; it never reads every
+    VM's metadata per cycle. It writes ``policy.json`` (for ``vhostmdctl
+    policy``) atomically when a running VM's policy changes, and sets
+    Snapshot.view, which the publishers apply.
+    """
+
+    reads_stats = False
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        *,
+        vms: Callable[[], Sequence[VM]],
+        host: Any = None,
+        state_dir: str | None = None,
+        timeout: float = 5.0,
+        wall: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        alarms: Callable[[VM], List[Dict[str, str]]] | None = None,
+    ) -> None:
+        self._vms = vms
+        self._host = host
+        self._state_dir = state_dir
+        self._timeout = timeout
+        self._wall = wall
+        self._alarms = alarms
+        self.book: MetadataBook | None = None
+        if config.metadata and host is not None:
+            self.book = MetadataBook(refresh=config.refresh, reader=self._read, clock=clock)
+        self.view = PolicyView(config, self.book)
+        self._watched: Any = None  # the connection our metadata-change callback is on
+        self._callback: int | None = None
+        self._written: bytes | None = None
+        self._pending: asyncio.Future[Any] | None = None
+
+    # --- on the libvirt worker ---------------------------------------------------------
+
+    def _read(self, vm: VM) -> bytes | None:
+        conn = self._host.read_only()
+        if conn is None:
+            raise RuntimeError("libvirt is not reachable")
+        return read_domain(conn, vm, self._host.module())
+
+    def _refresh(self, vms: Sequence[VM]) -> bool:
+        assert self.book is not None
+        self._host.enable_events()
+        self._watch()
+        return self.book.update(vms)
+
+    def _watch(self) -> None:
+        """Register for metadata-change events on the connection in force (once per connection)."""
+        conn = self._host.read_only()
+        if conn is None or conn is self._watched or not events_running():
+            return
+        libvirt = self._host.module()
+        book = self.book
+        assert book is not None
+
+        def changed(_conn: Any, dom: Any, _type: int, uri: str | None, _opaque: Any) -> None:
+            if uri in (None, NAMESPACE):
+                book.changed(dom.UUIDString())
+
+        try:
+            self._callback = conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, changed, None)
+            self._watched = conn
+        except Exception as err:  # an old libvirtd: the refresh period alone then
+            log.info("metadata-change events unavailable (%s): metadata re-read every %d s",
+                     err, book.refresh)
+            self._watched = conn
+
+    # --- the step ------------------------------------------------------------------------
+
+    async def observe(self, stats: Any) -> None:
+        """Read the metadata that is due; write policy.json when a policy changed."""
+        vms = list(self._vms())
+        if self.book is not None:
+            if self._pending is not None and not self._pending.done():
+                return  # the worker is still in the previous read
+            self._pending = asyncio.ensure_future(self._host.call(self._refresh, vms))
+            done, _ = await asyncio.wait({self._pending}, timeout=self._timeout)
+            if done:
+                try:
+                    self._pending.result()
+                except Exception as err:  # libvirt away: the policies read before stay
+                    log.debug("domain metadata not read: %s", err)
+            else:
+                self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._write(vms)
+
+    def _write(self, vms: Sequence[VM]) -> None:
+        if self._state_dir is None:
+            return
+        table = self.view.table(vms)
+        if self._alarms is not None:
+            for vm in vms:
+                table[vm.uuid]["alarms"] = self._alarms(vm)
+        content = json.dumps(table, sort_keys=True).encode()
+        if content == self._written:
+            return
+        from vhostmd_py.fs import write_json_atomic
+
+        try:
+            write_json_atomic(os.path.join(self._state_dir, POLICY_FILE),
+                              {"version": 1, "written": self._wall(), "vms": table})
+        except VhostmdError as err:
+            log.error("policy state not written: %s", err)
+            return
+        self._written = content
+
+    def decorate(self, snapshot: Snapshot) -> Snapshot:
+        """SNAPSHOT with the policies in force attached (the publishers apply them)."""
+        return replace(snapshot, view=self.view)
+
+    def reconfigure(self, config: Any) -> bool:
+        """A changed <policy> is a new step (its metadata is read again)."""
+        return bool(config.policy == self.view.config)
+
+    def close(self) -> None:
+        """Stop listening to libvirt's events."""
+        conn, self._watched = self._watched, None
+        if conn is not None and self._callback is not None:
+            with contextlib.suppress(Exception):
+                conn.domainEventDeregisterAny(self._callback)
+        self._callback = None

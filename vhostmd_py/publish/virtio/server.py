@@ -117,9 +117,11 @@ class _Channel:
     __slots__ = (
         "backoff",
         "block",
+        "blocked",
         "connected_at",
         "exchange",
         "failed_ident",
+        "host",
         "paused",
         "retry_at",
         "retry_path",
@@ -132,6 +134,10 @@ class _Channel:
     def __init__(self, vm: VM, block: bytes, now: float) -> None:
         self.vm = vm
         self.block = block
+        # With a policy (Snapshot.view): the host part this VM may see, and
+        # whether it is blocked (answered the protocol's error). None: the server's.
+        self.host: bytes | None = None
+        self.blocked = False
         self.updated = now
         self.sock: socket.socket | None = None
         self.connected_at = 0.0
@@ -209,7 +215,10 @@ class VirtioServer:
         self._task = self._loop.create_task(self._run(), name="vhostmd-virtio")
 
     def update(self, snapshot: Snapshot) -> None:
-        """Take a cycle's metrics: add, refresh and drop channels; connect new ones at once."""
+        """Take a cycle's metrics: add, refresh and drop channels; connect new ones at once.
+
+        With a policy (SNAPSHOT.view) each channel serves what its VM may see.
+        """
         if self._closed:
             return
         now = self._clock()
@@ -241,6 +250,8 @@ class VirtioServer:
                 ch.block = block.xml
                 ch.vm = block.vm  # the live XML's channel path may have changed
                 ch.updated = now
+            if snapshot.view is not None:
+                _apply_view(ch, snapshot, block.vm)
         self._refused &= {self._key(block.vm) for block in snapshot.vms}
         if added and self._loop is not None:
             self._discover()
@@ -523,7 +534,10 @@ class VirtioServer:
                 self._discard_overlong_rest(ch, sock)
                 if ch.sock is None:
                     return
-        self._send(ch, reply_to(verdict, self._host, ch.block))
+        if ch.blocked:
+            verdict = Request.INVALID  # the policy blocks this VM: the protocol's error only
+        host = self._host if ch.host is None else ch.host
+        self._send(ch, reply_to(verdict, host, ch.block))
 
     def _discard_overlong_rest(self, ch: _Channel, sock: socket.socket) -> None:
         """Drop the bytes already waiting on CH: the rest of an overlong request.
@@ -592,3 +606,13 @@ class VirtioServer:
         fd = sock.fileno()
         self._loop.remove_writer(fd)
         self._loop.add_reader(fd, self._on_readable, ch)
+
+
+def _apply_view(ch: _Channel, snapshot: Snapshot, vm: VM) -> None:
+    """What CH's VM may see of SNAPSHOT, by its policy (SNAPSHOT.view)."""
+    assert snapshot.view is not None
+    seen = snapshot.view.for_vm(snapshot, vm)
+    ch.blocked = seen is None
+    if seen is not None:
+        ch.host = seen.host
+        ch.block = b"".join(b.xml for b in seen.vms)
