@@ -688,3 +688,28 @@ def test_idle_discovery_is_event_driven(chan_dir: Path) -> None:
                 fake.close()
     assert counts[True] <= 2, counts
     assert counts[False] >= 8, counts
+
+
+def test_policy_view_per_channel(chan_dir: Path) -> None:
+    """With a policy (Snapshot.view): each VM's reply is its own view; a blocked VM gets
+    the protocol's error only."""
+    from dataclasses import replace as _replace
+
+    from vhostmd_py.config.policy import PolicyConfig, Rule
+    from vhostmd_py.publish.policy import PolicyView
+
+    a, b, c = vms(3)
+    view = PolicyView(PolicyConfig(by_name={a.name: Rule(deny=("Greeting", "Ident")),
+                                            c.name: Rule(blocked=True)}))
+    fakes = [qemu(chan_dir, "old", vm) for vm in (a, b, c)]
+    with ServerThread(chan_dir) as srv:
+        srv.update(_replace(snapshot([a, b, c]), view=view))
+        for fake in fakes:
+            fake.accept()
+        answer_only = metric_xml(None, "int32", "Answer", "42")
+        assert fakes[0].request(REQUEST_LF) == build_reply(
+            answer_only, metric_xml(a, "uint32", "VCpus", "1"))
+        assert fakes[1].request(REQUEST_LF) == expected_reply(b)
+        assert fakes[2].request(REQUEST_LF) == INVALID_REQUEST
+    for fake in fakes:
+        fake.close()
