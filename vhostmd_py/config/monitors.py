@@ -37,6 +37,9 @@ DEFAULT_TRIGGER_PERIOD = 60
 DEFAULT_INHIBIT_PERIOD = 3600
 DEFAULT_PRIORITY = 5
 CONSOLIDATION_FNS = ("sum", "average", "max", "min")
+# The dialect of a variable written in perfmon's own <config> format
+# (perfmon.py): perfmon's units, defaults and arithmetic.
+PERFMON = "perfmon"
 SENSES = ("high", "low")
 
 # Built-in per-variable defaults (perfmon's get_default_variable_config, for
@@ -71,6 +74,8 @@ class VariableConfig:
     alarm_trigger_period: int  # seconds the level must be bad before an alarm
     alarm_auto_inhibit_period: int  # seconds without a second alarm after one
     alarm_priority: int
+    # "" for our <alarm> format, PERFMON for perfmon's <config> (units, arithmetic).
+    dialect: str = ""
     # Where it was configured: for messages only, never part of "changed?".
     where: str = field(default="", compare=False)
 

@@ -81,6 +81,8 @@ class Observation:
     name: str  # the VM's name, or the host's name
     time: float  # wall clock seconds of the cycle
     values: Mapping[str, float]
+    # Used fraction of the filesystem perfmon's get_percent_fs_usage watches.
+    fs_usage: float | None = None
 
 
 def _host_values(host: HostStats, rates: HostRates) -> Dict[str, float]:

@@ -80,9 +80,9 @@ class Monitor:
         if config.alarms is not None:
             if self.alarms is None:
                 self.sink = self._make_sink(config.alarms, config)
-                self.alarms = AlarmEngine(config.alarms, self.sink, first_step=config.update_period)
+                self.alarms = AlarmEngine(config.alarms, self.sink, step=config.update_period)
             else:
-                self.alarms.first_step = config.update_period
+                self.alarms.step = config.update_period
                 self.alarms.reconfigure(config.alarms)
         else:
             self.alarms = None
