@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import List, Sequence
 
 import pytest
+from helpers.perfmon import LEVEL, oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,34 +23,6 @@ from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink
 from vhostmd_py.monitors.inputs import VM, Observation
 
 UUID = "00000000-0000-4000-8000-0000000000aa"
-LEVEL = 50.0
-
-
-def oracle(
-    values: Sequence[float],
-    times: Sequence[float],
-    *,
-    sense: str,
-    period: int,
-    step: int,
-    inhibit: int,
-) -> List[int]:
-    """perfmon's rule, written from its Variable.update: the 1-based samples that alarm."""
-    counter = period
-    last_alarm = None  # perfmon: created at "now - inhibit", so the first alarm is sent
-    out = []
-    for number, (value, now) in enumerate(zip(values, times), start=1):
-        bad = value > LEVEL if sense == "high" else value < LEVEL
-        if not bad:
-            counter = period
-            continue
-        counter -= step
-        if counter <= 0:
-            if last_alarm is None or now - last_alarm >= inhibit:
-                last_alarm = now
-                out.append(number)
-            counter = period
-    return out
 
 
 def _with_vm(tmp: Path, var: VariableConfig) -> AlarmsConfig:
