@@ -31,6 +31,8 @@ DEFAULT_JOURNAL_SOCKET = "/run/systemd/journal/socket"
 DEFAULT_HOOK_TIMEOUT = 10.0
 DEFAULT_HISTORY = 200
 DEFAULT_PERIOD = 86400  # bwmon's: one day
+# perfmon's fs_usage read "df /etc/passwd": the root filesystem.
+DEFAULT_FS_USAGE_PATH = "/"
 
 # perfmon's defaults for every variable.
 DEFAULT_TRIGGER_PERIOD = 60
@@ -47,9 +49,12 @@ SENSES = ("high", "low")
 BUILTIN_VARIABLES: Dict[str, Tuple[str, str, str]] = {
     "cpu_usage": (r"^cpu_usage$", "average", "high"),
     "memory_free_kib": (r"^memory_free_kib$", "sum", "low"),
-    "network_usage": (r"^vif_.+_[rt]x$", "sum", "high"),
+    "network_usage": (r"^vif_.+_[rt]x$", "sum", "high"),  # the host's: HOST_NETWORK_REGEX
     "disk_usage": (r"^vbd_.+_(read|write)$", "sum", "high"),
 }
+
+# The host has physical interfaces, not VM ones (vhostmd_py/monitors/inputs.py).
+HOST_NETWORK_REGEX = r"^pif_.+_[rt]x$"
 
 _FIELDS = (
     "rrd_regex",
@@ -113,6 +118,10 @@ class AlarmsConfig:
     host: Tuple[VariableConfig, ...]
     vm: Tuple[PartialVariable, ...]  # defaults for every VM, resolved per VM
     overrides: Tuple[VmAlarms, ...]
+    # Every VM's variables given resolved: perfmon's format (config/perfmon.py).
+    vm_resolved: Tuple[VariableConfig, ...] = ()
+    # The filesystem perfmon's get_percent_fs_usage (fs_usage) watches.
+    fs_usage_path: str = DEFAULT_FS_USAGE_PATH
 
     def variables_for_vm(self, uuid: str, name: str) -> Tuple[VariableConfig, ...]:
         """The variables watched on one VM: defaults merged with its override, if any."""
@@ -131,7 +140,7 @@ class AlarmsConfig:
                     merged[var.name] = PartialVariable(
                         var.name, tuple(fields.items()), var.enabled, var.file, var.line
                     )
-        out = []
+        out = list(self.vm_resolved)
         for vname in order:
             var = merged[vname]
             if var.enabled:
@@ -208,10 +217,12 @@ def _text(elem: etree._Element) -> str:
     return str(elem.xpath("string()")).strip()
 
 
-def resolve(var: PartialVariable) -> VariableConfig:
+def resolve(var: PartialVariable, context: str = "vm") -> VariableConfig:
     """Apply built-in defaults to a written variable; ConfigError at its line when invalid."""
     given = dict(var.fields)
     builtin = BUILTIN_VARIABLES.get(var.name)
+    if builtin is not None and context == "host" and var.name == "network_usage":
+        builtin = (HOST_NETWORK_REGEX, *builtin[1:])
 
     def fail(reason: str) -> ConfigError:
         return ConfigError(var.file, f"alarm variable {var.name}: {reason}", var.line)
@@ -314,6 +325,8 @@ def _included(
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as err:
         raise ConfigError(path, f"XML syntax error: {err.msg}", err.lineno or None) from err
+    if elem.tag == "alarms" and root.tag == "config":
+        return root, path  # perfmon's own format (config/perfmon.py)
     if root.tag != elem.tag:
         raise ConfigError(path, f"root element is <{root.tag}>, expected <{elem.tag}>", _line(root))
     if root.get("file") is not None:
@@ -347,6 +360,8 @@ def _number(elem: etree._Element, attr: str, file: str, default: float, minimum:
 def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsConfig:
     """``<alarms>`` (or the file it names) -> AlarmsConfig; every variable checked now."""
     root, where = _included(elem, file, grammar)
+    if root.tag == "config":
+        return _perfmon_alarms(elem, root, where, file)
     host: List[VariableConfig] = []
     vm: List[PartialVariable] = []
     overrides: List[VmAlarms] = []
@@ -360,7 +375,7 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
                 raise ConfigError(where, f"alarm variable {var.name} defined twice", var.line)
             if target is host:
                 if var.enabled:
-                    host.append(resolve(var))
+                    host.append(resolve(var, "host"))
             else:
                 vm.append(var)
         elif child.tag == "vm":
@@ -388,6 +403,7 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
         host=tuple(host),
         vm=tuple(vm),
         overrides=tuple(overrides),
+        fs_usage_path=_fs_path(root, where),
     )
     # Check every VM default and every override now, with its line, rather
     # than when a matching VM first appears.
@@ -396,6 +412,39 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
     for over in overrides:
         config.variables_for_vm(over.uuid or "", over.name or "")
     return config
+
+
+def _fs_path(elem: etree._Element, file: str) -> str:
+    path = str(elem.get("fs_usage_path") or DEFAULT_FS_USAGE_PATH)
+    if not path.startswith("/"):
+        raise ConfigError(file, f"fs_usage_path={path!r} is not an absolute path", _line(elem))
+    return path
+
+
+def _perfmon_alarms(
+    elem: etree._Element, root: etree._Element, where: str, file: str
+) -> AlarmsConfig:
+    """``<alarms file=...>`` naming a perfmon ``<config>``: its variables for every VM.
+
+    The delivery attributes (state_dir, hook, ...) are those of the
+    ``<alarms>`` element itself; perfmon's document has none.
+    """
+    from vhostmd_py.config.perfmon import parse_perfmon_root
+
+    perfmon = parse_perfmon_root(root, where=where, context="vm")
+    return AlarmsConfig(
+        state_dir=str(elem.get("state_dir") or DEFAULT_STATE_DIR),
+        hook=str(elem.get("hook")) if elem.get("hook") else None,
+        hook_timeout=_number(elem, "hook_timeout", file, DEFAULT_HOOK_TIMEOUT, 0.1),
+        history=int(_number(elem, "history", file, DEFAULT_HISTORY, 1)),
+        journal_socket=str(elem.get("journal_socket") or DEFAULT_JOURNAL_SOCKET),
+        guest_metrics=_yes(elem, "guest_metrics", False),
+        host=(),
+        vm=(),
+        overrides=(),
+        vm_resolved=perfmon.variables,
+        fs_usage_path=_fs_path(elem, file),
+    )
 
 
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)(i?B)?$")

@@ -52,6 +52,7 @@ class Monitor:
         shaper: Shaper | None = None,
         boot_id: str | None = None,
         hooks: HookRunner | None = None,
+        adapter: RateAdapter | None = None,
     ) -> None:
         self._uri = uri
         # The daemon's libvirt boundary: the shaper uses its read-write connection.
@@ -61,7 +62,8 @@ class Monitor:
         self._shaper = shaper
         self._boot_id = boot_id
         self._hooks = hooks if hooks is not None else HookRunner()
-        self._adapter = RateAdapter()
+        # Its /proc, /sys and filesystem roots are parameters (tests).
+        self._adapter = adapter if adapter is not None else RateAdapter()
         self.sink: AlarmSink | None = None
         self.alarms: AlarmEngine | None = None
         self.accounting: Accounting | None = None
@@ -78,6 +80,7 @@ class Monitor:
 
     def _apply(self, config: Config) -> None:
         if config.alarms is not None:
+            self._adapter.fs_path = config.alarms.fs_usage_path
             if self.alarms is None:
                 self.sink = self._make_sink(config.alarms, config)
                 self.alarms = AlarmEngine(config.alarms, self.sink, step=config.update_period)

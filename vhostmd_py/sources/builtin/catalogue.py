@@ -353,6 +353,7 @@ COUNTER_FIELDS: Tuple[str, ...] = (
     "vm.cpu_time_ns",
     "vm.vcpus",
     "vm.balloon.unused",
+    "vm.vcpu.time_ns",  # perfmon's per-vCPU cpuN (alarms)
     "vm.disk.rd_bytes",
     "vm.nic.rx_bytes",
 )
