@@ -125,12 +125,17 @@ class FreshnessConfig:
 DEFAULT_JOURNAL_SOCKET = "/run/systemd/journal/socket"
 DEFAULT_HOOK_TIMEOUT = 10.0
 DEFAULT_HISTORY = 200
+# perfmon's fs_usage read "df /etc/passwd": the root filesystem.
+DEFAULT_FS_USAGE_PATH = "/"
 
 # perfmon's defaults for every variable.
 DEFAULT_TRIGGER_PERIOD = 60
 DEFAULT_INHIBIT_PERIOD = 3600
 DEFAULT_PRIORITY = 5
 CONSOLIDATION_FNS = ("sum", "average", "max", "min")
+# The dialect of a variable written in perfmon's own <config> format
+# (perfmon.py): perfmon's units, defaults and arithmetic.
+PERFMON = "perfmon"
 SENSES = ("high", "low")
 
 # Built-in per-variable defaults (perfmon's get_default_variable_config, for
@@ -138,9 +143,12 @@ SENSES = ("high", "low")
 BUILTIN_VARIABLES: Dict[str, Tuple[str, str, str]] = {
     "cpu_usage": (r"^cpu_usage$", "average", "high"),
     "memory_free_kib": (r"^memory_free_kib$", "sum", "low"),
-    "network_usage": (r"^vif_.+_[rt]x$", "sum", "high"),
+    "network_usage": (r"^vif_.+_[rt]x$", "sum", "high"),  # the host's: HOST_NETWORK_REGEX
     "disk_usage": (r"^vbd_.+_(read|write)$", "sum", "high"),
 }
+
+# The host has physical interfaces, not VM ones (vhostmd_py/monitors/inputs.py).
+HOST_NETWORK_REGEX = r"^pif_.+_[rt]x$"
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,8 @@ class VariableConfig:
     alarm_trigger_period: int  # seconds the level must be bad before an alarm
     alarm_auto_inhibit_period: int  # seconds without a second alarm after one
     alarm_priority: int
+    # "" for our <alarm> format, PERFMON for perfmon's <config> (units, arithmetic).
+    dialect: str = ""
     # Where it was configured: for messages only, never part of "changed?".
     where: str = field(default="", compare=False)
 
@@ -192,6 +202,10 @@ class AlarmsConfig:
     host: Tuple[VariableConfig, ...]
     vm: Tuple[PartialVariable, ...]  # defaults for every VM, resolved per VM
     overrides: Tuple[VmAlarms, ...]
+    # Every VM's variables given resolved: perfmon's format (config/perfmon.py).
+    vm_resolved: Tuple[VariableConfig, ...] = ()
+    # The filesystem perfmon's get_percent_fs_usage (fs_usage) watches.
+    fs_usage_path: str = DEFAULT_FS_USAGE_PATH
 
     def variables_for_vm(self, uuid: str, name: str) -> Tuple[VariableConfig, ...]:
         """The variables watched on one VM: defaults merged with its override, if any."""
@@ -210,7 +224,7 @@ class AlarmsConfig:
                     merged[var.name] = PartialVariable(
                         var.name, tuple(fields.items()), var.enabled, var.file, var.line
                     )
-        out = []
+        out = list(self.vm_resolved)
         for vname in order:
             var = merged[vname]
             if var.enabled:
@@ -219,10 +233,12 @@ class AlarmsConfig:
         return tuple(out)
 
 
-def resolve(var: PartialVariable) -> VariableConfig:
+def resolve(var: PartialVariable, context: str = "vm") -> VariableConfig:
     """Apply built-in defaults to a written variable; ConfigError at its line when invalid."""
     given = dict(var.fields)
     builtin = BUILTIN_VARIABLES.get(var.name)
+    if builtin is not None and context == "host" and var.name == "network_usage":
+        builtin = (HOST_NETWORK_REGEX, *builtin[1:])
 
     def fail(reason: str) -> ConfigError:
         return ConfigError(var.file, f"alarm variable {var.name}: {reason}", var.line)

@@ -51,6 +51,7 @@ class Monitor:
         shaper: Shaper | None = None,
         boot_id: str | None = None,
         hooks: HookRunner | None = None,
+        adapter: RateAdapter | None = None,
     ) -> None:
         self._uri = uri
         # The daemon's libvirt boundary: the shaper uses its read-write connection.
@@ -60,7 +61,8 @@ class Monitor:
         self._shaper = shaper
         self._boot_id = boot_id
         self._hooks = hooks if hooks is not None else HookRunner()
-        self._adapter = RateAdapter()
+        # Its /proc, /sys and filesystem roots are parameters (tests).
+        self._adapter = adapter if adapter is not None else RateAdapter()
         self.sink: AlarmSink | None = None
         self.alarms: AlarmEngine | None = None
         self.accounting: Accounting | None = None
@@ -77,11 +79,12 @@ class Monitor:
 
     def _apply(self, config: Config) -> None:
         if config.alarms is not None:
+            self._adapter.fs_path = config.alarms.fs_usage_path
             if self.alarms is None:
                 self.sink = self._make_sink(config.alarms, config)
-                self.alarms = AlarmEngine(config.alarms, self.sink, first_step=config.update_period)
+                self.alarms = AlarmEngine(config.alarms, self.sink, step=config.update_period)
             else:
-                self.alarms.first_step = config.update_period
+                self.alarms.step = config.update_period
                 self.alarms.reconfigure(config.alarms)
         else:
             self.alarms = None

@@ -16,7 +16,9 @@ each scrape reads, without touching the metrics loop:
   gauges, string metrics as info metrics (the value in label ``value``),
   named by vhostmd_wire.openmetrics.metric_name (the guest's
   ``vm-dump-metrics --format openmetrics`` uses the same function), values
-  scaled to the base unit; VM series carry ``vm_name``, ``vm_uuid``, ``vm_id``.
+  scaled to the base unit; VM series carry ``vm_uuid`` and ``vm_id``
+  (vhostmd_wire.openmetrics.vm_labels: the guest's labels), and
+  ``vhostmd_vm_info`` gives each VM's ``vm_name``.
 
 The values are read back from the Snapshot's rendered XML (the safe lxml
 parser) and encoded once per Snapshot and format (:class:`Exposition`):
@@ -66,7 +68,12 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
-from vhostmd_wire.openmetrics import metric_name, value_scale
+from vhostmd_wire.openmetrics import (
+    VM_INFO_FAMILY,
+    VM_LABELS,
+    metric_name,
+    value_scale,
+)
 
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.logsetup import LIFECYCLE
@@ -80,7 +87,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NUMERIC_TYPES = frozenset(("int32", "uint32", "int64", "uint64", "real32", "real64"))
-VM_LABELS = ("vm_name", "vm_uuid", "vm_id")
 # How long one HTTP request may keep its thread waiting for the client.
 REQUEST_TIMEOUT = 10.0
 # How often the server thread checks for a shutdown request (close() waits this long).
@@ -123,7 +129,8 @@ class _Family:
 
 
 def _vm_labels(vm: VM | None) -> Labels:
-    return () if vm is None else (vm.name, vm.uuid, str(vm.id))
+    # vhostmd_wire.openmetrics.VM_LABELS' order: the guest's series are the same.
+    return () if vm is None else (vm.uuid, str(vm.id))
 
 
 def snapshot_families(snapshot: Snapshot) -> List[Metric]:
@@ -148,6 +155,14 @@ def snapshot_families(snapshot: Snapshot) -> List[Metric]:
         for elem in root.iter("metric"):
             _add(families, elem, vm is not None, labels)
     out: List[Metric] = []
+    if snapshot.vms:
+        names = InfoMetricFamily(
+            VM_INFO_FAMILY, "The VMs of the last cycle: their names (join on vm_uuid, vm_id).",
+            labels=VM_LABELS,
+        )
+        for block in snapshot.vms:
+            names.add_metric(list(_vm_labels(block.vm)), {"vm_name": block.vm.name})
+        out.append(names)
     for name, fam in families.items():
         family: Union[GaugeMetricFamily, InfoMetricFamily]
         if fam.kind == "gauge":

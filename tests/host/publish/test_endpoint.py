@@ -212,8 +212,13 @@ def test_odd_vm_name_is_one_label_value() -> None:
     got = _scrape(View(_snapshot([odd, VM(8, "b", "u-8")])))
     samples = got["vhostmd_vm_total_cpu_time_seconds"].samples  # type: ignore[attr-defined]
     assert [(s.labels, s.value) for s in samples] == [
-        ({"vm_name": ODD, "vm_uuid": odd.uuid, "vm_id": "7"}, 2.5),
-        ({"vm_name": "b", "vm_uuid": "u-8", "vm_id": "8"}, 2.5),
+        ({"vm_uuid": odd.uuid, "vm_id": "7"}, 2.5),
+        ({"vm_uuid": "u-8", "vm_id": "8"}, 2.5),
+    ]
+    names = got["vhostmd_vm"].samples  # type: ignore[attr-defined]
+    assert [(s.name, s.labels) for s in names] == [
+        ("vhostmd_vm_info", {"vm_uuid": odd.uuid, "vm_id": "7", "vm_name": ODD}),
+        ("vhostmd_vm_info", {"vm_uuid": "u-8", "vm_id": "8", "vm_name": "b"}),
     ]
     ident = got["vhostmd_vm_ident"].samples[0]  # type: ignore[attr-defined]
     assert ident.name == "vhostmd_vm_ident_info"
@@ -265,8 +270,11 @@ def test_health_families_and_cache() -> None:
 
 
 def test_snapshot_families_skip_empty_blocks() -> None:
-    """A VM without values yields no series; a host without values neither."""
-    assert snapshot_families(Snapshot(host=b"", vms=(VmBlock(VM(1, "v", "u"), b""),))) == []
+    """A VM without values yields only its name; a host without values nothing."""
+    got = snapshot_families(Snapshot(host=b"", vms=(VmBlock(VM(1, "v", "u"), b""),)))
+    assert [(f.name, [s.labels for s in f.samples]) for f in got] == [
+        ("vhostmd_vm", [{"vm_uuid": "u", "vm_id": "1", "vm_name": "v"}])]
+    assert snapshot_families(Snapshot(host=b"", vms=())) == []
 
 
 def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
@@ -282,7 +290,7 @@ def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
     text = body.decode()
     assert text.count("# EOF") == 1 and text.endswith("# EOF\n")
     got = {f.name: f for f in text_string_to_metric_families(text)}
-    assert got["vhostmd_vm_ident"].samples[0].labels["vm_name"] == ODD  # type: ignore[attr-defined]
+    assert got["vhostmd_vm"].samples[0].labels["vm_name"] == ODD  # type: ignore[attr-defined]
     view.health.record_cycle(0.3, vms=1)  # health is read on every render
     again, _ = exposition.render("application/openmetrics-text; version=1.0.0")
     assert again != body and again.endswith(body[body.index(b"# HELP vhostmd_host_"):])
