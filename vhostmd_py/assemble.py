@@ -41,6 +41,7 @@ from typing import (
     List,
     Protocol,
     Sequence,
+    Tuple,
     Union,
 )
 
@@ -298,6 +299,9 @@ class Assembler:
         self._on_results = on_results
         self._extra = tuple(extra_slots)
         self.host = host if host is not None else Host(uri)
+        # Each VM's own alarm variables (perfmon's <config> in its domain metadata),
+        # kept by the policy step, watched by the alarms.
+        self.vm_alarms: Dict[str, Tuple[Any, ...]] = {}
         self._gather: Gatherer | None = None
 
     def virtio_wanted(self, config: Config) -> bool:
@@ -375,7 +379,10 @@ class Assembler:
     def _monitor(self, config: Config) -> Step:
         from vhostmd_py.monitors.step import Monitor, MonitorStep
 
-        return MonitorStep(Monitor(config, uri=self.uri, host=self.host), self.host.call)
+        vm_alarms = self.vm_alarms
+        monitor = Monitor(config, uri=self.uri, host=self.host,
+                          vm_variables=lambda uuid: vm_alarms.get(uuid.lower(), ()))
+        return MonitorStep(monitor, self.host.call)
 
     def _freshness(self, config: Config) -> Step:
         from vhostmd_py.cycle.freshness import Freshness
@@ -389,9 +396,19 @@ class Assembler:
 
         assert config.policy is not None and self._gather is not None
         gather = self._gather
+        alarms = config.alarms
+        vm_alarms = self.vm_alarms
+
+        def variables(vm: VM) -> List[Dict[str, str]]:
+            own = vm_alarms.get(vm.uuid.lower(), ())
+            names = {v.name for v in own}
+            base = alarms.variables_for_vm(vm.uuid, vm.name) if alarms is not None else ()
+            return ([{"name": v.name, "origin": "config"} for v in base if v.name not in names]
+                    + [{"name": v.name, "origin": "metadata"} for v in own])
+
         return PolicyStep(config.policy, vms=lambda: gather.last_vms, host=self.host,
                           state_dir=config.policy.state_dir, timeout=self._libvirt_timeout,
-                          wall=self._wall)
+                          wall=self._wall, alarms=variables, vm_alarms=vm_alarms)
 
 
 def _monitor_wanted(config: Config) -> bool:

@@ -39,7 +39,7 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 from vhostmd_py.config.records import PERFMON, AlarmsConfig, VariableConfig
 from vhostmd_py.cycle.render import ExtraMetric
@@ -159,6 +159,7 @@ class _Object:
     uuid: str
     name: str
     variables: Dict[str, VariableState]
+    extra: Tuple[VariableConfig, ...] = ()  # its own variables (domain metadata) in force
 
 
 def _key(kind: str, uuid: str) -> str:
@@ -169,26 +170,41 @@ class AlarmEngine:
     """Every watched variable of the host and the VMs; fed once per cycle."""
 
     def __init__(
-        self, config: AlarmsConfig, sink: AlarmSink, *, step: float
+        self, config: AlarmsConfig, sink: AlarmSink, *, step: float,
+        vm_variables: Callable[[str], Tuple[VariableConfig, ...]] | None = None,
     ) -> None:
+        """VM_VARIABLES: a VM's own variables by UUID (perfmon's <config> in its
+        domain metadata): they join the config's, replacing those of the same name."""
         self.config = config
         self.sink = sink
+        self._vm_variables = vm_variables
         # The time one sample stands for: the daemon's update period.
         self.step = step
         self._objects: Dict[str, _Object] = {}
 
+    def _own(self, kind: str, uuid: str) -> Tuple[VariableConfig, ...]:
+        if kind == HOST or self._vm_variables is None:
+            return ()
+        return self._vm_variables(uuid)
+
     def _wanted(self, kind: str, uuid: str, name: str) -> Tuple[VariableConfig, ...]:
         if kind == HOST:
             return self.config.host
-        return self.config.variables_for_vm(uuid, name)
+        own = self._own(kind, uuid)
+        base = self.config.variables_for_vm(uuid, name)
+        if not own:
+            return base
+        names = {v.name for v in own}
+        return tuple(v for v in base if v.name not in names) + own
 
     def _object(self, obs: Observation) -> _Object:
         key = _key(obs.kind, obs.uuid)
         obj = self._objects.get(key)
-        if obj is None or obj.name != obs.name:
+        own = self._own(obs.kind, obs.uuid)
+        if obj is None or obj.name != obs.name or obj.extra != own:
             # A VM renamed while running can match another override: re-resolve.
             old = obj.variables if obj is not None else {}
-            obj = _Object(obs.kind, obs.uuid, obs.name, {})
+            obj = _Object(obs.kind, obs.uuid, obs.name, {}, own)
             for cfg in self._wanted(obs.kind, obs.uuid, obs.name):
                 kept = old.get(cfg.name)
                 obj.variables[cfg.name] = (
@@ -254,6 +270,7 @@ class AlarmEngine:
         for obj in self._objects.values():
             old = obj.variables
             obj.variables = {}
+            obj.extra = self._own(obj.kind, obj.uuid)
             for cfg in self._wanted(obj.kind, obj.uuid, obj.name):
                 kept = old.get(cfg.name)
                 obj.variables[cfg.name] = (

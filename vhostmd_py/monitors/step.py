@@ -17,7 +17,7 @@ connection opened only when a cap must be set or lifted.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, List
+from typing import TYPE_CHECKING, Awaitable, Callable, List, Tuple
 
 from vhostmd_py.config import AlarmsConfig, Config
 from vhostmd_py.cycle.render import append_metrics
@@ -28,6 +28,9 @@ from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
 from vhostmd_py.monitors.inputs import RateAdapter
+
+if TYPE_CHECKING:
+    from vhostmd_py.config.monitors import VariableConfig
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,11 @@ class Monitor:
         boot_id: str | None = None,
         hooks: HookRunner | None = None,
         adapter: RateAdapter | None = None,
+        vm_variables: Callable[[str], Tuple[VariableConfig, ...]] | None = None,
     ) -> None:
+        """VM_VARIABLES: each VM's own alarm variables by UUID (its domain metadata)."""
         self._uri = uri
+        self._vm_variables = vm_variables
         # The daemon's libvirt boundary: the shaper uses its read-write connection.
         self._host = host
         self._state_dir = state_dir
@@ -82,7 +88,8 @@ class Monitor:
             self._adapter.fs_path = config.alarms.fs_usage_path
             if self.alarms is None:
                 self.sink = self._make_sink(config.alarms, config)
-                self.alarms = AlarmEngine(config.alarms, self.sink, step=config.update_period)
+                self.alarms = AlarmEngine(config.alarms, self.sink, step=config.update_period,
+                                          vm_variables=self._vm_variables)
             else:
                 self.alarms.step = config.update_period
                 self.alarms.reconfigure(config.alarms)

@@ -155,8 +155,14 @@ class PolicyStep:
         wall: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         alarms: Callable[[VM], List[Dict[str, str]]] | None = None,
+        vm_alarms: Dict[str, Tuple[Any, ...]] | None = None,
     ) -> None:
+        """VM_ALARMS: filled with each VM's own alarm variables (perfmon's <config> in its
+        metadata), by lower-case UUID, for the alarms to watch; ALARMS: a VM's variables
+        with their origins, for policy.json."""
         self._vms = vms
+        self._vm_alarms = vm_alarms
+        self._perfmon_seen: Dict[str, bytes | None] = {}
         self._host = host
         self._state_dir = state_dir
         self._timeout = timeout
@@ -224,7 +230,38 @@ class PolicyStep:
                     log.debug("domain metadata not read: %s", err)
             else:
                 self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._alarm_variables(vms)
         self._write(vms)
+
+    def _alarm_variables(self, vms: Sequence[VM]) -> None:
+        """Each VM's perfmon <config> from its metadata, parsed once per content."""
+        if self._vm_alarms is None or self.book is None:
+            return
+        running = {vm.uuid.lower(): vm for vm in vms}
+        for uuid in [u for u in self._perfmon_seen if u not in running]:
+            del self._perfmon_seen[uuid]
+            self._vm_alarms.pop(uuid, None)
+        for uuid, vm in running.items():
+            policy = self.book.policy(uuid)
+            raw = policy.perfmon if policy is not None else None
+            if uuid in self._perfmon_seen and self._perfmon_seen[uuid] == raw:
+                continue
+            self._perfmon_seen[uuid] = raw
+            if raw is None:
+                self._vm_alarms.pop(uuid, None)
+                continue
+            from vhostmd_py.config.perfmon import parse_perfmon_config
+
+            where = f"metadata of VM {vm.name!r} ({vm.uuid})"
+            try:
+                found = parse_perfmon_config(raw, where=where, context="vm")
+            except VhostmdError as err:
+                log.error("alarms in the %s ignored: %s", where, err)
+                self._vm_alarms.pop(uuid, None)
+                continue
+            self._vm_alarms[uuid] = tuple(found.variables)
+            log.info("alarms in the %s: %s", where,
+                     ", ".join(v.name for v in found.variables) or "none")
 
     def _write(self, vms: Sequence[VM]) -> None:
         if self._state_dir is None:
