@@ -30,7 +30,7 @@ from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, Hook
 from vhostmd_py.monitors.inputs import RateAdapter
 
 if TYPE_CHECKING:
-    from vhostmd_py.config.monitors import VariableConfig
+    from vhostmd_py.config.records import VariableConfig
 
 log = logging.getLogger(__name__)
 

@@ -300,7 +300,7 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     """vhostmd.dtd = upstream's with channel_path optional and <source>, plus optional extensions.
 
     The extensions (<history>, <metrics_endpoint>, <disk_per_vm>, <freshness> in
-    <globals>; <alarms> and <accounting> after <metrics>) only add elements: every upstream
+    <globals>; <alarms>, <accounting> and <policy> after <metrics>) only add elements: every upstream
     config stays valid.
     """
     text = (repo_root / "vhostmd.dtd").read_text()
@@ -311,7 +311,7 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     theirs = (golden / "reference-configs" / "vhostmd.dtd").read_text().rstrip("\n").splitlines()
     changed = {
         "<!ELEMENT vhostmd (globals,metrics)>":
-            ["<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?)>"],
+            ["<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?,policy?)>"],
         "<!ELEMENT globals (disk,virtio*,update_period,path,transport+)>":
             ["<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?,"
              "metrics_endpoint?,disk_per_vm?,freshness?)>"],
