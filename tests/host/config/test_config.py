@@ -300,8 +300,8 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     """vhostmd.dtd = upstream's with channel_path optional and <source>, plus optional extensions.
 
     The extensions (<history>, <metrics_endpoint>, <disk_per_vm>, <freshness> in
-    <globals>; <alarms>, <accounting> and <policy> after <metrics>) only add elements: every upstream
-    config stays valid.
+    <globals>; <alarms>, <accounting> and <policy> after <metrics>) only add elements:
+    every upstream config stays valid.
     """
     text = (repo_root / "vhostmd.dtd").read_text()
     history = text.index("<!-- vhostmd-py extension, optional: the RRD history")
