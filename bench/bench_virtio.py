@@ -52,8 +52,9 @@ from typing import Dict, List, Tuple
 
 import click
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.publish.virtio import VirtioServer
+from vhostmd_py.sources.vm import VM
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # helpers.config: the tests' vhostmd.conf template

@@ -51,10 +51,11 @@ from vhostmd_py.libvirt_host import Host
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.cycle.snapshot import VM, Snapshot
-    from vhostmd_py.cycle.stats import CycleStats
+    from vhostmd_py.cycle.snapshot import Snapshot
     from vhostmd_py.publish.mdisk import MetricsDisk
     from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.stats import CycleStats
+    from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

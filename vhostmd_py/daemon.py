@@ -7,7 +7,7 @@ disk, the per-VM disks, virtio). Which parts there are is
 vhostmd_py.assemble's, built from the Config; a reload has it build anew and
 swap what changed. The process around the loop (start-up order,
 daemonizing, pid file) is vhostmd_py.process.life's; which signals stop and
-reload is vhostmd_py.process.signals'. Blocking libvirt calls go to the
+reload is vhostmd_py.signals'. Blocking libvirt calls go to the
 libvirt Host's worker thread (vhostmd_py.libvirt_host); actions run in the runner's C batch spawner
 (csrc/runner.c) on worker threads with the GIL released; the vbd publish
 is a few pwrite() calls done inline, so a signal can never interleave with
@@ -57,19 +57,20 @@ from vhostmd_py.assemble import Assembler, Parts, Slot
 from vhostmd_py.cycle.gather import LIBVIRT_TIMEOUT
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.logsetup import LIFECYCLE
-from vhostmd_py.process.signals import install_loop_signals
 from vhostmd_py.publish.health import Health
+from vhostmd_py.signals import install_loop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.cycle.snapshot import VM, Snapshot
-    from vhostmd_py.cycle.stats import CycleStats
+    from vhostmd_py.cycle.snapshot import Snapshot
     from vhostmd_py.history.core import History
     from vhostmd_py.libvirt_host import Host
     from vhostmd_py.monitors.step import Monitor
     from vhostmd_py.publish.endpoint import MetricsEndpoint
     from vhostmd_py.publish.mdisk import MetricsDisk
     from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.stats import CycleStats
+    from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +204,10 @@ class Daemon:
         """Close the metrics disk (clears busy if nothing was ever published)."""
         self.parts.close_early(["vbd"])
 
-    # --- stop and reload requests (process.signals) ---------------------------------
+    # --- stop and reload requests (vhostmd_py.signals) ---------------------------------
 
     def request_stop(self) -> None:
-        """Stop as soon as possible (process.signals.STOP_SIGNALS)."""
+        """Stop as soon as possible (vhostmd_py.signals.STOP_SIGNALS)."""
         if self._stop is not None and not self._stop.is_set():
             log.info("Stopping")
             self._stop.set()

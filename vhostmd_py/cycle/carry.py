@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from vhostmd_py.config import MetricSpec
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.sources.base import PENDING, RawValue, describe
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Awaitable, Dict, List, Sequence, Tuple
 
 from vhostmd_py.config import Config
 from vhostmd_py.cycle.render import render_value, xml_validator
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.sources.base import (
     PENDING,
     BatchMetricSource,
@@ -38,6 +38,7 @@ from vhostmd_py.sources.base import (
     SourceRegistry,
     describe,
 )
+from vhostmd_py.sources.vm import VM
 
 if TYPE_CHECKING:
     from vhostmd_py.cycle.carry import Carry

@@ -19,16 +19,17 @@ import logging
 from typing import TYPE_CHECKING, Callable, List, Tuple
 
 from vhostmd_py.cycle.carry import Carry
-from vhostmd_py.cycle.snapshot import VM, Snapshot
+from vhostmd_py.cycle.snapshot import Snapshot
+from vhostmd_py.sources.vm import VM
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.cycle.stats import CycleStats
     from vhostmd_py.libvirt_host import Host
     from vhostmd_py.sources.base import ShellActionSource, SourceRegistry
     from vhostmd_py.sources.builtin.source import NativeSource
     from vhostmd_py.sources.shell.orphans import OrphanReaper
     from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.stats import CycleStats
     from vhostmd_py.sources.vms import LibvirtVMs
 
 log = logging.getLogger(__name__)

@@ -64,10 +64,11 @@ from vhostmd_wire.document import check_value
 from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 
 from vhostmd_py.config import MetricSpec
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.safexml import safe_parser
 from vhostmd_py.sources.base import Pending, PerDevice, RawValue, describe
 from vhostmd_py.sources.builtin.catalogue import device_metric_name
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

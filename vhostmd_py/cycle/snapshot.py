@@ -1,4 +1,4 @@
-"""Shared value types: a running VM and one cycle's rendered metrics.
+"""One cycle's rendered metrics: the host part and each VM's block.
 
 The collector produces a Snapshot each cycle; the transports (vbd disk,
 virtio channels) only ever read Snapshots, so a metric's source and its
@@ -11,17 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Tuple
 
-
-@dataclass(frozen=True)
-class VM:
-    """A running domain as libvirt lists it."""
-
-    id: int
-    name: str
-    uuid: str
-    # Path of the org.github.vhostmd.1 socket from the live domain XML,
-    # when libvirt told us; None means "discover it in channel_path".
-    channel_path: str | None = None
+from vhostmd_py.sources.vm import VM
 
 
 @dataclass(frozen=True)

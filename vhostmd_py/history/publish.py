@@ -37,8 +37,9 @@ from dataclasses import replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vhostmd_py.cycle.render import ExtraMetric, append_metrics
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.history.rates import DerivedValues
+from vhostmd_py.sources.vm import VM
 
 Averager = Callable[[str, float], Optional[float]]
 

@@ -45,11 +45,11 @@ import time
 from typing import Any, Callable, Dict, List, Protocol, TypeVar
 
 from vhostmd_py.config import AccountingConfig, Budget
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.errors import LibvirtError, ShapingError, StateFileError, StrPath
 from vhostmd_py.fs import read_json, write_json_atomic
 from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.alarms import Alarm, GuestMetric
+from vhostmd_py.sources.stats import CycleStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -61,7 +61,6 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Mapping, Tuple
 
-from vhostmd_py.cycle.stats import CycleStats, HostStats, VmStats
 from vhostmd_py.history.rates import (
     MAX_BYTES_RATE,
     Counter,
@@ -71,6 +70,7 @@ from vhostmd_py.history.rates import (
     advance,
     derive,
 )
+from vhostmd_py.sources.stats import CycleStats, HostStats, VmStats
 
 log = logging.getLogger(__name__)
 NAN = float("nan")

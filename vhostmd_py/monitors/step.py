@@ -7,7 +7,7 @@ cycle, after collecting the metrics:
     snapshot = monitor.decorate(snapshot)   # adds the opt-in guest metrics
 
 and ``monitor.reconfigure(config)`` after a reload, ``monitor.close()`` at
-exit. ``stats`` is the cycle's CycleStats (vhostmd_py.cycle.stats); the alarm
+exit. ``stats`` is the cycle's CycleStats (vhostmd_py.sources.stats); the alarm
 values come from it through ``vhostmd_py.monitors.inputs.RateAdapter`` (the
 history's derived values under the alarms' data-source names). The shaper
 uses the daemon's libvirt Host (vhostmd_py.libvirt_host), its read-write
@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Awaitable, Callable, List, Tuple
 from vhostmd_py.config import AlarmsConfig, Config
 from vhostmd_py.cycle.render import append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.errors import StrPath, VhostmdError
 from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
 from vhostmd_py.monitors.inputs import RateAdapter
+from vhostmd_py.sources.stats import CycleStats
 
 if TYPE_CHECKING:
     from vhostmd_py.config.records import VariableConfig

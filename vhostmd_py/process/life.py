@@ -15,7 +15,7 @@ whether the daemon really started, which upstream's (always 0 once forked)
 does not. Exit codes are upstream's (FACTS section 5): every start-up
 failure exits 1.
 
-Signals: what stops and what reloads is vhostmd_py.process.signals' (shared
+Signals: what stops and what reloads is vhostmd_py.signals' (shared
 with the loop); SIGPIPE is ignored (upstream: a guest closing its channel
 must not kill us).
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List
 
 from vhostmd_py.errors import ConfigError, PidFileError, StrPath, VhostmdError
-from vhostmd_py.process.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
+from vhostmd_py.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config

@@ -81,8 +81,9 @@ from vhostmd_py.safexml import safe_parser
 
 if TYPE_CHECKING:
     from vhostmd_py.config import EndpointConfig
-    from vhostmd_py.cycle.snapshot import VM, Snapshot
+    from vhostmd_py.cycle.snapshot import Snapshot
     from vhostmd_py.publish.health import Health
+    from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,11 @@ from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 from vhostmd_py.config.policy import POLICY_FILE, Effective, resolve
 from vhostmd_py.config.records import PolicyConfig
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.libvirt_host import events_running
 from vhostmd_py.sources.metadata import NAMESPACE, MetadataBook, read_domain
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

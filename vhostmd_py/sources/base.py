@@ -28,10 +28,10 @@ from typing import (
 )
 
 from vhostmd_py.config import MetricSpec
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ActionError
 from vhostmd_py.sources.shell import VALUE_CAP, XML_VALUE_CAP
 from vhostmd_py.sources.shell.substitution import substitute
+from vhostmd_py.sources.vm import VM
 
 if TYPE_CHECKING:  # the runner binding loads _runner: only code running actions imports it
     from vhostmd_py.sources.shell.runner import ActionJob, ActionResult, ActionRunner

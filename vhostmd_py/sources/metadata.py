@@ -30,8 +30,8 @@ from lxml import etree
 
 from vhostmd_py.config.policy import RuleError, rule_of
 from vhostmd_py.config.records import Rule
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.safexml import safe_parser
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

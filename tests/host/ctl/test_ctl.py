@@ -13,7 +13,7 @@ import pytest
 import rrdtool
 from helpers.history import UUID, WALL0, ScriptedClock, Tick, run_scripted, write_history_config
 
-from vhostmd_py.cycle.stats import BlockStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.stats import BlockStats, HostStats, NetStats, VmStats
 
 END = int(WALL0) + 60
 

@@ -13,8 +13,8 @@ import rrdtool
 
 from vhostmd_py.config import HistoryConfig
 from vhostmd_py.ctl.history import graph, open_state, resolve
-from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.history.core import History
+from vhostmd_py.sources.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 
 UUID = "00000000-0000-4000-8000-0000000000d1"
 T0 = 1_700_000_000

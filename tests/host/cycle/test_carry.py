@@ -13,9 +13,9 @@ from vhostmd_py.config import parse_config
 from vhostmd_py.cycle.carry import Carry, annotate
 from vhostmd_py.cycle.collect import collect
 from vhostmd_py.cycle.render import document
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.sources.base import PENDING, RawValue, Request, ShellActionSource, SourceRegistry
 from vhostmd_py.sources.shell.runner import ActionRunner
+from vhostmd_py.sources.vm import VM
 
 VM1 = VM(name="vm1", id=3, uuid="11111111-1111-1111-1111-111111111111")
 VM2 = VM(name="vm2", id=4, uuid="22222222-2222-2222-2222-222222222222")

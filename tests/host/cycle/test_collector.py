@@ -19,10 +19,11 @@ from helpers.procs import alive
 from vhostmd_py.config import Config, MetricSpec, Variable, load_config
 from vhostmd_py.cycle.collect import collect
 from vhostmd_py.cycle.render import XmlMetricValidator, document, parse_document, render_value
-from vhostmd_py.cycle.snapshot import VM, Snapshot
+from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.sources.base import Request, ShellActionSource, SourceRegistry
 from vhostmd_py.sources.shell.runner import ActionRunner
 from vhostmd_py.sources.shell.substitution import substitute
+from vhostmd_py.sources.vm import VM
 
 DATA = TEST_DATA / "configs"
 TEST_URI = "test:///default"

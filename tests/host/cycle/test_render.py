@@ -14,7 +14,8 @@ from vhostmd_py.cycle.render import (
     render_metric,
     value_problem,
 )
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
+from vhostmd_py.sources.vm import VM
 
 TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")
 

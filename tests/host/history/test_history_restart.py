@@ -18,8 +18,8 @@ import pytest
 import rrdtool
 
 from vhostmd_py.config import HistoryConfig
-from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.history.core import History
+from vhostmd_py.sources.stats import CycleStats, HostStats, NetStats, VmStats
 
 UUID = "00000000-0000-4000-8000-0000000000c1"
 RATE = 100_000.0

@@ -25,10 +25,10 @@ from helpers.history import (
 )
 from helpers.history import scripted_ticks as _ticks
 
-from vhostmd_py.cycle.stats import HostStats, VmStats
 from vhostmd_py.history import rrd
 from vhostmd_py.history.index import Index, VmEntry, read_index, write_index
 from vhostmd_py.history.rrd import XENSERVER_TARGETS, archive_layout
+from vhostmd_py.sources.stats import HostStats, VmStats
 
 # The documented sizes of a VM file (README, docs/man/vhostmdctl.1, bench/README.md).
 SIZE5 = 452_856

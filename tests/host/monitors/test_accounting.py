@@ -16,10 +16,10 @@ from helpers import REPO
 from helpers.monitor import write_conf
 
 from vhostmd_py.config import AccountingConfig, Budget, load_config
-from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, period_start
 from vhostmd_py.monitors.alarms import Alarm
+from vhostmd_py.sources.stats import CycleStats, HostStats, NetStats, VmStats
 
 A = "00000000-0000-4000-8000-00000000000a"
 B = "00000000-0000-4000-8000-00000000000b"

@@ -15,10 +15,10 @@ from helpers.monitor import write_conf
 from vhostmd_py.config import load_config
 from vhostmd_py.config.perfmon import parse_perfmon_config
 from vhostmd_py.config.records import PERFMON, AlarmsConfig, VariableConfig
-from vhostmd_py.cycle.stats import CycleStats, HostStats, VmStats
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, consolidate
 from vhostmd_py.monitors.inputs import RateAdapter, fs_usage
+from vhostmd_py.sources.stats import CycleStats, HostStats, VmStats
 
 UUID = "00000000-0000-4000-8000-0000000000e1"
 # perfmon's own example (VMMonitor's docstring).

@@ -20,11 +20,12 @@ from vhostmd_wire.openmetrics import is_valid_name, metric_name, value_scale
 
 from vhostmd_py.config import EndpointConfig, parse_config
 from vhostmd_py.cycle.render import render_metric
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.publish.endpoint import VhostmdCollector, snapshot_families
 from vhostmd_py.publish.health import Health
 from vhostmd_py.sources.shell.runner import ActionResult
+from vhostmd_py.sources.vm import VM
 
 ODD = 'a"b\nc{x="y"}'
 

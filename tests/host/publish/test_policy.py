@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from vhostmd_py.config.records import PolicyConfig, Rule
 from vhostmd_py.cycle.render import render_metric
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.publish.policy import PolicyView, elements
 from vhostmd_py.sources.metadata import DomainPolicy
+from vhostmd_py.sources.vm import VM
 
 A = VM(id=1, name="a", uuid="aaaaaaaa-0000-0000-0000-000000000001")
 B = VM(id=2, name="b", uuid="aaaaaaaa-0000-0000-0000-000000000002")

@@ -83,6 +83,8 @@ def test_metadata_change_event_applies_without_a_restart_and_reads_stay_rare(
     conn = libvirt.open("test:///default")
     try:
         dom = conn.lookupByUUIDString(TEST_UUID)
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
         pervm = tmp_path / "pervm"
         pervm.mkdir()
         conf = write_config(
@@ -105,6 +107,10 @@ def test_metadata_change_event_applies_without_a_restart_and_reads_stay_rare(
         assert time.monotonic() - start < 60
         book = daemon.parts.closed["policy"].book  # type: ignore[attr-defined]
     finally:
+        # test:///default is one instance per process: leave no metadata of ours behind.
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
         with contextlib.suppress(libvirt.libvirtError):  # the daemon closed it at its end
             conn.close()
     names: List[set] = [{n for n, _ in metrics_of(doc)} for doc in reader.seen]

@@ -33,9 +33,10 @@ from vhostmd_wire.protocol import (
     REQUEST_MAX,
 )
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.publish.virtio import VirtioServer
 from vhostmd_py.publish.virtio.server import raise_fd_limit
+from vhostmd_py.sources.vm import VM
 
 T = TypeVar("T")
 

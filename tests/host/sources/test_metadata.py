@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any, Dict, List
 
 import pytest
 
 from vhostmd_py.config.records import Rule
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.libvirt_host import start_events
 from vhostmd_py.sources.metadata import (
     KEY,
     MAX_METADATA,
@@ -20,6 +19,7 @@ from vhostmd_py.sources.metadata import (
     parse_metadata,
     read_domain,
 )
+from vhostmd_py.sources.vm import VM
 
 libvirt = pytest.importorskip("libvirt")
 
@@ -132,24 +132,16 @@ def test_reader_failure_keeps_the_last_policy() -> None:
     assert p is not None and p.rule == Rule(blocked=True)
 
 
-def _event_loop() -> None:
-    # libvirt's default event loop: needed for the metadata-change event.
-    libvirt.virEventRegisterDefaultImpl()
-
-    def run() -> None:
-        while True:
-            libvirt.virEventRunDefaultImpl()
-
-    threading.Thread(target=run, daemon=True).start()
-
-
 def test_read_from_libvirts_test_driver_and_the_change_event() -> None:
     """Real libvirt (test driver): read_domain, virDomainSetMetadata and its event."""
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    _event_loop()
+    assert start_events(libvirt)  # libvirt's event loop, once per process
     conn = libvirt.open("test:///default")
     try:
         dom = conn.lookupByName("test")
+        # test:///default is one instance per process: start from no metadata of ours.
+        dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, NAMESPACE,
+                        libvirt.VIR_DOMAIN_AFFECT_LIVE)
         vm = VM(id=dom.ID(), name="test", uuid=dom.UUIDString())
         assert read_domain(conn, vm, libvirt) is None
         book = MetadataBook(refresh=3600, reader=lambda v: read_domain(conn, v, libvirt))

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 from vhostmd_wire.protocol import CHANNEL_NAME
 
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.sources.vm import VM
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,10 @@ import termios
 import time
 from typing import Callable, Dict, List, Protocol, Sequence, Set, Tuple
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot
+from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.publish.virtio.discovery import ChannelDiscovery, Entries
 from vhostmd_py.publish.virtio.protocol import Exchange, Request, reply_to
+from vhostmd_py.sources.vm import VM
 
 logger = logging.getLogger(__name__)
 

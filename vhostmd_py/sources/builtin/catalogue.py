@@ -3,7 +3,7 @@
 Each field says which context it belongs to, what kind of value it gives (so
 the config can refuse a string field in a uint64 metric), which raw
 statistics it needs (so a cycle reads only those), and how its value is
-formatted from a :class:`vhostmd_py.cycle.stats.CycleStats`. The formats are
+formatted from a :class:`vhostmd_py.sources.stats.CycleStats`. The formats are
 those of the shell actions the shipped configs used before (``awk printf
 "%d"`` truncation for MiB, ``%f`` for the host CPU time, virsh's ``%.1f`` for a
 VM's CPU time), so a guest sees the same values whichever way they are made.
@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, Mapping, Sequence, Tuple, Union
 
-from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 
 MIB_KIB = 1024
 MIB = 1024 * 1024

@@ -22,13 +22,13 @@ import time
 from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Sequence, Set, Tuple
 
 from vhostmd_py.config import Config, MetricSpec
-from vhostmd_py.cycle.snapshot import VM
-from vhostmd_py.cycle.stats import CycleStats, HostStats, VmStats
 from vhostmd_py.errors import StrPath
 from vhostmd_py.sources.base import PENDING, PerDevice, RawValue, Request, describe
 from vhostmd_py.sources.builtin.catalogue import VM_GROUPS, Field, devices, lookup, needs_of
 from vhostmd_py.sources.builtin.domstats import LibvirtStatsReader, NodeInfo
 from vhostmd_py.sources.builtin.hostproc import HostProc
+from vhostmd_py.sources.stats import CycleStats, HostStats, VmStats
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ActionError
+from vhostmd_py.sources.vm import VM
 
 # Characters the shell never treats specially (no quoting, expansion, globbing,
 # word splitting); covers libvirt names in practice, ids, UUIDs and usual URIs.
