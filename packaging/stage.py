@@ -19,11 +19,11 @@ library only (plus cffi to build the host).
 """
 
 import argparse
+import importlib.util
 import os
 import re
 import shutil
-import sys
-from typing import Dict, List
+from typing import Any, Dict, List
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Daemons go to sbin (their man pages are section 8); the rest to bin.
@@ -92,14 +92,16 @@ def build(part: Part, build_dir: str) -> None:
     cwd = os.getcwd()
     os.chdir(build_dir)
     try:
-        sys.path.insert(0, os.path.join(build_dir, "csrc"))
-        import build as cffi_build  # csrc/build.py
-
+        # By path: "build" is also the name of PyPA's build front end.
+        path = os.path.join("csrc", "build.py")
+        spec = importlib.util.spec_from_file_location("cffi_build", path)
+        assert spec is not None and spec.loader is not None
+        cffi_build: Any = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cffi_build)
         for ffi in (cffi_build.mdisk_ffi, cffi_build.runner_ffi):
             ffi.compile(tmpdir=".", verbose=False)
     finally:
         os.chdir(cwd)
-        sys.path.pop(0)
     shutil.rmtree(os.path.join(build_dir, "csrc"))
     for dirpath, _dirnames, filenames in os.walk(build_dir):
         for name in filenames:
