@@ -14,6 +14,7 @@ from typing import NoReturn, Sequence
 
 import click
 
+from vhostmd_py import __version__
 from vhostmd_py.getopt_wording import getopt_message
 from vhostmd_py.process.life import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, Options, run
 
@@ -39,6 +40,7 @@ USAGE = (
     "   --dump                 Run one update, print the metrics on stdout, publish nothing.\n"
     "   --jobs <n>             Run at most <n> actions at a time (1 = one after another).\n"
     "   --action-timeout <s>   Kill an action still running after <s> seconds.\n"
+    "   --version              Print the version and exit.\n"
     "   \n"
     "   Host metrics gathering daemon:\n"
     "   \n"
@@ -54,10 +56,18 @@ def _help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         raise _UsageExit()
 
 
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    # Not upstream's (it has no --version): on stdout, exit 0, as GNU tools do.
+    if value and not ctx.resilient_parsing:
+        click.echo(f"{PROG} (vhostmd-py) {__version__}")
+        ctx.exit(EXIT_OK)
+
+
 @click.command(context_settings={"help_option_names": []}, add_help_option=False)
 @click.option(
     "-h", "--help", "show_help", is_flag=True, expose_value=False, is_eager=True, callback=_help
 )
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
 @click.option("-v", "--verbose", count=True)
 @click.option("-d", "--no-daemonize", "no_daemonize", is_flag=True)
 @click.option("-f", "--config", "config", default=DEFAULT_CONFIG, metavar="FILE")

@@ -258,6 +258,26 @@ def test_usage_errors_exit_2(args: List[str], message: str) -> None:
     assert result.stdout == b""
 
 
+@pytest.mark.parametrize("flag", ["--version", "--vers"])
+def test_version_on_stdout_exits_0(flag: str) -> None:
+    """--version (ours) and its unique abbreviations: the version on stdout, exit 0."""
+    import vhostmd_guest
+
+    result = run_tool([flag, "--disk", "/nonexistent"])
+    assert (result.code, result.stderr) == (0, "")
+    expected = f"vm-dump-metrics (vhostmd-py-guest) {vhostmd_guest.__version__}\n"
+    assert result.stdout.decode() == expected
+
+
+@pytest.mark.parametrize("flag", ["--ve", "--ver"])
+def test_short_prefixes_still_mean_verbose(flag: str, tmp_path: Path) -> None:
+    """--ve/--ver abbreviate --verbose, as upstream's getopt_long takes them: not --version."""
+    result = run_tool([flag, "--disk", str(tmp_path / "no-disk")])
+    assert result.code == 1
+    assert "no-disk" in result.stderr and "vhostmd-py-guest" not in result.stderr
+    assert b"vhostmd-py-guest" not in result.stdout
+
+
 def test_underscore_alias_installed() -> None:
     """vm_dump_metrics is installed beside vm-dump-metrics and behaves the same."""
     alias = Path(sys.executable).parent / "vm_dump_metrics"

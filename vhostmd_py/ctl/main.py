@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import click
 
+from vhostmd_py import __version__
 from vhostmd_py.config import DEFAULT_STATE_DIR
 from vhostmd_py.ctl.history import graph_cmd, history_cmd, list_cmd
 from vhostmd_py.ctl.monitors import alarms_command, usage_command
@@ -17,6 +18,8 @@ from vhostmd_py.ctl.policy import policy_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="vhostmdctl",
+                      message="%(prog)s (vhostmd-py) %(version)s")
 @click.option(
     "--state-dir",
     default=DEFAULT_STATE_DIR,
