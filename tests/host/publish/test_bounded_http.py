@@ -144,3 +144,21 @@ def test_fault_lines_are_rate_limited_per_kind(caplog: pytest.LogCaptureFixture)
     except ValueError as err:
         faults.record("internal error", "127.0.0.1", error=err)
     assert caplog.records[0].exc_info is not None
+
+
+def test_serves_ipv6_loopback() -> None:
+    """An IPv6 address gets an AF_INET6 socket (skipped where the host has no ::1)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this Python")
+    try:
+        server = BoundedHTTPServer(("::1", 0), _app, family=socket.AF_INET6)
+    except OSError as err:
+        pytest.skip(f"no ::1 here: {err}")
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with socket.create_connection(("::1", server.server_address[1]), timeout=10) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.0 200 ")
+    finally:
+        server.shutdown()
+        server.server_close()
