@@ -70,6 +70,7 @@ def config(workdir: Path) -> Path:
     text = (REPO / "conf" / "sap-vhostmd.conf").read_text()
     text = text.replace("/dev/shm/vhostmd0", str(workdir / "vhostmd0"))
     text = text.replace("<update_period>60</update_period>", "<update_period>1</update_period>")
+    text = text.replace('<size unit="k">256</size>', '<size unit="k">4096</size>')  # 1000 VMs fit
     text = text.replace("</globals>", '<metrics_endpoint port="0"/>'
                         '<freshness identity="no"/></globals>')
     path = workdir / "vhostmd.conf"
@@ -229,6 +230,10 @@ def run(checkout: Path, node: Path) -> Dict[str, object]:
             "log_bytes": len(text.encode()) - log_before,
             "tracebacks": text.count("Traceback") - tracebacks_before,
             "endpoint_lines": len(re.findall(r"metrics endpoint: ", text)),
+            "commonest_lines": collections.Counter(
+                re.sub(r"\d+(\.\d+)?", "N", line)
+                for line in text.encode()[log_before:].decode(errors="replace").splitlines()
+            ).most_common(3),
             "attack_s": round(ended - started, 1),
             "documents": len(during),
             "largest_gap_s": round(max(gaps), 2) if gaps else None,

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import (
     TYPE_CHECKING,
+    Any,
     Dict,
     Iterable,
     Iterator,
@@ -82,7 +83,7 @@ from vhostmd_py.safexml import safe_parser
 if TYPE_CHECKING:
     from vhostmd_py.config import EndpointConfig
     from vhostmd_py.cycle.snapshot import VM, Snapshot
-    from vhostmd_py.publish.health import Health
+    from vhostmd_py.publish.health import Health, HealthReading
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +218,11 @@ class VhostmdCollector:
         self._lock = threading.Lock()  # scrapes run on concurrent request threads
         self._cached: Tuple[Snapshot | None, List[Metric]] = (None, [])
 
+    def state(self) -> Tuple[HealthReading, int, Snapshot | None]:
+        """What a scrape shows, without encoding it: equal states give equal bytes."""
+        daemon = self._daemon
+        return daemon.health.read(), daemon.virtio_connections, daemon.last_snapshot
+
     def describe(self) -> List[Metric]:
         """Nothing up front: the names depend on the config (no registry-wide checks)."""
         return []
@@ -322,6 +328,15 @@ class Exposition:
         self._collector = collector
         self._lock = threading.Lock()
         self._cache: Dict[str, Tuple[Snapshot, bytes]] = {}  # content type -> (for, bytes)
+        # One scrape is encoded at a time, whatever the number of connections: the
+        # endpoint then competes with the metrics loop for the GIL with one thread,
+        # never sixteen. Sending happens outside it (a slow reader holds its
+        # connection, not this lock).
+        self._work = threading.Lock()
+        # The last answer per (content type, gzip), reused while the state it shows
+        # is unchanged (it changes about once a cycle): a scraper polling back to
+        # back costs a request parse and a lookup, not an encoding. At most four.
+        self._answers: Dict[Tuple[str, bool], Tuple[Tuple[Any, ...], bytes]] = {}
 
     def render(self, accept: str | None) -> Tuple[bytes, str]:
         """(body, content type) for a client sending ACCEPT."""
@@ -342,12 +357,28 @@ class Exposition:
 
     def app(self, request_headers: Message) -> Answer:
         """GET or HEAD of any path: the exposition, gzip when accepted (as prometheus_client)."""
-        body, content_type = self.render(request_headers.get("Accept"))
+        accept = request_headers.get("Accept")
+        gz = gzip_accepted(request_headers.get("Accept-Encoding") or "")
+        with self._work:
+            content_type = choose_encoder(accept or "")[1]
+            state = self._collector.state()
+            cached = self._answers.get((content_type, gz))
+            if cached is not None and _same_state(cached[0], state):
+                body = cached[1]
+            else:
+                body, content_type = self.render(accept)
+                if gz:
+                    body = gzip.compress(body, compresslevel=1)
+                self._answers[(content_type, gz)] = (state, body)
         headers = [("Content-Type", content_type)]
-        if gzip_accepted(request_headers.get("Accept-Encoding") or ""):
-            body = gzip.compress(body, compresslevel=1)
+        if gz:
             headers.append(("Content-Encoding", "gzip"))
         return 200, headers, body
+
+
+def _same_state(a: Tuple[Any, ...], b: Tuple[Any, ...]) -> bool:
+    """Same health reading and channel count, the very same Snapshot object."""
+    return a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
 
 
 class MetricsEndpoint:
