@@ -1,4 +1,4 @@
-"""The OpenMetrics endpoint (``<metrics_endpoint>``, vhostmd-py extension, issue 15).
+"""The OpenMetrics endpoint (``<metrics_endpoint>``, vhostmd-py extension, docs/EXTENSIONS.md).
 
 An HTTP server on its own threads (vhostmd_py.publish.bounded_http: the
 standard library's server with what a client can make it hold bounded)
