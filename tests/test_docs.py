@@ -93,3 +93,38 @@ def test_design_lists_every_config_field() -> None:
     block = design.split("class Config", 1)[1].split("```", 1)[0]
     missing = [f.name for f in dataclasses.fields(Config) if not re.search(rf"\b{f.name}\b", block)]
     assert missing == []
+
+
+# Documents the repository does not hold must not be cited: the contract is
+# docs/COMPATIBILITY.md, upstream's observations tests/data/golden/upstream/FACTS.md.
+# (The words are assembled so that this file does not cite them itself.)
+CITATION = re.compile("|".join((
+    r"\b" + "SP" + r"EC\b",
+    r"(?i:\b" + "iss" + r"ues? \d)",
+    r"\b" + "FA" + r"CTS\b(?!\.md)",
+)))
+CITATION_DIRS = ("vhostmd_py", "guest", "csrc", "tests", "bench", "scripts", "conf")
+
+
+def _tracked_text_files() -> Iterator[Path]:
+    for top in CITATION_DIRS:
+        for path in sorted((REPO / top).rglob("*")):
+            rel = path.relative_to(REPO).as_posix()
+            skip = rel.startswith("tests/data/") or ".egg-info" in rel or "__pycache__" in rel
+            if skip or not path.is_file() or path.suffix in (".so", ".pyc", ".pyz", ".whl"):
+                continue
+            yield path
+
+
+def test_comments_cite_only_what_the_repository_holds() -> None:
+    """No code, comment or script cites an outside document (or its sections) or an issue."""
+    found = []
+    for path in _tracked_text_files():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if CITATION.search(line):
+                found.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert found == []
