@@ -68,7 +68,7 @@ if not (GOLDEN / "FACTS.md").is_file():
 CHANNEL = "org.github.vhostmd.1"
 REQUEST = b"GET /metrics/XML\n\n"
 TAIL = b"</metrics>\n\n"
-UPSTREAM_CONNECT_S = 3.0  # FACTS 4: 3.01-3.03 s after start; reconnect 3.0 s after close
+UPSTREAM_CONNECT_S = 3.0  # FACTS.md section 4: 3.01-3.03 s after start; reconnect 3.0 s after close
 
 
 def virtio_config(work: Path, chan: Path) -> str:

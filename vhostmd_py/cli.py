@@ -1,6 +1,6 @@
 """`vhostmd`: the host daemon's command line, upstream's options plus a few.
 
-Upstream's options and exit codes (FACTS section 5, golden daemon-cli/):
+Upstream's options and exit codes (FACTS.md section 5, golden daemon-cli/):
 -h prints the usage on stderr and exits 2; an unknown option exits 1. Added:
 --once, --dump, --jobs, --action-timeout. This module only parses: the
 process's life (start-up order, daemonizing, signals) is vhostmd_py.process.life.run.
@@ -98,7 +98,7 @@ def command(
     daemonize = not (no_daemonize or once or dump)
     if pid_file is None and not (once or dump) and os.geteuid() == 0:
         # Upstream uses its default pid file whenever it runs as root, with
-        # -d too (FACTS 5, SPEC 7): so two daemons cannot run unnoticed.
+        # -d too (FACTS.md section 5): so two daemons cannot run unnoticed.
         pid_file = DEFAULT_PID_FILE
     if daemonize:
         # The daemon chdirs to /: a relative -f (re-read on SIGHUP) must

@@ -1,10 +1,10 @@
 """``vm_dump_metrics`` / ``vm-dump-metrics``: print the metrics the host gives this VM.
 
 Options, source order, output bytes and exit codes as upstream's
-vm-dump-metrics (FACTS 3): 0 success, 1 failure (message on stderr), 2 usage
+vm-dump-metrics (FACTS.md section 3): 0 success, 1 failure (message on stderr), 2 usage
 (usage text on stderr, also for --help). Upstream's ``LIBMETRICS: ...``
 lines are kept where we fail the same way, next to a line saying why.
-Deviations (README): a disk that stays busy fails after --busy-timeout
+Deviations (docs/COMPATIBILITY.md, Guest): a disk that stays busy fails after --busy-timeout
 instead of hanging; a wrong checksum fails; disks under 64 KiB read fine;
 -x works through the xenstore command-line tools.
 """

@@ -4,7 +4,7 @@ Each upstream case in golden/upstream/reader/cases is replayed against our
 tool with the same arguments and image. The disk is found through a
 temporary /sys + /dev tree (the no-argument discovery path), on a
 filesystem with O_DIRECT. Exit code and stdout/dest bytes must equal
-upstream's, except for the deviations SPEC 6 lists, asserted explicitly.
+upstream's, except for the deviations docs/COMPATIBILITY.md lists (Guest), asserted explicitly.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _golden_root() -> Path:
     return golden_root()
 
 
-# SPEC 6 deviations: case -> (our exit code, what stderr must say)
+# Guest deviations: case -> (our exit code, what stderr must say)
 DEVIATIONS = {
     "busy-stuck-default": (1, "still busy"),  # upstream: hangs (killed by timeout, 124)
     "busy-stuck-vbd": (1, "still busy"),
@@ -121,7 +121,7 @@ LIVE_CASES = {"busy-cleared-after-3s"}
 
 @pytest.mark.parametrize("case", [c for c in _cases(_golden_root()) if c not in LIVE_CASES])
 def test_golden_reader_case(case: str, upstream: Path, tmp_path: Path) -> None:
-    """Our exit code and bytes equal upstream's for the case, or differ as SPEC 6 says."""
+    """Our exit code and bytes equal upstream's for the case, or differ as documented."""
     cdir = upstream / "reader" / "cases" / case
     argv = (cdir / "cmd.txt").read_text().split()[1:]
     image_name = (cdir / "image.txt").read_text().strip()

@@ -1,6 +1,6 @@
-"""`scripts/install-host` from a fresh clone, as the README says, and the daemon it installs.
+"""`scripts/install-host` from a fresh clone, as OPERATIONS.md says, and the daemon it installs.
 
-Issue 11, item 11: run from a checkout, the script's check imported the
+Run from a checkout, the script's check imported the
 checkout's sources (no built extension) instead of the venv's, reported
 "the C extension did not build" and left a half-installed venv. The venv
 build takes about a minute (pip's cache is used), so these are `slow`.

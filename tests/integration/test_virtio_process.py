@@ -39,7 +39,7 @@ def node_vm(i: int) -> VM:
 
 
 def deviate(golden: bytes) -> bytes:
-    """Upstream's reply with SPEC's newline DEVIATION applied (values lose trailing newlines)."""
+    """Upstream's reply with the newline DEVIATION applied (values lose trailing newlines)."""
     return golden.replace(b"\n</value>", b"</value>")
 
 

@@ -4,7 +4,7 @@ Every metric of the host and of every VM is collected concurrently (the
 runner bounds how many actions run at once; a batch source such as the shell
 actions gets all of its metrics in one call, not one task each), then
 rendered (vhostmd_py.cycle.render, which owns the value rules and the bytes) in
-upstream's order (SPEC section 3): host metrics first, then each VM in the
+upstream's order (docs/COMPATIBILITY.md): host metrics first, then each VM in the
 order given (libvirt's listing order), and within each of them the metrics in
 REVERSE config order, because upstream prepends each parsed metric to a list.
 

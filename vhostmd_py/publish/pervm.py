@@ -1,4 +1,4 @@
-"""One metrics disk per running VM (vhostmd-py extension, issue 15; <disk_per_vm/>).
+"""One metrics disk per running VM (vhostmd-py extension, <disk_per_vm/>; docs/LIBVIRT.md).
 
 Each running VM gets a disk of its own at the configured pattern, the UUID
 in place of %u (never the name: whoever defines a domain chooses its name,

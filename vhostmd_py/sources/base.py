@@ -141,7 +141,7 @@ class ShellActionSource:
     """The default source: the metric's ``<action>`` run by ``/bin/sh`` (as ``sh -c`` would).
 
     Keeps the first 255 bytes of the output (2047 for xml metrics) as
-    upstream's single read() does (FACTS section 2, edge-4k `Long`).
+    upstream's single read() does (FACTS.md section 2, edge-4k `Long`).
 
     With a deadline (the daemon's cycles), collect_many() returns by then
     with the values that are ready; an action still running is PENDING (the

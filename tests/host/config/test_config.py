@@ -108,7 +108,7 @@ def test_edge_config_units_and_group_unit(golden: Path) -> None:
 
 
 def test_virtio_defaults_and_readme_example(golden: Path) -> None:
-    """<virtio> without channel_path (README example) gets libvirt's default directory."""
+    """<virtio> without channel_path (upstream README example) gets libvirt's default directory."""
     config = load_config(golden / "reference-configs" / "readme-example.conf")
     assert config.virtio.channel_path == DEFAULT_CHANNEL_PATH
     assert config.virtio.max_channels == 1024

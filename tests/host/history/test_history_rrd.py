@@ -30,7 +30,7 @@ from vhostmd_py.history.index import Index, VmEntry, read_index, write_index
 from vhostmd_py.history.rrd import XENSERVER_TARGETS, archive_layout
 from vhostmd_py.sources.stats import HostStats, VmStats
 
-# The documented sizes of a VM file (README, docs/man/vhostmdctl.1, bench/README.md).
+# The documented sizes of a VM file (docs/EXTENSIONS.md, docs/man/vhostmdctl.1, bench/README.md).
 SIZE5 = 452_856
 SIZE1 = 591_096
 

@@ -302,3 +302,38 @@ def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
     view.last_snapshot = _snapshot([VM(2, "other", "u-2")])
     fresh, _ = exposition.render("application/openmetrics-text; version=1.0.0")
     assert b'vm_name="other"' in fresh and b"u-1" not in fresh
+
+
+def test_answers_reused_while_the_state_is_unchanged() -> None:
+    """app() hands out the same bytes until health, channels or the Snapshot change; gzip too."""
+    import gzip
+    from email.message import Message
+
+    from vhostmd_py.publish.endpoint import Exposition
+
+    def headers(**fields: str) -> Message:
+        message = Message()
+        for name, value in fields.items():
+            message[name.replace("_", "-")] = value
+        return message
+
+    view = View(_snapshot([VM(1, "v", "u-1")]))
+    exposition = Exposition(VhostmdCollector(view))
+    openmetrics = headers(Accept="application/openmetrics-text; version=1.0.0")
+    status, first_headers, first = exposition.app(openmetrics)
+    assert status == 200 and first_headers[0][1].startswith("application/openmetrics-text")
+    assert exposition.app(openmetrics)[2] is first  # reused, not encoded again
+    plain = exposition.app(headers())[2]
+    assert plain is not first and b"# EOF" not in plain
+    zipped = exposition.app(headers(Accept_Encoding="gzip"))
+    assert ("Content-Encoding", "gzip") in zipped[1] and gzip.decompress(zipped[2]) == plain
+    view.health.record_cycle(0.3, vms=1)
+    again = exposition.app(openmetrics)[2]
+    assert again is not first and again != first  # the health changed
+    view.virtio_connections += 1
+    third = exposition.app(openmetrics)[2]
+    assert third != again
+    view.last_snapshot = _snapshot([VM(1, "v", "u-1")])  # equal bytes, a new cycle
+    fresh = exposition.app(openmetrics)[2]
+    assert fresh is not third and fresh == third  # encoded again for the new Snapshot
+    assert exposition.app(openmetrics)[2] is fresh

@@ -1,4 +1,4 @@
-"""Per-VM disks (issue 15 item 1): the libvirt hook run for real, the daemon with its VMs."""
+"""Per-VM disks: the libvirt hook run for real, the daemon with its VMs."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ class ManualClock:
 
 
 def metric_xml(vm: VM | None, mtype: str, name: str, value: str) -> bytes:
-    """One <metric> element in upstream's layout (FACTS 2)."""
+    """One <metric> element in upstream's layout (FACTS.md section 2)."""
     ctx = "host" if vm is None else f"vm' id='{vm.id}' uuid='{vm.uuid}"
     return (
         f"  <metric type='{mtype}' context='{ctx}'>\n"
@@ -514,7 +514,7 @@ def test_hostile_guests_do_not_delay_a_good_one(chan_dir: Path) -> None:
             assert fake.conn is not None
             while not stop.is_set():
                 # One full buffer, one answer: the daemon discards whatever
-                # else was queued with an overlong request (issue 11 item 10).
+                # else was queued with an overlong request.
                 fake.conn.sendall(b"A" * REQUEST_MAX)
                 assert fake.read_reply() == INVALID_REQUEST
 
@@ -565,7 +565,7 @@ def test_overlong_then_valid(chan_dir: Path) -> None:
         assert fake.request(b"A" * 300, b"B" * 211) == INVALID_REQUEST
         assert fake.silent_for(0.2)  # one reply per request, nothing more
         # 1022 bytes in one write: ONE overlong request; its queued rest is
-        # discarded with it (issue 11 item 10), so the next request is answered.
+        # discarded with it, so the next request is answered.
         fake.send(b"C" * 1022)
         assert fake.read_reply() == INVALID_REQUEST
         assert fake.silent_for(0.2)

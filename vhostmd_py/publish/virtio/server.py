@@ -2,7 +2,7 @@
 
 The daemon is the CLIENT of QEMU's per-VM listening socket: the guest writes
 ``GET /metrics/XML\\n\\n`` into its port and reads back the document of
-the host metrics and its own VM metrics (SPEC 5, FACTS 4). Where the sockets
+the host metrics and its own VM metrics (FACTS.md section 4). Where the sockets
 are is vhostmd_py.publish.virtio.discovery's; what is said on them is
 vhostmd_py.publish.virtio.protocol's; this module connects, schedules and sends.
 
@@ -17,7 +17,7 @@ stop reading that guest, so a guest that floods requests without reading
 is served at the rate it reads and its surplus stays in the kernel's
 (bounded) socket buffer.
 
-Deliberate differences from upstream (DEVIATIONS, README), besides
+Deliberate differences from upstream (docs/COMPATIBILITY.md, virtio-serial), besides
 discovery's:
 - a socket is reconnected as soon as QEMU recreates it;
 - a request of 511 bytes without a terminator gets ``INVALID REQUEST`` and
@@ -321,7 +321,7 @@ class VirtioServer:
     def _expire(self, now: float) -> None:
         for ch in list(self._channels.values()):
             # Upstream vio_expire: no metrics for expiration_time -> closed;
-            # until then the guest keeps getting the last block (FACTS 4).
+            # until then the guest keeps getting the last block (FACTS.md section 4).
             if now - ch.updated > self._expiration:
                 logger.debug("Expire channel '%s'", ch.label)
                 self._remove(ch, f"no metrics for {self._expiration:g} s")
@@ -543,7 +543,7 @@ class VirtioServer:
     def _discard_overlong_rest(self, ch: _Channel, sock: socket.socket) -> None:
         """Drop the bytes already waiting on CH: the rest of an overlong request.
 
-        DEVIATION (issue 11 item 10; upstream goes silent after 511 bytes
+        DEVIATION (upstream goes silent after 511 bytes
         without a terminator). The rule: when a request fills the 511-byte
         buffer without a blank-line terminator, it is answered INVALID
         REQUEST and every byte already queued on the socket at that moment
