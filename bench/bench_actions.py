@@ -168,7 +168,7 @@ def _echo(factory: Callable[[], Any], n: int) -> Callable[[], None]:
 def _vms(node: Path) -> List[Any]:
     import libvirt
 
-    from vhostmd_py.cycle.snapshot import VM
+    from vhostmd_py.sources.vm import VM
 
     conn = libvirt.open(f"test://{node}")
     try:

@@ -40,7 +40,7 @@ ANCHOR_DISK = "/dev/shm/vhostmd-anchor/perf/vhostmd0"
 # The daemon's -v line per cycle (daemon.Daemon._loop): number, duration.
 CYCLE_LINE = re.compile(r"cycle (\d+): \d+ metrics, \d+ VMs, ([0-9.]+) s")
 
-# Targets of issue 3 (fractions of upstream's median cycle; absolute RSS in kB).
+# Targets (fractions of upstream's median cycle; absolute RSS in kB).
 TARGETS = {
     ("echo3", 1000): 0.5,
     ("virsh1", 100): 0.6,

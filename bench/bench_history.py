@@ -42,16 +42,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from vhostmd_py.config import Config, load_config  # noqa: E402
-from vhostmd_py.cycle.stats import (  # noqa: E402
+from vhostmd_py.daemon import Daemon  # noqa: E402
+from vhostmd_py.history import rrd  # noqa: E402
+from vhostmd_py.sources.shell.runner import ActionRunner  # noqa: E402
+from vhostmd_py.sources.stats import (  # noqa: E402
     BlockStats,
     CycleStats,
     HostStats,
     NetStats,
     VmStats,
 )
-from vhostmd_py.daemon import Daemon  # noqa: E402
-from vhostmd_py.history import rrd  # noqa: E402
-from vhostmd_py.sources.shell.runner import ActionRunner  # noqa: E402
 
 # The daemon's -v line per cycle: "cycle N: M metrics, V VMs, X s".
 CYCLE_LINE = re.compile(r"cycle (\d+): .* ([0-9.]+) s$")

@@ -52,8 +52,9 @@ from typing import Dict, List, Tuple
 
 import click
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.publish.virtio import VirtioServer
+from vhostmd_py.sources.vm import VM
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # helpers.config: the tests' vhostmd.conf template
@@ -67,7 +68,7 @@ if not (GOLDEN / "FACTS.md").is_file():
 CHANNEL = "org.github.vhostmd.1"
 REQUEST = b"GET /metrics/XML\n\n"
 TAIL = b"</metrics>\n\n"
-UPSTREAM_CONNECT_S = 3.0  # FACTS 4: 3.01-3.03 s after start; reconnect 3.0 s after close
+UPSTREAM_CONNECT_S = 3.0  # FACTS.md section 4: 3.01-3.03 s after start; reconnect 3.0 s after close
 
 
 def virtio_config(work: Path, chan: Path) -> str:

@@ -8,7 +8,7 @@
  * big-endian uint32 (signature "mvbd", busy, checksum, length), then the
  * content, then zeros up to the disk size. The checksum sums the content
  * as SIGNED chars because upstream packs it on x86-64, where `char` is
- * signed (FACTS: utf8-1k sums to 18185, not the unsigned 20745).
+ * signed (FACTS.md: utf8-1k sums to 18185, not the unsigned 20745).
  *
  * Everything here works on a file descriptor the caller opened: the
  * paths and modes are vhostmd_py/publish/diskfile.py's business. Only the
@@ -176,7 +176,7 @@ int mdisk_set_busy(int fd, uint32_t busy)
  *   1. header with busy=1 and the NEW checksum and length;
  *   2. the content at 16;
  *   3. zeros over the previous document's longer tail (upstream leaves it,
- *      FACTS 2 basic-1k.after-sigterm: SPEC DEVIATION);
+ *      FACTS.md section 2 basic-1k.after-sigterm: a DEVIATION);
  *   4. header with busy=0 (identical to 1. but for the busy word, so a
  *      reader's torn header read cannot pair an old length with new data
  *      without also seeing busy or a changed header).

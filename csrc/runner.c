@@ -97,7 +97,7 @@
                                SIGKILL (it holds no job; stopped, say)        */
 /* After an abort (the daemon is stopping) we wait at most this long for the
  * fifos of a killed action: a grandchild that escaped with setsid() may hold
- * them for ever, and the daemon must stop within 2 s (SPEC section 7). */
+ * them for ever, and the daemon must stop within 2 s (docs/COMPATIBILITY.md). */
 #define ABORT_GRACE_MS 100
 
 enum { ST_PENDING = 0, ST_RUNNING = 1, ST_DONE = 2 };

@@ -41,6 +41,7 @@ from typing import (
     List,
     Protocol,
     Sequence,
+    Tuple,
     Union,
 )
 
@@ -50,10 +51,11 @@ from vhostmd_py.libvirt_host import Host
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.cycle.snapshot import VM, Snapshot
-    from vhostmd_py.cycle.stats import CycleStats
+    from vhostmd_py.cycle.snapshot import Snapshot
     from vhostmd_py.publish.mdisk import MetricsDisk
     from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.stats import CycleStats
+    from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +286,7 @@ class Assembler:
         stats_source: Callable[[List[VM]], CycleStats] | None = None,
         on_results: Callable[..., None] | None = None,
         extra_slots: Sequence[Slot] = (),
+        host: Host | None = None,
     ) -> None:
         self.uri = uri
         self._runner_factory = runner_factory
@@ -296,7 +299,10 @@ class Assembler:
         self._stats_source = stats_source
         self._on_results = on_results
         self._extra = tuple(extra_slots)
-        self.host = Host(uri)
+        self.host = host if host is not None else Host(uri)
+        # Each VM's own alarm variables (perfmon's <config> in its domain metadata),
+        # kept by the policy step, watched by the alarms.
+        self.vm_alarms: Dict[str, Tuple[Any, ...]] = {}
         self._gather: Gatherer | None = None
 
     def virtio_wanted(self, config: Config) -> bool:
@@ -336,6 +342,9 @@ class Assembler:
             *extra_steps,
             Slot("freshness", "step", lambda c: c.freshness is not None, self._freshness,
                  early=True),
+            # Last: it attaches to the finished snapshot what each VM may see of it.
+            Slot("policy", "step", lambda c: c.policy is not None, self._policy,
+                 failure="policy", fatal_at_start=False),
         ]
 
     # --- the built-in parts -------------------------------------------------------------
@@ -371,13 +380,36 @@ class Assembler:
     def _monitor(self, config: Config) -> Step:
         from vhostmd_py.monitors.step import Monitor, MonitorStep
 
-        return MonitorStep(Monitor(config, uri=self.uri, host=self.host), self.host.call)
+        vm_alarms = self.vm_alarms
+        monitor = Monitor(config, uri=self.uri, host=self.host,
+                          vm_variables=lambda uuid: vm_alarms.get(uuid.lower(), ()))
+        return MonitorStep(monitor, self.host.call)
 
     def _freshness(self, config: Config) -> Step:
         from vhostmd_py.cycle.freshness import Freshness
 
         assert config.freshness is not None
         return Freshness(config.freshness, config.update_period, wall=self._wall)
+
+
+    def _policy(self, config: Config) -> Step:
+        from vhostmd_py.publish.policy import PolicyStep
+
+        assert config.policy is not None and self._gather is not None
+        gather = self._gather
+        alarms = config.alarms
+        vm_alarms = self.vm_alarms
+
+        def variables(vm: VM) -> List[Dict[str, str]]:
+            own = vm_alarms.get(vm.uuid.lower(), ())
+            names = {v.name for v in own}
+            base = alarms.variables_for_vm(vm.uuid, vm.name) if alarms is not None else ()
+            return ([{"name": v.name, "origin": "config"} for v in base if v.name not in names]
+                    + [{"name": v.name, "origin": "metadata"} for v in own])
+
+        return PolicyStep(config.policy, vms=lambda: gather.last_vms, host=self.host,
+                          state_dir=config.policy.state_dir, timeout=self._libvirt_timeout,
+                          wall=self._wall, alarms=variables, vm_alarms=vm_alarms)
 
 
 def _monitor_wanted(config: Config) -> bool:

@@ -1,6 +1,6 @@
 """`vhostmd`: the host daemon's command line, upstream's options plus a few.
 
-Upstream's options and exit codes (FACTS section 5, golden daemon-cli/):
+Upstream's options and exit codes (FACTS.md section 5, golden daemon-cli/):
 -h prints the usage on stderr and exits 2; an unknown option exits 1. Added:
 --once, --dump, --jobs, --action-timeout. This module only parses: the
 process's life (start-up order, daemonizing, signals) is vhostmd_py.process.life.run.
@@ -14,6 +14,7 @@ from typing import NoReturn, Sequence
 
 import click
 
+from vhostmd_py import __version__
 from vhostmd_py.getopt_wording import getopt_message
 from vhostmd_py.process.life import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, Options, run
 
@@ -39,6 +40,7 @@ USAGE = (
     "   --dump                 Run one update, print the metrics on stdout, publish nothing.\n"
     "   --jobs <n>             Run at most <n> actions at a time (1 = one after another).\n"
     "   --action-timeout <s>   Kill an action still running after <s> seconds.\n"
+    "   --version              Print the version and exit.\n"
     "   \n"
     "   Host metrics gathering daemon:\n"
     "   \n"
@@ -54,10 +56,18 @@ def _help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
         raise _UsageExit()
 
 
+def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    # Not upstream's (it has no --version): on stdout, exit 0, as GNU tools do.
+    if value and not ctx.resilient_parsing:
+        click.echo(f"{PROG} (vhostmd-py) {__version__}")
+        ctx.exit(EXIT_OK)
+
+
 @click.command(context_settings={"help_option_names": []}, add_help_option=False)
 @click.option(
     "-h", "--help", "show_help", is_flag=True, expose_value=False, is_eager=True, callback=_help
 )
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
 @click.option("-v", "--verbose", count=True)
 @click.option("-d", "--no-daemonize", "no_daemonize", is_flag=True)
 @click.option("-f", "--config", "config", default=DEFAULT_CONFIG, metavar="FILE")
@@ -88,7 +98,7 @@ def command(
     daemonize = not (no_daemonize or once or dump)
     if pid_file is None and not (once or dump) and os.geteuid() == 0:
         # Upstream uses its default pid file whenever it runs as root, with
-        # -d too (FACTS 5, SPEC 7): so two daemons cannot run unnoticed.
+        # -d too (FACTS.md section 5): so two daemons cannot run unnoticed.
         pid_file = DEFAULT_PID_FILE
     if daemonize:
         # The daemon chdirs to /: a relative -f (re-read on SIGHUP) must

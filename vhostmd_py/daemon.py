@@ -7,7 +7,7 @@ disk, the per-VM disks, virtio). Which parts there are is
 vhostmd_py.assemble's, built from the Config; a reload has it build anew and
 swap what changed. The process around the loop (start-up order,
 daemonizing, pid file) is vhostmd_py.process.life's; which signals stop and
-reload is vhostmd_py.process.signals'. Blocking libvirt calls go to the
+reload is vhostmd_py.signals'. Blocking libvirt calls go to the
 libvirt Host's worker thread (vhostmd_py.libvirt_host); actions run in the runner's C batch spawner
 (csrc/runner.c) on worker threads with the GIL released; the vbd publish
 is a few pwrite() calls done inline, so a signal can never interleave with
@@ -57,18 +57,20 @@ from vhostmd_py.assemble import Assembler, Parts, Slot
 from vhostmd_py.cycle.gather import LIBVIRT_TIMEOUT
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.logsetup import LIFECYCLE
-from vhostmd_py.process.signals import install_loop_signals
 from vhostmd_py.publish.health import Health
+from vhostmd_py.signals import install_loop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.cycle.snapshot import VM, Snapshot
-    from vhostmd_py.cycle.stats import CycleStats
+    from vhostmd_py.cycle.snapshot import Snapshot
     from vhostmd_py.history.core import History
+    from vhostmd_py.libvirt_host import Host
     from vhostmd_py.monitors.step import Monitor
     from vhostmd_py.publish.endpoint import MetricsEndpoint
     from vhostmd_py.publish.mdisk import MetricsDisk
     from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.stats import CycleStats
+    from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ class Daemon:
         reap_orphans: bool = False,
         wall: Callable[[], float] = time.time,
         extra_slots: Sequence[Slot] = (),
+        host: Host | None = None,
     ) -> None:
+        """HOST: the libvirt boundary to use (default: one for URI)."""
         self.config = config
         self.uri = uri
         self._config_loader = config_loader
@@ -125,7 +129,7 @@ class Daemon:
             uri=uri, runner_factory=runner_factory, disk_factory=disk_factory, clock=clock,
             wall=wall, publish=publish, use_virtio=use_virtio, libvirt_timeout=libvirt_timeout,
             stats_source=stats_source, on_results=self.health.record_actions,
-            extra_slots=extra_slots,
+            extra_slots=extra_slots, host=host,
         )
         self.parts: Parts = self.assembler.assemble(config)
         self.parts.build_with_daemon(config)
@@ -200,10 +204,10 @@ class Daemon:
         """Close the metrics disk (clears busy if nothing was ever published)."""
         self.parts.close_early(["vbd"])
 
-    # --- stop and reload requests (process.signals) ---------------------------------
+    # --- stop and reload requests (vhostmd_py.signals) ---------------------------------
 
     def request_stop(self) -> None:
-        """Stop as soon as possible (process.signals.STOP_SIGNALS)."""
+        """Stop as soon as possible (vhostmd_py.signals.STOP_SIGNALS)."""
         if self._stop is not None and not self._stop.is_set():
             log.info("Stopping")
             self._stop.set()
@@ -328,6 +332,7 @@ class Daemon:
         snapshot, stats = await gather.collect(
             config, vms, deadline=deadline, stats=any(s.reads_stats for s in steps)
         )
+        self.health.record_carried(gather.carry.carried_last)
         for step in steps:
             await step.observe(stats if step.reads_stats else None)
             snapshot = step.decorate(snapshot)

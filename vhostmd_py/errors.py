@@ -101,7 +101,7 @@ class PrivilegeError(VhostmdError):
         super().__init__(reason, f"cannot run as user '{user}': {reason}")
 
 
-# --- alarms and accounting (vhostmd-py extension, issue 14) -------------------
+# --- alarms and accounting (vhostmd-py extension) ---------------------------------
 
 
 class StateFileError(VhostmdError):
@@ -123,7 +123,7 @@ class ShapingError(VhostmdError):
         super().__init__(reason, f"VM {vm} interface {device}: {reason}")
 
 
-# --- freshness and identity (vhostmd-py extension, issue 15) ------------------
+# --- freshness and identity (vhostmd-py extension) --------------------------------
 
 
 class IdentityError(VhostmdError):

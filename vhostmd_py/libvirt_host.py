@@ -31,6 +31,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 from vhostmd_py.errors import LibvirtError
@@ -129,6 +130,41 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
+_events_lock = threading.Lock()
+_events_started = False
+
+
+def start_events(libvirt: Any) -> bool:
+    """libvirt's default event loop on a daemon thread, once per process (False: unavailable).
+
+    Connections opened after it deliver domain events (the policy's
+    metadata-change event); the daemon starts it only when a config asks.
+    """
+    global _events_started
+    with _events_lock:
+        if _events_started:
+            return True
+        try:
+            libvirt.virEventRegisterDefaultImpl()
+        except libvirt.libvirtError as err:
+            log.warning("libvirt events unavailable: %s", err)
+            return False
+
+        def run() -> None:
+            while True:
+                if libvirt.virEventRunDefaultImpl() < 0:
+                    time.sleep(0.1)  # an error in the loop itself: do not spin
+
+        threading.Thread(target=run, name="vhostmd-libvirt-events", daemon=True).start()
+        _events_started = True
+        return True
+
+
+def events_running() -> bool:
+    """Whether libvirt's event loop runs in this process."""
+    return _events_started
+
+
 class Host:
     """One libvirt URI's connections and worker thread (nova's ``Host`` is the model).
 
@@ -147,6 +183,7 @@ class Host:
         # installed into a running interpreter's path needs a restart anyway).
         self._missing: str | None = None
         self._ro: Any = read_only
+        self._ro_events = read_only is not None  # whether it was opened with events running
         self._rw: Any = None
         self._down = False
 
@@ -210,6 +247,7 @@ class Host:
             self.drop_read_only()
         try:
             self._ro = libvirt.openReadOnly(self.uri)
+            self._ro_events = events_running()
         except libvirt.libvirtError as err:
             self.outage(self.error(err))
             return None
@@ -225,6 +263,15 @@ class Host:
             self._down = True
         else:
             log.debug("libvirt still unreachable at %s: %s", self.describe(), err.reason)
+
+    def enable_events(self) -> bool:
+        """Start libvirt's event loop; a connection opened before it is re-opened (blocking)."""
+        libvirt = self.module()
+        if libvirt is None or not start_events(libvirt):
+            return False
+        if self._ro is not None and not self._ro_events:
+            self.drop_read_only()
+        return True
 
     def drop_read_only(self) -> None:
         """Close the read-only connection (after a failed call; re-opened on next use)."""

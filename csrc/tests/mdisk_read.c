@@ -52,7 +52,7 @@ void mdisk_buf_free(unsigned char *buf)
  * O_DIRECT the kernel returns less at end of file; that is only an error
  * if it does not cover what the header says, which the caller checks.
  * Upstream insists on full 64 KiB blocks and so cannot read a disk
- * smaller than 64 KiB (FACTS 3 small-1k): we accept the short read.
+ * smaller than 64 KiB (FACTS.md section 3 small-1k): we accept the short read.
  */
 static ssize_t pread_upto(int fd, unsigned char *buf, size_t want)
 {
@@ -89,7 +89,7 @@ static void drop_cache(int fd, int direct)
  * One attempt: header and content in one read, the header again, and the
  * checks upstream's reader does (busy, header unchanged) plus the ones it
  * does not (length within the device, checksum against the content:
- * SPEC 6 DEVIATION). Retrying is the caller's job.
+ * a DEVIATION, docs/COMPATIBILITY.md). Retrying is the caller's job.
  */
 int mdisk_read_stable(int fd, int direct, uint64_t dev_size,
                       unsigned char *buf, size_t bufsize,

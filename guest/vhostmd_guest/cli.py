@@ -1,10 +1,10 @@
 """``vm_dump_metrics`` / ``vm-dump-metrics``: print the metrics the host gives this VM.
 
 Options, source order, output bytes and exit codes as upstream's
-vm-dump-metrics (FACTS 3): 0 success, 1 failure (message on stderr), 2 usage
+vm-dump-metrics (FACTS.md section 3): 0 success, 1 failure (message on stderr), 2 usage
 (usage text on stderr, also for --help). Upstream's ``LIBMETRICS: ...``
 lines are kept where we fail the same way, next to a line saying why.
-Deviations (README): a disk that stays busy fails after --busy-timeout
+Deviations (docs/COMPATIBILITY.md, Guest): a disk that stays busy fails after --busy-timeout
 instead of hanging; a wrong checksum fails; disks under 64 KiB read fine;
 -x works through the xenstore command-line tools.
 """
@@ -18,6 +18,7 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
 
+from . import __version__
 from .document import MAX_DISK_DOCUMENT, MAX_VIRTIO_DOCUMENT, MetricsDocument, parse_document
 from .errors import (
     DestinationError,
@@ -66,6 +67,7 @@ _OPTIONS = (
     "\t     --format FMT      Output format: xml (default, as read), json, openmetrics.\n"
     "\t     --watch S         Show a table of the metrics every S seconds until Ctrl-C.\n"
     "\t-h | --help            Show this text.\n"
+    "\t     --version         Print the version and exit.\n"
 )
 
 
@@ -378,7 +380,14 @@ def parse_args(args: Sequence[str]) -> Dict[str, Optional[str]]:
     try:
         pairs, rest = getopt.gnu_getopt(list(args), _SHORT, list(_LONG))
     except getopt.GetoptError as err:
-        raise UsageError(_getopt_message(err)) from None
+        # --version is ours, not upstream's: known only where upstream would
+        # have failed, so "--ve"/"--ver" stay abbreviations of --verbose.
+        if not (len(err.opt) >= len("vers") and "version".startswith(err.opt)):
+            raise UsageError(_getopt_message(err)) from None
+        try:
+            pairs, rest = getopt.gnu_getopt(list(args), _SHORT, [*_LONG, "version"])
+        except getopt.GetoptError as err2:
+            raise UsageError(_getopt_message(err2)) from None
     if rest:
         # Upstream ignores operands; the click front end refused them, and so do we.
         raise UsageError(
@@ -393,6 +402,9 @@ def parse_args(args: Sequence[str]) -> Dict[str, Optional[str]]:
 def command(prog: str, args: Sequence[str]) -> int:
     """Run vm-dump-metrics with args; the exit status (UsageError for a bad command line)."""
     given = parse_args(args)
+    if "--version" in given:
+        sys.stdout.write(f"{prog} (vhostmd-py-guest) {__version__}\n")
+        return EXIT_OK
     if "--help" in given:
         # Upstream: --help prints the usage on stderr and exits 2.
         sys.stderr.write(usage_text(prog))

@@ -206,7 +206,7 @@ class MetricsDocument:
         With ``uuid`` given and present: it. Otherwise, when the document holds
         exactly one VM: that VM (a virtio reply, or a one-VM host); with
         ``strict`` a given-but-absent uuid is an error instead. Upstream fails
-        every vm lookup as soon as the disk holds two VMs (SPEC 6).
+        every vm lookup as soon as the disk holds two VMs (docs/COMPATIBILITY.md, Guest).
         """
         uuids = self._uuids
         wanted = uuid.strip().lower() if uuid else None

@@ -1,4 +1,4 @@
-"""Freshness and host identity of a metrics document (issue 15; the names in vhostmd_wire.protocol).
+"""Freshness and host identity of a metrics document (the names in vhostmd_wire.protocol).
 
 A host that opts in publishes three host metrics: PublicationTime (real64,
 seconds since the epoch, when the document was rendered), UpdatePeriod

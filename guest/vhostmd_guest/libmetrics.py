@@ -4,7 +4,7 @@ Upstream (libmetrics.h) exposes ``get_metric(name, &metric, context)``, the
 ``get_{host,vm}_{cpu,memory}_metrics`` record fillers and the ``dump_*``
 functions. Here ``get_metric(name, context)`` returns a Metric whose
 ``.value`` is typed, the fillers return frozen records, and every failure
-is a typed vhostmd_guest error. Deliberately NOT copied (SPEC 6):
+is a typed vhostmd_guest error. Deliberately NOT copied (docs/COMPATIBILITY.md, Guest):
 - the first get_metric of a process fails (upstream compares the disk's
   checksum with an initial 0 and never reads the disk);
 - vm lookups fail once the disk holds two VMs (ours picks this VM by UUID);

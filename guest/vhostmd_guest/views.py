@@ -152,9 +152,7 @@ def to_openmetrics(doc: MetricsDocument) -> str:
             continue  # a value that does not fit its type has no sample
         labels: Tuple[Tuple[str, str], ...] = ()
         if m.context is MetricContext.VM:
-            labels = (("uuid", m.vm_uuid or ""),)
-            if m.vm_id is not None:
-                labels += (("id", str(m.vm_id)),)
+            labels = openmetrics.vm_labels(m.vm_uuid, m.vm_id)
         samples.append(
             openmetrics.Sample(m.context.context_name, m.name, m.type_name, m.unit, value, labels)
         )

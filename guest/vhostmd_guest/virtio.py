@@ -1,6 +1,6 @@
 """The virtio-serial client: ask the host for this VM's metrics over the port.
 
-Protocol (SPEC 5, FACTS 4): write ``GET /metrics/XML\\n\\n``, the host answers
+Protocol (FACTS.md section 4): write ``GET /metrics/XML\\n\\n``, the host answers
 ``<metrics>\\n ... </metrics>\\n\\n`` or ``INVALID REQUEST\\n\\n``. On a real
 port, writes block until the host side is connected and reads return EOF
 while it is not (GUEST-E2E.md), so everything is non-blocking and polled

@@ -8,7 +8,7 @@ Layout (big-endian, 16-byte header, then the document)::
     offset 12  uint32 length     content bytes that follow the header
     offset 16  content           the metrics document (<metrics>...</metrics>\\n)
 
-The checksum is signed because upstream sums ``char`` on x86 (FACTS 1):
+The checksum is signed because upstream sums ``char`` on x86 (FACTS.md section 1):
 bytes 0x80..0xff count negative. The host's compiled hot path
 (csrc/mdisk.c, vhostmd_py.publish._mdisk) packs the same layout; the tests use this
 module as its oracle. Standard library only, Python 3.6+: the guest reads
@@ -50,7 +50,7 @@ HEADER_SIZE = 16
 MIN_DISK_SIZE = 1024
 MAX_DISK_SIZE = 256 * 1024 * 1024
 # Upstream's guest reader reads in O_DIRECT blocks of this size and fails on
-# a smaller disk (FACTS 3, small-1k.img); the daemon warns about that.
+# a smaller disk (FACTS.md section 3, small-1k.img); the daemon warns about that.
 UPSTREAM_READ_BLOCK = 65536
 # Alignment of O_DIRECT buffers, offsets and sizes: 4096 covers 512-byte and
 # 4K-native devices alike.
@@ -410,7 +410,7 @@ class DiskReader:
         self._fd, self._direct = fd, False
 
     def read(self) -> bytes:
-        """The current document, read consistently (SPEC 6 stable read)."""
+        """The current document, read consistently (the stable read)."""
         if self._fd < 0:
             raise DiskIOError(self.path, "reader is closed", errno_mod.EBADF)
         strategy = self._strategy

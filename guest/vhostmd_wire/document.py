@@ -21,8 +21,8 @@ from xml.parsers import expat
 
 from .errors import DocumentError
 
-# SPEC 4: a disk is at most 256 MiB, so no disk document can be larger;
-# SPEC 6: virtio replies over 16 MiB are refused.
+# A disk is at most 256 MiB, so no disk document can be larger;
+# Virtio replies over 16 MiB are refused.
 MAX_DISK_DOCUMENT = 256 * 1024 * 1024
 MAX_VIRTIO_DOCUMENT = 16 * 1024 * 1024
 
@@ -89,7 +89,7 @@ _REAL_RE = re.compile(
     r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)\Z", re.IGNORECASE
 )
 # Upstream hosts keep the action's trailing newline in the value
-# (`<value>42\n</value>`, FACTS 2); our host strips it (SPEC 2 deviation).
+# (`<value>42\n</value>`, FACTS.md section 2); our host strips it (a deviation, COMPATIBILITY.md).
 # Both must read the same, so trailing whitespace is never part of a value.
 _TRAILING = " \t\r\n"
 

@@ -25,6 +25,18 @@ Families: numeric metrics are gauges; string metrics are info families with
 one sample ``<family>_info{value="<text>"} 1``. Label values are escaped as
 OpenMetrics says (backslash, double quote, newline): a VM's name can never
 break the format or add a label.
+
+Labels of a VM's series, the same on both sides (:func:`vm_labels`):
+``vm_uuid`` and ``vm_id``, what a metrics document says of every VM metric
+(its ``uuid`` and ``id`` attributes), so a series scraped from the host and
+one a guest printed are the same series. ``vm_`` because a scrape adds its
+own target labels (``instance``, ``job``) and other exporters use ``id`` and
+``uuid`` for other things. The VM's name is not an identity (it can change,
+two VMs can have had it) and a guest's document does not carry it: the host's
+endpoint gives it once per VM in the info family :data:`VM_INFO_FAMILY`,
+``vhostmd_vm_info{vm_uuid=..., vm_id=..., vm_name=...} 1``, to join on (no
+vhostmd metric maps to that name: a metric's family always has a word after
+``vhostmd_vm_``).
 """
 
 import math
@@ -34,6 +46,9 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 __all__ = [
     "PREFIX",
     "RESERVED_SUFFIXES",
+    "VM_INFO_FAMILY",
+    "VM_INFO_LABELS",
+    "VM_LABELS",
     "Sample",
     "escape_help",
     "escape_label_value",
@@ -46,9 +61,15 @@ __all__ = [
     "snake_case",
     "unit_suffix",
     "value_scale",
+    "vm_labels",
 ]
 
 PREFIX = "vhostmd"
+# The labels of every VM series (host endpoint and guest alike), in this order.
+VM_LABELS = ("vm_uuid", "vm_id")
+# The host endpoint's one series per VM giving its name (see the module docstring).
+VM_INFO_FAMILY = "vhostmd_vm"
+VM_INFO_LABELS = (*VM_LABELS, "vm_name")
 
 # unit as written in vhostmd.conf or the built-in catalogue (compared in lower
 # case) -> (base-unit suffix, factor into the base unit).
@@ -182,6 +203,11 @@ class Sample(NamedTuple):
     unit: Optional[str]
     value: Union[int, float, str]
     labels: Tuple[Tuple[str, str], ...]
+
+
+def vm_labels(uuid: Optional[str], vm_id: Optional[int]) -> Tuple[Tuple[str, str], ...]:
+    """The labels of a VM's series: ``vm_uuid`` and ``vm_id`` ("" when not known)."""
+    return (("vm_uuid", uuid or ""), ("vm_id", "" if vm_id is None else str(vm_id)))
 
 
 def _labels(pairs: Iterable[Tuple[str, str]]) -> str:

@@ -27,7 +27,7 @@ REQUESTS = (REQUEST_LF, REQUEST_CRLF)
 REQUEST = REQUEST_LF
 
 # Every reply (document or refusal) ends with a blank line: the reply to a
-# valid request is the disk document plus one more "\n" (FACTS 4).
+# valid request is the disk document plus one more "\n" (FACTS.md section 4).
 REPLY_TERMINATOR = b"\n\n"
 REPLY_TAIL = DOC_TAIL + b"\n"
 INVALID_REQUEST = b"INVALID REQUEST\n\n"
@@ -41,7 +41,7 @@ REQUEST_MAX = 511
 def virtio_reply_parts(host: bytes, vm: bytes) -> Tuple[bytes, bytes, bytes, bytes]:
     """The pieces of a reply, in order (the host sends them as one sendmsg)."""
     # Upstream vio_channel_update: the comment, with no newline, when the
-    # host part is empty (FACTS 4, virtio/vmonly/get_xml_lf.bin).
+    # host part is empty (FACTS.md section 4, virtio/vmonly/get_xml_lf.bin).
     return (DOC_HEAD, host if host else NO_HOST_METRICS, vm, REPLY_TAIL)
 
 
@@ -55,7 +55,7 @@ def document(*parts: bytes) -> bytes:
     return b"".join((DOC_HEAD, *parts, DOC_TAIL))
 
 
-# Freshness and identity (issue 15, opt-in on the host). The host publishes
+# Freshness and identity (opt-in on the host, docs/EXTENSIONS.md). The host publishes
 # these three host-context metrics when enabled; an upstream daemon (or the
 # option off) publishes none of them and the guest says "unknown".
 #

@@ -76,7 +76,7 @@ def run_tool(args: List[str], timeout: float = 30.0) -> Dict[str, Any]:
     }
 
 
-# --- e2e values (issues 12, 13): disk reads, then a CPU burn ------------------
+# --- e2e values: disk reads, then a CPU burn ------------------
 # The host (scripts/e2e/host-values.py) timestamps the E2E-READ-* and
 # E2E-BURN-* markers as they appear on the console; the test reads the
 # history of the burn window with vhostmdctl.
@@ -302,7 +302,7 @@ def libmetrics_calls() -> Dict[str, Any]:
 
 
 def pervm_device() -> str | None:
-    """This VM's own metrics disk (issue 15): the virtio disk with serial vhostmd-pervm."""
+    """This VM's own metrics disk: the virtio disk with serial vhostmd-pervm."""
     for dev in sorted(os.listdir("/sys/block")):
         try:
             with open(f"/sys/block/{dev}/serial", encoding="ascii") as f:

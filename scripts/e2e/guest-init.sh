@@ -65,7 +65,7 @@ read_disk() {
     dd if="/dev/$1" bs=65536 count=4 2>/dev/null | tail -c +17 | tr -d '\000'
 }
 
-# The per-VM disk (issue 15) is the one with the serial vhostmd-pervm.
+# The per-VM disk is the one with the serial vhostmd-pervm.
 find_pervm_disk() {
     for b in /sys/block/vd*; do
         [ "$(cat "$b/serial" 2>/dev/null)" = vhostmd-pervm ] && { basename "$b"; return 0; }

@@ -1,4 +1,4 @@
-"""Independent readings next to the published built-in values (e2e, issues 12 and 13).
+"""Independent readings next to the published built-in values (e2e).
 
 Run on the host by scripts/e2e-guest (scripts/e2e/values.sh) while the guests
 run, with the daemon's interpreter (libvirt-python, vhostmd_wire). Each

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/e2e-guest: the e2e value checks (issues 12 and 13).
+# Sourced by scripts/e2e-guest: the e2e value checks.
 #
 # values_start  after both guests run: scripts/e2e/host-values.py takes
 #               independent readings (libvirt per-domain calls, /proc)

@@ -18,8 +18,8 @@ from typing import Any, Iterator
 import pytest
 
 from vhostmd_py.config import AccountingConfig, Budget
-from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper
+from vhostmd_py.sources.stats import CycleStats, HostStats, NetStats, VmStats
 
 libvirt = pytest.importorskip("libvirt")
 

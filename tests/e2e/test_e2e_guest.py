@@ -481,10 +481,10 @@ def test_interrupted_run_leaves_nothing(
     assert not Path("/dev/shm/vhostmd-e2e").exists()
 
 
-# --- e2e values (issues 12, 13): built-in values against independent readings,
+# --- e2e values: built-in values against independent readings,
 # the bulk path, the history of a burning and an idle guest, the graph --------
 
-# Thresholds of issue 13 (per-vCPU-normalised CPU %, capped at 100).
+# Thresholds (per-vCPU-normalised CPU %, capped at 100).
 BURN_MIN_PCT = 50.0
 IDLE_MAX_PCT = 20.0
 

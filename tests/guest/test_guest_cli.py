@@ -4,7 +4,7 @@ Each upstream case in golden/upstream/reader/cases is replayed against our
 tool with the same arguments and image. The disk is found through a
 temporary /sys + /dev tree (the no-argument discovery path), on a
 filesystem with O_DIRECT. Exit code and stdout/dest bytes must equal
-upstream's, except for the deviations SPEC 6 lists, asserted explicitly.
+upstream's, except for the deviations docs/COMPATIBILITY.md lists (Guest), asserted explicitly.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _golden_root() -> Path:
     return golden_root()
 
 
-# SPEC 6 deviations: case -> (our exit code, what stderr must say)
+# Guest deviations: case -> (our exit code, what stderr must say)
 DEVIATIONS = {
     "busy-stuck-default": (1, "still busy"),  # upstream: hangs (killed by timeout, 124)
     "busy-stuck-vbd": (1, "still busy"),
@@ -121,7 +121,7 @@ LIVE_CASES = {"busy-cleared-after-3s"}
 
 @pytest.mark.parametrize("case", [c for c in _cases(_golden_root()) if c not in LIVE_CASES])
 def test_golden_reader_case(case: str, upstream: Path, tmp_path: Path) -> None:
-    """Our exit code and bytes equal upstream's for the case, or differ as SPEC 6 says."""
+    """Our exit code and bytes equal upstream's for the case, or differ as documented."""
     cdir = upstream / "reader" / "cases" / case
     argv = (cdir / "cmd.txt").read_text().split()[1:]
     image_name = (cdir / "image.txt").read_text().strip()
@@ -256,6 +256,26 @@ def test_usage_errors_exit_2(args: List[str], message: str) -> None:
     assert result.stderr.startswith(message)
     assert "\nUsage: vm-dump-metrics [options]\n" in result.stderr
     assert result.stdout == b""
+
+
+@pytest.mark.parametrize("flag", ["--version", "--vers"])
+def test_version_on_stdout_exits_0(flag: str) -> None:
+    """--version (ours) and its unique abbreviations: the version on stdout, exit 0."""
+    import vhostmd_guest
+
+    result = run_tool([flag, "--disk", "/nonexistent"])
+    assert (result.code, result.stderr) == (0, "")
+    expected = f"vm-dump-metrics (vhostmd-py-guest) {vhostmd_guest.__version__}\n"
+    assert result.stdout.decode() == expected
+
+
+@pytest.mark.parametrize("flag", ["--ve", "--ver"])
+def test_short_prefixes_still_mean_verbose(flag: str, tmp_path: Path) -> None:
+    """--ve/--ver abbreviate --verbose, as upstream's getopt_long takes them: not --version."""
+    result = run_tool([flag, "--disk", str(tmp_path / "no-disk")])
+    assert result.code == 1
+    assert "no-disk" in result.stderr and "vhostmd-py-guest" not in result.stderr
+    assert b"vhostmd-py-guest" not in result.stdout
 
 
 def test_underscore_alias_installed() -> None:

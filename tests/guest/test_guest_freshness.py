@@ -1,4 +1,4 @@
-"""Freshness and host identity (issue 15): real disks written by DiskWriter, then left alone."""
+"""Freshness and host identity: real disks written by DiskWriter, then left alone."""
 
 from __future__ import annotations
 

@@ -142,8 +142,8 @@ def test_openmetrics_parses_with_prometheus_client(tmp_path: Path) -> None:
     assert mem.unit == "bytes" and mem.samples[0].value == (2**64 - 1) << 20  # exact
     cpu = families["vhostmd_vm_total_cpu_time_seconds"]
     assert [(s.labels, s.value) for s in cpu.samples] == [
-        ({"uuid": UUID1, "id": "3"}, 123.456),
-        ({"uuid": UUID2, "id": "4"}, 1e300),
+        ({"vm_uuid": UUID1, "vm_id": "3"}, 123.456),
+        ({"vm_uuid": UUID2, "vm_id": "4"}, 1e300),
     ]
     name = families["vhostmd_host_name"]  # HostName: the context word is not repeated
     assert name.type == "info"

@@ -11,8 +11,8 @@ import sys
 import time
 
 from vhostmd_py.config import AccountingConfig, Budget
-from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.monitors.accounting import Accounting
+from vhostmd_py.sources.stats import CycleStats, HostStats, NetStats, VmStats
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The real-guest e2e's value checks (issues 12, 13): what scripts/e2e/host-values.py recorded.
+"""The real-guest e2e's value checks: what scripts/e2e/host-values.py recorded.
 
 OUT/values.jsonl holds `sample` records (libvirt per-domain reading A, the
 E2ENative* values of the metrics document published after A, reading B) and

@@ -10,11 +10,11 @@ from typing import Callable, List, Sequence, Tuple
 from helpers.config import write_config
 from vhostmd_py.config import Config, load_config
 from vhostmd_py.cycle.snapshot import Snapshot
-from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.daemon import Daemon
 from vhostmd_py.history.core import History
 from vhostmd_py.history.rates import DerivedValues
 from vhostmd_py.sources.shell.runner import ActionRunner
+from vhostmd_py.sources.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 
 WALL0 = 1_700_000_000.0  # a multiple of 5: samples fall on RRD step boundaries
 MONO0 = 1000.0

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 from helpers.config import write_config
-from vhostmd_py.cycle.snapshot import VM
-from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.stats import CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.vm import VM
 
 
 def write_conf(path: Path, extra: str) -> Path:

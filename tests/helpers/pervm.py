@@ -1,4 +1,4 @@
-"""Configs with the vhostmd-py extensions of issue 15 (per-VM disks, freshness)."""
+"""Configs with the vhostmd-py extensions (per-VM disks, freshness)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import List, Tuple
 from vhostmd_wire.protocol import INVALID_REQUEST, REPLY_TAIL
 
 from vhostmd_py.cycle.render import reply_parts
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.sources.vm import VM
 
 # Generous safety bound for "connects within 0.1 s"; the figures are in bench/.
 CONNECT_BOUND = 1.0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.sources.vm import VM
 
 # The one running domain of libvirt's test:///default.
 TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")

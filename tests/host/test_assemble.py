@@ -17,10 +17,10 @@ from vhostmd_py.assemble import Slot
 from vhostmd_py.config import Config, load_config
 from vhostmd_py.cycle.render import ExtraMetric, append_metrics, document
 from vhostmd_py.cycle.snapshot import Snapshot
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.daemon import Daemon
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.sources.shell.runner import ActionRunner
+from vhostmd_py.sources.stats import CycleStats
 
 
 def _runner(config: Config) -> ActionRunner:

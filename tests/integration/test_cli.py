@@ -42,6 +42,16 @@ def basic_config(upstream: Path, tmp_path: Path, *, name: str = "basic-1k.xml",
     return path
 
 
+def test_version_on_stdout_exits_0() -> None:
+    """--version (ours, not upstream's): the package's version on stdout, exit 0, nothing run."""
+    import vhostmd_py
+
+    proc = vhostmd(["--version", "-f", "/nonexistent/vhostmd.conf"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode() == f"vhostmd (vhostmd-py) {vhostmd_py.__version__}\n"
+    assert proc.stderr == b""
+
+
 def test_help_prints_upstream_usage_on_stderr_and_exits_2(upstream: Path) -> None:
     """-h and --help: upstream's usage lines, in order, on stderr; exit 2 (golden help)."""
     golden = (upstream / "daemon-cli" / "help.stderr").read_text().splitlines()

@@ -478,7 +478,7 @@ def test_hung_libvirtd_does_not_stop_host_metrics(tmp_path: Path,
         hung.close()
 
 
-# --- issue 11: a stuck action must not stop publishing; actions' orphans ------------
+# --- a stuck action must not stop publishing; actions' orphans ------------
 
 def _marker(tag: int) -> str:
     """A sleep argument unique to this test run (found in /proc/*/cmdline afterwards)."""

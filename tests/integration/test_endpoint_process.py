@@ -113,17 +113,20 @@ def test_scraped_and_parsed_with_odd_vm_name(tmp_path: Path,
     by_uuid = {s.labels["vm_uuid"]: s for s in cpu.samples}  # type: ignore[attr-defined]
     assert set(by_uuid) == {ODD_UUID, PLAIN_UUID}
     odd = by_uuid[ODD_UUID]
-    # One label value holding the whole name; no label injected from it.
-    assert odd.labels == {"vm_name": ODD_NAME, "vm_uuid": ODD_UUID, "vm_id": "1"}
+    # The labels the guest's vm-dump-metrics gives too (vhostmd_wire.openmetrics.vm_labels).
+    assert odd.labels == {"vm_uuid": ODD_UUID, "vm_id": "1"}
     assert odd.value == 1.5
-    assert by_uuid[PLAIN_UUID].labels["vm_name"] == "plain"
+    # The names, once per VM: one label value holding the whole name, none injected.
+    vm_names = {s.labels["vm_uuid"]: s.labels  # type: ignore[attr-defined]
+                for s in got["vhostmd_vm"].samples}
+    assert vm_names[ODD_UUID] == {"vm_name": ODD_NAME, "vm_uuid": ODD_UUID, "vm_id": "1"}
+    assert vm_names[PLAIN_UUID]["vm_name"] == "plain"
 
     # A string metric: an info metric, the value in a label (NAME substituted: the odd name).
     ident = got["vhostmd_vm_ident"]
     assert ident.type == "info"  # type: ignore[attr-defined]
     odd_ident = next(s for s in ident.samples if s.labels["vm_uuid"] == ODD_UUID)  # type: ignore[attr-defined]
-    assert odd_ident.labels["value"] == ODD_NAME
-    assert odd_ident.labels["vm_name"] == ODD_NAME
+    assert odd_ident.labels == {"value": ODD_NAME, "vm_uuid": ODD_UUID, "vm_id": "1"}
 
     host_mem = got["vhostmd_host_free_memory_bytes"]
     assert [(s.labels, s.value) for s in host_mem.samples] == [({}, 3 * 1024 * 1024)]  # type: ignore[attr-defined]
@@ -149,7 +152,7 @@ def test_scraped_and_parsed_with_odd_vm_name(tmp_path: Path,
     kind, body = scrape(port, accept=None)
     assert kind.startswith("text/plain"), kind
     plain = {f.name: f for f in text_format_families(body)}
-    names = {s.labels["vm_name"] for s in plain["vhostmd_vm_total_cpu_time_seconds"].samples}
+    names = {s.labels["vm_name"] for s in plain["vhostmd_vm_info"].samples}
     assert names == {ODD_NAME, "plain"}
 
     code, _ = daemon.stop(signal.SIGTERM)

@@ -1,4 +1,4 @@
-"""What the foreground daemon (-d, as under systemd) tells an operator (issue 11, item 11).
+"""What the foreground daemon (-d, as under systemd) tells an operator (docs/OPERATIONS.md, Logs).
 
 Default level: the start-up line and the first successful publish, nothing
 else while all is well. -v: one line per cycle (metrics, VMs, duration).

@@ -1,4 +1,4 @@
-"""Integration: issue 11 "Hardening from field trials" (items 2, 3, 4, 5, 8), real daemon."""
+"""Integration: the hardening deviations of docs/COMPATIBILITY.md, real daemon."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""`scripts/install-host` from a fresh clone, as the README says, and the daemon it installs.
+"""`scripts/install-host` from a fresh clone, as OPERATIONS.md says, and the daemon it installs.
 
-Issue 11, item 11: run from a checkout, the script's check imported the
+Run from a checkout, the script's check imported the
 checkout's sources (no built extension) instead of the venv's, reported
 "the C extension did not build" and left a half-installed venv. The venv
 build takes about a minute (pip's cache is used), so these are `slow`.
@@ -50,12 +50,18 @@ def _fresh_clone(dest: Path) -> Path:
 def test_fresh_clone_install_host_then_the_installed_daemon_publishes(
     tmp_path: Path, shm_dir: Path
 ) -> None:
-    """Fresh clone -> `scripts/install-host --root DIR --no-packages` (cwd: the clone) -> --once."""
+    """Fresh clone -> `install-host --root DIR --prefix P --no-packages` -> moved to P -> --once.
+
+    --root is for packagers: the venv is built under DIR, relocated to its
+    final place P (scripts, pyvenv.cfg and byte code name P, never DIR),
+    and runs once moved there. P is under tmp_path, so the move is real.
+    """
     clone = _fresh_clone(tmp_path / "clone")
     root = tmp_path / "root"
+    final = tmp_path / "final" / "vhostmd-py"
     started = time.monotonic()
     proc = subprocess.run(
-        ["scripts/install-host", "--root", str(root), "--no-packages"],
+        ["scripts/install-host", "--root", str(root), "--prefix", str(final), "--no-packages"],
         cwd=clone, env=_env(), capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S,
         check=False,
     )
@@ -63,10 +69,21 @@ def test_fresh_clone_install_host_then_the_installed_daemon_publishes(
     print(f"install-host took {took:.1f} s")  # reported with -s / -rP
     assert proc.returncode == 0, proc.stderr
     assert "did not build" not in proc.stderr
+    # The paths it prints are where the files are: under DIR.
+    assert f"{root}/etc/libvirt/hooks/" in proc.stderr
+    assert f"{root}/usr/local/sbin/vhostmd" in proc.stderr
 
-    venv = root / "opt" / "vhostmd-py"
-    link = root / "usr" / "local" / "sbin" / "vhostmd"
-    assert os.readlink(link) == "/opt/vhostmd-py/bin/vhostmd"
+    staged = Path(f"{root}{final}")
+    for path in [*(staged / "bin").iterdir(), staged / "pyvenv.cfg"]:
+        if path.is_file() and not path.is_symlink():
+            assert str(root) not in path.read_text(errors="replace"), path
+    links = {"sbin/vhostmd": "vhostmd", "bin/vhostmdctl": "vhostmdctl",
+             "bin/vm-dump-metrics": "vm-dump-metrics"}
+    for link, command in links.items():
+        assert os.readlink(root / "usr" / "local" / link) == str(final / "bin" / command), link
+    final.parent.mkdir(parents=True)
+    staged.rename(final)
+    venv = final
     for name in ("vhostmd.conf", "vhostmd.dtd", "metric.dtd"):
         assert (root / "etc" / "vhostmd" / name).is_file()
     assert (root / "etc" / "systemd" / "system" / "vhostmd.service").is_file()
@@ -98,6 +115,10 @@ def test_fresh_clone_install_host_then_the_installed_daemon_publishes(
     values = {(m.findtext("name"), m.get("context")): m.findtext("value") for m in doc}
     assert values[("HostName", "host")] == socket.gethostname()
     assert ("TotalCPUTime", "vm") in values  # test:///default's running domain
+    for command, package in (("vhostmdctl", "vhostmd-py"), ("vm-dump-metrics", "vhostmd-py-guest")):
+        version = subprocess.run([str(venv / "bin" / command), "--version"], env=_env(),
+                                 capture_output=True, text=True, timeout=60, check=True)
+        assert version.stdout.startswith(f"{command} ({package}) "), version.stdout
 
 
 def test_failed_build_removes_the_half_installed_venv(tmp_path: Path) -> None:
@@ -114,4 +135,5 @@ def test_failed_build_removes_the_half_installed_venv(tmp_path: Path) -> None:
     assert proc.returncode != 0, proc.stderr
     assert "removing the half-installed" in proc.stderr
     assert not (root / "opt" / "vhostmd-py").exists()
-    assert not (root / "usr" / "local" / "sbin" / "vhostmd").is_symlink()
+    for link in ("sbin/vhostmd", "bin/vhostmdctl", "bin/vm-dump-metrics"):
+        assert not (root / "usr" / "local" / link).is_symlink(), link

@@ -1,4 +1,4 @@
-"""Built-in sources when libvirt is gone, comes back, or hangs: host metrics never stop (issue 12).
+"""Built-in sources when libvirt is gone, comes back, or hangs: host metrics never stop.
 
 The same faults as tests/integration/test_daemon_process.py drives with shell
 actions, here with every metric a built-in source: /proc values keep coming,

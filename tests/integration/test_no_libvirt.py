@@ -1,6 +1,6 @@
 """A host without libvirt-python (no `[host]` extra): one clear line, host metrics only.
 
-Issue 11, item 9: the daemon used to log a 15-line ImportError traceback every
+The daemon used to log a 15-line ImportError traceback every
 cycle. The daemon runs in a real interpreter where `import libvirt` fails, as
 on such a host: a meta-path finder installed before vhostmd_py is imported
 refuses the module.

@@ -516,12 +516,19 @@ def test_unit_verifies(repo_root: Path, tmp_path: Path) -> None:
     text = (repo_root / "conf" / "vhostmd.service").read_text()
     # verify checks that ExecStart's program exists: point it at ours.
     (tmp_path / "vhostmd.service").write_text(text.replace("/usr/local/sbin/vhostmd", str(vhostmd)))
+    # ... and that man finds the Documentation= pages: the repository's, laid
+    # out as a man tree (MANPATH), so a page named there but missing fails.
+    for page in (repo_root / "docs" / "man").iterdir():
+        section = tmp_path / "man" / f"man{page.suffix[1:]}"
+        section.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, section / page.name)
     proc = subprocess.run(
         ["systemd-analyze", "verify", str(tmp_path / "vhostmd.service")],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env={**os.environ, "MANPATH": str(tmp_path / "man")},
     )
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
 

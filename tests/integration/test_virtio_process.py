@@ -22,7 +22,7 @@ from helpers.qemu import FakeQemuChannel, channel_dir_name
 from lxml import etree
 from vhostmd_wire.protocol import CHANNEL_NAME, INVALID_REQUEST, REQUEST_CRLF, REQUEST_LF
 
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.sources.vm import VM
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +39,7 @@ def node_vm(i: int) -> VM:
 
 
 def deviate(golden: bytes) -> bytes:
-    """Upstream's reply with SPEC's newline DEVIATION applied (values lose trailing newlines)."""
+    """Upstream's reply with the newline DEVIATION applied (values lose trailing newlines)."""
     return golden.replace(b"\n</value>", b"</value>")
 
 

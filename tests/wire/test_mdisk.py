@@ -32,7 +32,7 @@ mdisk = pytest.importorskip("vhostmd_py.publish.mdisk", reason="the host package
 IMPLS = [c_impl(), py_impl()]
 IMPL_IDS = ["c", "py"]
 
-# Single-domain daemon images whose content is reproducible (FACTS 2).
+# Single-domain daemon images whose content is reproducible (FACTS.md section 2).
 SINGLE_DOMAIN = [
     "basic-1k.img",
     "basic-64k.img",
@@ -51,7 +51,7 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
 
 
 def signed_sum(data: bytes) -> int:
-    """Reference checksum written from SPEC 4's words, independent of both implementations."""
+    """Reference checksum written from the docs' words, independent of both implementations."""
     return sum(b - 256 if b >= 0x80 else b for b in data) % 2**32
 
 
@@ -267,7 +267,7 @@ def test_publish_reproduces_golden_image(
 def test_publish_after_longer_document_still_identical(
     impl: ModuleType, upstream: Path, shm_dir: Path, image: str
 ) -> None:
-    """A longer previous document leaves no tail (SPEC 4 DEVIATION): file == golden."""
+    """A longer previous document leaves no tail (a DEVIATION): file == golden."""
     golden = (upstream / "disks" / image).read_bytes()
     content = golden[16 : 16 + int.from_bytes(golden[12:16], "big")]
     path = shm_dir / "vhostmd0"
@@ -360,7 +360,7 @@ def test_create_size_limits_accepted(impl: ModuleType, shm_dir: Path) -> None:
 
 
 def test_create_missing_grandparent(impl: ModuleType, tmp_path: Path) -> None:
-    """Only the last directory is created, like upstream (FACTS 5 disk-dir-missing)."""
+    """Only the last directory is created, like upstream (FACTS.md section 5 disk-dir-missing)."""
     with pytest.raises(DiskIOError) as info:
         impl.MetricsDisk.create(tmp_path / "a" / "b" / "vhostmd0", 1024)
     assert info.value.errno == errno.ENOENT
@@ -436,7 +436,7 @@ def test_too_large_keeps_previous_document(impl: ModuleType, shm_dir: Path) -> N
 
 
 def test_too_large_first_publish_then_close(impl: ModuleType, shm_dir: Path) -> None:
-    """Before any publish busy stays set (SPEC 4 creation); close() clears it."""
+    """Before any publish busy stays set (creation, as upstream); close() clears it."""
     path = shm_dir / "vhostmd0"
     disk = impl.MetricsDisk.create(path, 1024)
     with pytest.raises(ContentTooLargeError):

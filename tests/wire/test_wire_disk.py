@@ -16,7 +16,7 @@ from vhostmd_wire import disk, protocol
 from vhostmd_wire.document import check_value, parse_xml
 from vhostmd_wire.errors import ChecksumError, DiskBusyError, DocumentError, VhostmdError
 
-# Reproducible single-domain daemon images (FACTS 2) and their disk sizes.
+# Reproducible single-domain daemon images (FACTS.md section 2) and their disk sizes.
 SINGLE_DOMAIN = {"basic-1k.img": 1024, "basic-64k.img": 65536, "edge-4k.img": 4096}
 
 
@@ -26,7 +26,7 @@ def _signed_sum(data: bytes) -> int:
 
 @given(st.binary(max_size=3000))
 def test_checksum_is_the_signed_char_sum(data: bytes) -> None:
-    """The checksum sums bytes as signed chars, mod 2**32 (FACTS 1)."""
+    """The checksum sums bytes as signed chars, mod 2**32 (FACTS.md section 1)."""
     assert disk.checksum(data) == _signed_sum(data)
 
 

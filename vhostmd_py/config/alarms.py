@@ -23,6 +23,7 @@ from lxml import etree
 
 from vhostmd_py.config.document import included, line_of, text_of, vm_selector, yes
 from vhostmd_py.config.records import (
+    DEFAULT_FS_USAGE_PATH,
     DEFAULT_HISTORY,
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_JOURNAL_SOCKET,
@@ -82,7 +83,9 @@ def _number(elem: etree._Element, attr: str, file: str, default: float, minimum:
 
 def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsConfig:
     """``<alarms>`` (or the file it names) -> AlarmsConfig; every variable checked now."""
-    root, where = included(elem, file, grammar)
+    root, where = included(elem, file, grammar, foreign=("config",))
+    if root.tag == "config":
+        return _perfmon_alarms(elem, root, where, file)
     host: List[VariableConfig] = []
     vm: List[PartialVariable] = []
     overrides: List[VmAlarms] = []
@@ -96,7 +99,7 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
                 raise ConfigError(where, f"alarm variable {var.name} defined twice", var.line)
             if target is host:
                 if var.enabled:
-                    host.append(resolve(var))
+                    host.append(resolve(var, "host"))
             else:
                 vm.append(var)
         elif child.tag == "vm":
@@ -124,6 +127,7 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
         host=tuple(host),
         vm=tuple(vm),
         overrides=tuple(overrides),
+        fs_usage_path=_fs_path(root, where),
     )
     # Check every VM default and every override now, with its line, rather
     # than when a matching VM first appears.
@@ -132,3 +136,36 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
     for over in overrides:
         config.variables_for_vm(over.uuid or "", over.name or "")
     return config
+
+
+def _fs_path(elem: etree._Element, file: str) -> str:
+    path = str(elem.get("fs_usage_path") or DEFAULT_FS_USAGE_PATH)
+    if not path.startswith("/"):
+        raise ConfigError(file, f"fs_usage_path={path!r} is not an absolute path", line_of(elem))
+    return path
+
+
+def _perfmon_alarms(
+    elem: etree._Element, root: etree._Element, where: str, file: str
+) -> AlarmsConfig:
+    """``<alarms file=...>`` naming a perfmon ``<config>``: its variables for every VM.
+
+    The delivery attributes (state_dir, hook, ...) are those of the
+    ``<alarms>`` element itself; perfmon's document has none.
+    """
+    from vhostmd_py.config.perfmon import parse_perfmon_root
+
+    perfmon = parse_perfmon_root(root, where=where, context="vm")
+    return AlarmsConfig(
+        state_dir=str(elem.get("state_dir") or DEFAULT_STATE_DIR),
+        hook=str(elem.get("hook")) if elem.get("hook") else None,
+        hook_timeout=_number(elem, "hook_timeout", file, DEFAULT_HOOK_TIMEOUT, 0.1),
+        history=int(_number(elem, "history", file, DEFAULT_HISTORY, 1)),
+        journal_socket=str(elem.get("journal_socket") or DEFAULT_JOURNAL_SOCKET),
+        guest_metrics=yes(elem, "guest_metrics", False),
+        host=(),
+        vm=(),
+        overrides=(),
+        vm_resolved=perfmon.variables,
+        fs_usage_path=_fs_path(elem, file),
+    )

@@ -65,8 +65,9 @@ def load_dtd(file: str, dtd: StrPath | None) -> etree.DTD:
         raise ConfigError(file, f"cannot load the configuration grammar {dtd_file}: {err}") from err
 
 
-def parse_root(data: bytes, file: str, tag: str) -> etree._Element:
-    """DATA's root element, which must be <TAG>; syntax errors and entities refused."""
+def parse_root(data: bytes, file: str, tag: str, *, also: Tuple[str, ...] = ()) -> etree._Element:
+    """DATA's root element, which must be <TAG> (or one of ALSO); syntax errors and
+    entities refused."""
     try:
         root = etree.fromstring(data, safe_parser())
     except etree.XMLSyntaxError as err:
@@ -78,7 +79,7 @@ def parse_root(data: bytes, file: str, tag: str) -> etree._Element:
         # resolve_entities=False leaves them as nodes; their text would be
         # silently missing from an action, so refuse instead.
         raise ConfigError(file, f"entity reference {node.text} is not supported", line_of(node))
-    if root.tag != tag:
+    if root.tag != tag and root.tag not in also:
         raise ConfigError(file, f"root element is <{root.tag}>, expected <{tag}>", line_of(root))
     return root
 
@@ -89,11 +90,14 @@ def validate(root: etree._Element, file: str, grammar: etree.DTD) -> None:
         raise dtd_error(file, [*grammar.error_log])  # type: ignore[misc]
 
 
-def included(elem: etree._Element, file: str, grammar: etree.DTD) -> Tuple[etree._Element, str]:
+def included(elem: etree._Element, file: str, grammar: etree.DTD, *,
+             foreign: Tuple[str, ...] = ()) -> Tuple[etree._Element, str]:
     """The element itself, or the root of the file its ``file`` attribute names, and its file.
 
     The named file is relative to FILE's directory, its root is the same
-    element, and it is validated against the same grammar.
+    element, and it is validated against the same grammar; or its root is
+    one of FOREIGN (another format, e.g. perfmon's <config>), returned as it
+    is for the caller to read.
     """
     ref = elem.get("file")
     if ref is None:
@@ -108,7 +112,9 @@ def included(elem: etree._Element, file: str, grammar: etree.DTD) -> Tuple[etree
         raise ConfigError(
             file, f"cannot read {elem.tag} file {path}: {err.strerror or err}", line_of(elem)
         ) from err
-    root = parse_root(data, path, str(elem.tag))
+    root = parse_root(data, path, str(elem.tag), also=foreign)
+    if root.tag in foreign:
+        return root, path
     if root.get("file") is not None:
         raise ConfigError(
             path, f"an included <{elem.tag}> cannot name another file", line_of(root)

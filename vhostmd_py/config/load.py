@@ -20,6 +20,7 @@ from vhostmd_py.config.endpoint import parse_endpoint
 from vhostmd_py.config.freshness import parse_freshness
 from vhostmd_py.config.history import parse_history
 from vhostmd_py.config.metrics import NO_BUILTIN_FIELDS, BuiltinFields, parse_metrics
+from vhostmd_py.config.policy import parse_policy
 from vhostmd_py.config.records import DEFAULT_PATH, Config
 from vhostmd_py.config.transports import parse_transports, parse_virtio
 from vhostmd_py.config.units import UPDATE_PERIOD_RANGE, integer_in
@@ -60,12 +61,14 @@ def parse_config(
     validate(root, file, grammar)
     config = _convert(root, file, builtin_fields)
     alarms, accounting = root.find("alarms"), root.find("accounting")
-    if alarms is None and accounting is None:
+    policy = root.find("policy")
+    if alarms is None and accounting is None and policy is None:
         return config
     return replace(
         config,
         alarms=parse_alarms(alarms, file, grammar) if alarms is not None else None,
         accounting=parse_accounting(accounting, file, grammar) if accounting is not None else None,
+        policy=parse_policy(policy, file) if policy is not None else None,
     )
 
 

@@ -125,12 +125,17 @@ class FreshnessConfig:
 DEFAULT_JOURNAL_SOCKET = "/run/systemd/journal/socket"
 DEFAULT_HOOK_TIMEOUT = 10.0
 DEFAULT_HISTORY = 200
+# perfmon's fs_usage read "df /etc/passwd": the root filesystem.
+DEFAULT_FS_USAGE_PATH = "/"
 
 # perfmon's defaults for every variable.
 DEFAULT_TRIGGER_PERIOD = 60
 DEFAULT_INHIBIT_PERIOD = 3600
 DEFAULT_PRIORITY = 5
 CONSOLIDATION_FNS = ("sum", "average", "max", "min")
+# The dialect of a variable written in perfmon's own <config> format
+# (perfmon.py): perfmon's units, defaults and arithmetic.
+PERFMON = "perfmon"
 SENSES = ("high", "low")
 
 # Built-in per-variable defaults (perfmon's get_default_variable_config, for
@@ -138,9 +143,12 @@ SENSES = ("high", "low")
 BUILTIN_VARIABLES: Dict[str, Tuple[str, str, str]] = {
     "cpu_usage": (r"^cpu_usage$", "average", "high"),
     "memory_free_kib": (r"^memory_free_kib$", "sum", "low"),
-    "network_usage": (r"^vif_.+_[rt]x$", "sum", "high"),
+    "network_usage": (r"^vif_.+_[rt]x$", "sum", "high"),  # the host's: HOST_NETWORK_REGEX
     "disk_usage": (r"^vbd_.+_(read|write)$", "sum", "high"),
 }
+
+# The host has physical interfaces, not VM ones (vhostmd_py/monitors/inputs.py).
+HOST_NETWORK_REGEX = r"^pif_.+_[rt]x$"
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,8 @@ class VariableConfig:
     alarm_trigger_period: int  # seconds the level must be bad before an alarm
     alarm_auto_inhibit_period: int  # seconds without a second alarm after one
     alarm_priority: int
+    # "" for our <alarm> format, PERFMON for perfmon's <config> (units, arithmetic).
+    dialect: str = ""
     # Where it was configured: for messages only, never part of "changed?".
     where: str = field(default="", compare=False)
 
@@ -192,6 +202,10 @@ class AlarmsConfig:
     host: Tuple[VariableConfig, ...]
     vm: Tuple[PartialVariable, ...]  # defaults for every VM, resolved per VM
     overrides: Tuple[VmAlarms, ...]
+    # Every VM's variables given resolved: perfmon's format (config/perfmon.py).
+    vm_resolved: Tuple[VariableConfig, ...] = ()
+    # The filesystem perfmon's get_percent_fs_usage (fs_usage) watches.
+    fs_usage_path: str = DEFAULT_FS_USAGE_PATH
 
     def variables_for_vm(self, uuid: str, name: str) -> Tuple[VariableConfig, ...]:
         """The variables watched on one VM: defaults merged with its override, if any."""
@@ -210,7 +224,7 @@ class AlarmsConfig:
                     merged[var.name] = PartialVariable(
                         var.name, tuple(fields.items()), var.enabled, var.file, var.line
                     )
-        out = []
+        out = list(self.vm_resolved)
         for vname in order:
             var = merged[vname]
             if var.enabled:
@@ -219,10 +233,12 @@ class AlarmsConfig:
         return tuple(out)
 
 
-def resolve(var: PartialVariable) -> VariableConfig:
+def resolve(var: PartialVariable, context: str = "vm") -> VariableConfig:
     """Apply built-in defaults to a written variable; ConfigError at its line when invalid."""
     given = dict(var.fields)
     builtin = BUILTIN_VARIABLES.get(var.name)
+    if builtin is not None and context == "host" and var.name == "network_usage":
+        builtin = (HOST_NETWORK_REGEX, *builtin[1:])
 
     def fail(reason: str) -> ConfigError:
         return ConfigError(var.file, f"alarm variable {var.name}: {reason}", var.line)
@@ -348,9 +364,47 @@ def _select(items: Tuple[Any, ...], uuid: str, name: str) -> Any:
 # --- the whole file -----------------------------------------------------------------
 
 
+# <policy>: domain metadata is re-read at this period (and on libvirt's
+# metadata-change event), within this range.
+DEFAULT_REFRESH = 300
+REFRESH_RANGE = (1, 7 * 86400)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one source says of a VM's view; None fields are not said (taken from below)."""
+
+    allow: Tuple[str, ...] | None = None  # None: not said; () never (an empty list is None)
+    deny: Tuple[str, ...] | None = None
+    blocked: bool | None = None
+    shared: bool | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """``<policy>``: the default rule, per-VM rules by name and by UUID, metadata reading."""
+
+    default: Rule = Rule()
+    by_name: Dict[str, Rule] = field(default_factory=dict)
+    by_uuid: Dict[str, Rule] = field(default_factory=dict)
+    metadata: bool = True
+    refresh: int = DEFAULT_REFRESH  # seconds between two reads of every domain's metadata
+    state_dir: str | None = None  # where policy.json goes (vhostmdctl policy); None: nowhere
+
+    def config_rule(self, name: str, uuid: str) -> Tuple[str, Rule] | None:
+        """This file's rule for the VM (by UUID first), with its origin, or None."""
+        rule = self.by_uuid.get(uuid.lower())
+        if rule is not None:
+            return f"config policy_vm uuid={uuid.lower()}", rule
+        rule = self.by_name.get(name)
+        if rule is not None:
+            return f"config policy_vm name={name}", rule
+        return None
+
+
 @dataclass(frozen=True)
 class Config:
-    """A loaded, validated vhostmd.conf: its 15 fields.
+    """A loaded, validated vhostmd.conf: its 16 fields.
 
     ``file`` (the path it was read from, for messages and reloads);
     ``disk_name``, ``disk_path``, ``disk_size`` (bytes): ``<disk>``;
@@ -360,7 +414,8 @@ class Config:
     config order); then the optional vhostmd-py sections, None when absent:
     ``history`` (HistoryConfig), ``metrics_endpoint`` (EndpointConfig),
     ``alarms`` (AlarmsConfig), ``accounting`` (AccountingConfig),
-    ``disk_per_vm`` (PerVmDiskConfig), ``freshness`` (FreshnessConfig).
+    ``disk_per_vm`` (PerVmDiskConfig), ``freshness`` (FreshnessConfig),
+    ``policy`` (PolicyConfig: what each VM may see).
     """
 
     file: str
@@ -378,6 +433,7 @@ class Config:
     accounting: AccountingConfig | None = None
     disk_per_vm: PerVmDiskConfig | None = None
     freshness: FreshnessConfig | None = None
+    policy: PolicyConfig | None = None  # None: every VM sees everything, as upstream
 
     def host_metrics(self) -> Tuple[MetricSpec, ...]:
         """Metrics evaluated once per cycle, in config order."""

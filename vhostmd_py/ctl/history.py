@@ -50,6 +50,12 @@ HOST_METRICS: Dict[str, Tuple[str, ...]] = {
 }
 PERIODS = {"day": 86400, "week": 7 * 86400, "month": 30 * 86400}
 GRAPH_METRICS = ("cpu", "net", "disk")
+# nova's graphs of rates: logarithmic from 1000 bytes/s (--lower-limit 1000 --rigid).
+LOG_FLOOR = 1000.0
+# The longest window: the 1-day archive holds 366 rows.
+MAX_SPAN = 366 * 86400
+# A window clipped to where the data starts keeps at least this much (seconds).
+MIN_SPAN = 60
 
 
 @dataclass(frozen=True)
@@ -221,38 +227,111 @@ def render(series: Series, target: Target, metric: str, cf: str, fmt: str) -> st
     return "\n".join([title, *lines]) + "\n"
 
 
+def data_start(state: State, target: Target, sources: Sequence[DataSource], end: int) -> int | None:
+    """When the file's first known value of SOURCES begins, or None when before every window.
+
+    The finest archive (AVERAGE) whose window holds the beginning says when:
+    a file a few minutes old has its data only in the finest ones.
+    """
+    rrdtool = _rrdtool()
+    try:
+        info = _with_daemon(state, lambda extra: rrdtool.info(target.path, *extra))
+    except rrdtool.OperationalError as err:
+        raise HistoryError(target.path, f"cannot read: {err}") from err
+    step = int(info["step"])
+    archives = set()
+    i = 0
+    while f"rra[{i}].cf" in info:
+        if info[f"rra[{i}].cf"] == "AVERAGE":
+            archives.add((int(info[f"rra[{i}].pdp_per_row"]) * step, int(info[f"rra[{i}].rows"])))
+        i += 1
+    for resolution, rows in sorted(archives):
+        span = resolution * rows
+        stop = end - end % resolution
+        try:
+            (start, _, got), names, values = rrdtool.fetch(
+                target.path, "AVERAGE", "-r", str(resolution), "-s", str(stop - span + resolution),
+                "-e", str(stop),
+            )
+        except rrdtool.OperationalError as err:
+            raise HistoryError(target.path, f"cannot read: {err}") from err
+        cols = [list(names).index(ds.name) for ds in sources]
+        known = [n for n, row in enumerate(values) if any(row[c] is not None for c in cols)]
+        if known and known[0] > 0:
+            # The data begins inside this archive's window: the finest account of it.
+            return int(start) + known[0] * int(got)
+    # Known from the start of every archive's window (or nowhere): nothing to clip.
+    return None
+
+
+def graph_window(state: State, target: Target, sources: Sequence[DataSource], span: int,
+                 end: int) -> Tuple[int, bool]:
+    """(start, clipped): the window's start, moved up to where the data begins.
+
+    rrdtool draws from the finest archive covering the whole window: a window
+    of a day on a host that has run five minutes would use the 5-minute
+    archive (one row, or none) and leave the graph empty; starting the window
+    where the data starts makes it use the finest archive that holds it.
+    """
+    start = end - span
+    first = data_start(state, target, sources, end)
+    if first is None or first <= start:
+        return start, False
+    return min(max(first, start), end - MIN_SPAN), True
+
+
+def _span_text(seconds: int) -> str:
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
 def graph(
     state: State,
     target: Target,
     metric: str,
-    period: str,
+    span: int,
     output: str,
     width: int,
     height: int,
     end: int,
-) -> None:
-    """nova's graph of a metric over a period, as a PNG of exactly WIDTH x HEIGHT."""
+    *,
+    scale: str = "log",
+    floor: float = LOG_FLOOR,
+) -> Tuple[int, Dict[str, Any]]:
+    """nova's graph of a metric over SPAN seconds up to END, a PNG of exactly WIDTH x HEIGHT.
+
+    Returns the window's start (later than END - SPAN when the data starts
+    later) and rrdtool's account of what it drew (graphv: value_min, ...).
+    Rates (net, disk) are drawn on nova's logarithmic scale from FLOOR bytes/s
+    (values below it at the floor) unless SCALE is "linear"; no rrdtool tag.
+    """
     rrdtool = _rrdtool()
     if metric not in GRAPH_METRICS or metric not in target.metrics:
         raise UnknownMetricError(
             target.path, metric, ", ".join(m for m in GRAPH_METRICS if m in target.metrics)
         )
+    sources = metric_sources(target, metric)
+    start, clipped = graph_window(state, target, sources, span, end)
     file = target.path.replace(":", "\\:")
     titles = {"cpu": "CPU", "net": "network", "disk": "disk"}
+    when = f"since {_iso(start)}" if clipped else f"last {_span_text(span)}"
     args = [
         "--imgformat",
         "PNG",
+        "--disable-rrdtool-tag",
         "--full-size-mode",
         "--width",
         str(width),
         "--height",
         str(height),
         "--start",
-        str(end - PERIODS[period]),
+        str(start),
         "--end",
         str(end),
         "--title",
-        f"{target.name} - {titles[metric]} - last {period}",
+        f"{target.name} - {titles[metric]} - {when}",
     ]
     if metric == "cpu":
         args += [
@@ -265,36 +344,31 @@ def graph(
             f"DEF:cpu={file}:cpu:AVERAGE",
             "AREA:cpu#eacc00:% CPU",
         ]
-    elif metric == "net":
-        args += [
-            "--vertical-label",
-            "bytes/s",
-            "--lower-limit",
-            "0",
-            f"DEF:rx={file}:net_rx:AVERAGE",
-            f"DEF:tx={file}:net_tx:AVERAGE",
-            "AREA:rx#00FF00:In traffic",
-            "LINE1:tx#0000FF:Out traffic",
-        ]
     else:
+        if scale == "log":
+            args += ["--logarithmic", "--units", "si", "--lower-limit", f"{floor:g}", "--rigid"]
+        else:
+            args += ["--lower-limit", "0"]
+        names = ("rx", "tx", "In traffic", "Out traffic") if metric == "net" else (
+            "rd", "wr", "Read", "Write")
+        first_ds, second_ds = (ds.name for ds in sources)
         args += [
             "--vertical-label",
             "bytes/s",
-            "--lower-limit",
-            "0",
-            f"DEF:rd={file}:disk_rd:AVERAGE",
-            f"DEF:wr={file}:disk_wr:AVERAGE",
-            "AREA:rd#00FF00:Read",
-            "LINE1:wr#0000FF:Write",
+            f"DEF:{names[0]}={file}:{first_ds}:AVERAGE",
+            f"DEF:{names[1]}={file}:{second_ds}:AVERAGE",
+            f"AREA:{names[0]}#00FF00:{names[2]}",
+            f"LINE1:{names[1]}#0000FF:{names[3]}",
         ]
 
     def call(extra: List[str]) -> Any:
-        return rrdtool.graph(output, *extra, *args)
+        return rrdtool.graphv(output, *extra, *args)
 
     try:
-        _with_daemon(state, call)
+        drawn = _with_daemon(state, call)
     except rrdtool.OperationalError as err:
         raise HistoryError(output, f"cannot draw the graph: {err}") from err
+    return start, dict(drawn)
 
 
 # --- the command ---------------------------------------------------------------------
@@ -376,7 +450,17 @@ def history_cmd(
 @click.command("graph")
 @click.option("--vm", required=True, help="VM name, UUID, or 'host'.")
 @click.option("--metric", required=True, type=click.Choice(GRAPH_METRICS))
-@click.option("--period", type=click.Choice(list(PERIODS)), default="day", show_default=True)
+@click.option(
+    "--since", default=None,
+    help="Window: 5m, 1h, 25h, 7d, 1w ... up to 366d (default 1d). A window starting "
+    "before the data is clipped to where it starts.",
+)
+@click.option("--period", type=click.Choice(list(PERIODS)), default=None,
+              help="Same as --since 1d, 7d, 30d.")
+@click.option("--scale", type=click.Choice(["log", "linear"]), default="log", show_default=True,
+              help="net and disk: nova's logarithmic scale from --floor, or linear from 0.")
+@click.option("--floor", type=click.FloatRange(min=1e-3), default=LOG_FLOOR, show_default=True,
+              help="Lowest bytes/s of the logarithmic scale (lower values drawn at it).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file.")
 @click.option("--width", type=click.IntRange(200, 8000), default=600, show_default=True)
 @click.option("--height", type=click.IntRange(100, 8000), default=200, show_default=True)
@@ -388,18 +472,34 @@ def graph_cmd(
     ctx: click.Context,
     vm: str,
     metric: str,
-    period: str,
+    since: str | None,
+    period: str | None,
+    scale: str,
+    floor: float,
     output: str,
     width: int,
     height: int,
     end: str,
 ) -> None:
-    """nova's graphs: CPU %, network or disk bytes/s over a day, week or month (PNG)."""
+    """nova's graphs: CPU %, network or disk bytes/s over minutes to a year (PNG)."""
+    if since is not None and period is not None:
+        raise click.BadParameter("give --since or --period, not both", param_hint="--since")
+    if period is not None:
+        span = PERIODS[period]
+    else:
+        try:
+            span = parse_duration(since or "1d")
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--since") from None
+    if not MIN_SPAN <= span <= MAX_SPAN:
+        raise click.BadParameter(
+            f"{since} is outside {MIN_SPAN} s .. {MAX_SPAN // 86400} days", param_hint="--since"
+        )
     stop = _end(end)
     state = _state(ctx)
     try:
         target = resolve(state, vm)
-        graph(state, target, metric, period, output, width, height, stop)
+        graph(state, target, metric, span, output, width, height, stop, scale=scale, floor=floor)
     except VhostmdError as err:
         _fail(err)
     click.echo(output)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import click
 
+from vhostmd_py import __version__
 from vhostmd_py.config import DEFAULT_STATE_DIR
 from vhostmd_py.ctl.history import graph_cmd, history_cmd, list_cmd
 from vhostmd_py.ctl.monitors import alarms_command, usage_command
+from vhostmd_py.ctl.policy import policy_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="vhostmdctl",
+                      message="%(prog)s (vhostmd-py) %(version)s")
 @click.option(
     "--state-dir",
     default=DEFAULT_STATE_DIR,
@@ -36,7 +40,8 @@ def main(ctx: click.Context, state_dir: str, rrdcached: str | None) -> None:
     ctx.obj = (state_dir, rrdcached)
 
 
-for _command in (list_cmd, history_cmd, graph_cmd, alarms_command, usage_command):
+for _command in (list_cmd, history_cmd, graph_cmd, alarms_command, usage_command,
+                 policy_command):
     main.add_command(_command)
 
 __all__ = ["main"]

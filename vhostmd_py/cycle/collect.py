@@ -4,7 +4,7 @@ Every metric of the host and of every VM is collected concurrently (the
 runner bounds how many actions run at once; a batch source such as the shell
 actions gets all of its metrics in one call, not one task each), then
 rendered (vhostmd_py.cycle.render, which owns the value rules and the bytes) in
-upstream's order (SPEC section 3): host metrics first, then each VM in the
+upstream's order (docs/COMPATIBILITY.md): host metrics first, then each VM in the
 order given (libvirt's listing order), and within each of them the metrics in
 REVERSE config order, because upstream prepends each parsed metric to a list.
 
@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING, Awaitable, Dict, List, Sequence, Tuple
 
 from vhostmd_py.config import Config
 from vhostmd_py.cycle.render import render_value, xml_validator
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.sources.base import (
+    PENDING,
     BatchMetricSource,
     MetricSource,
     RawValue,
@@ -37,8 +38,10 @@ from vhostmd_py.sources.base import (
     SourceRegistry,
     describe,
 )
+from vhostmd_py.sources.vm import VM
 
 if TYPE_CHECKING:
+    from vhostmd_py.cycle.carry import Carry
     from vhostmd_py.sources.shell.runner import ActionRunner
 
 log = logging.getLogger(__name__)
@@ -108,11 +111,11 @@ async def _raw_values(
             if task.done():
                 outcomes.append(task.result())
                 continue
-            # A source that ignores the deadline: left out this cycle.
+            # A source that ignores the deadline: its metrics keep their last values.
             task.cancel()
             log.warning("Error retrieving %d metric(s): no value by the cycle's deadline",
                         len(places))
-            outcomes.append([None] * len(places))
+            outcomes.append([PENDING] * len(places))
     for places, got in zip(order, outcomes):
         for place, value in zip(places, got):
             values[place] = value
@@ -136,10 +139,12 @@ async def collect(
     *,
     sources: SourceRegistry | None = None,
     deadline: float | None = None,
+    carry: Carry | None = None,
 ) -> Snapshot:
     """Collect and render one cycle's metrics for the host and VMS (in their order).
 
-    DEADLINE (time.monotonic()): values not ready by then are left out.
+    DEADLINE (time.monotonic()): values not ready by then are left out, or,
+    with CARRY (kept across cycles), published with their last good value.
     """
     registry = sources or _default_registry(config, runner)
     validator = xml_validator()
@@ -151,6 +156,8 @@ async def collect(
         requests.extend((m, vm) for m in per_vm)
     raws = await _raw_values(registry, requests, deadline)
     rendered = [render_value(m, vm, raw, validator) for (m, vm), raw in zip(requests, raws)]
+    if carry is not None:
+        rendered = carry.settle(requests, raws, rendered)
     host_xml = b"".join(rendered[: len(host)])
     blocks: List[VmBlock] = []
     pos = len(host)

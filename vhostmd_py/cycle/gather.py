@@ -18,19 +18,24 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Callable, List, Tuple
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot
+from vhostmd_py.cycle.carry import Carry
+from vhostmd_py.cycle.snapshot import Snapshot
+from vhostmd_py.sources.vm import VM
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
-    from vhostmd_py.cycle.stats import CycleStats
     from vhostmd_py.libvirt_host import Host
     from vhostmd_py.sources.base import ShellActionSource, SourceRegistry
     from vhostmd_py.sources.builtin.source import NativeSource
     from vhostmd_py.sources.shell.orphans import OrphanReaper
     from vhostmd_py.sources.shell.runner import ActionRunner
+    from vhostmd_py.sources.stats import CycleStats
     from vhostmd_py.sources.vms import LibvirtVMs
 
 log = logging.getLogger(__name__)
+
+# How long a late value is carried when the runner states no action timeout.
+DEFAULT_CARRY = 30.0
 
 # A libvirtd that accepts connections but never answers blocks libvirt-python
 # calls forever (no keepalive without a libvirt event loop). Past this many
@@ -53,6 +58,8 @@ def needs_vms(config: Config, *, channels: bool = False) -> bool:
         or config.history is not None
         or config.alarms is not None
         or config.accounting is not None
+        # A policy: the shared disk holds what every running VM may see.
+        or config.policy is not None
     )
 
 
@@ -79,13 +86,20 @@ class Gatherer:
         self.libvirt_timeout = libvirt_timeout
         self._on_results = on_results
         self.runner = self._make_runner(config)
+        self.carry = self._make_carry(config)
         self._shell: ShellActionSource | None = None  # made with the runner, on first use
         self._native: NativeSource | None = None  # made on first use
         self._vms: LibvirtVMs | None = None
         self._pending_list: asyncio.Future[List[VM]] | None = None
         self._libvirt_stuck = False
         self.listed_ok = True  # whether the last VM listing was libvirt's answer
+        self.last_vms: List[VM] = []  # the last cycle's running VMs (the policy step's)
         self._orphans: OrphanReaper | None = None
+
+    def _make_carry(self, config: Config) -> Carry:
+        # Carried no longer than an action may run (then it is killed).
+        timeout = float(getattr(self.runner, "timeout", None) or DEFAULT_CARRY)
+        return Carry(bound=timeout, annotate=config.freshness is not None)
 
     def _make_runner(self, config: Config) -> ActionRunner:
         runner = self._runner_factory(config)
@@ -107,6 +121,10 @@ class Gatherer:
 
     async def list_vms(self, config: Config) -> List[VM]:
         """The running VMs, or [] when libvirt does not answer in time (logged once)."""
+        self.last_vms = await self._list_vms(config)
+        return self.last_vms
+
+    async def _list_vms(self, config: Config) -> List[VM]:
         source = self._lister(config)
         if source is None:
             return []
@@ -186,7 +204,8 @@ class Gatherer:
         native = self._native
         sampled = native.last_snapshot if native is not None else None
         snapshot = await collect(
-            config, vms, self.runner, sources=self._sources(config), deadline=deadline
+            config, vms, self.runner, sources=self._sources(config), deadline=deadline,
+            carry=self.carry,
         )
         if not stats:
             return snapshot, None
@@ -244,6 +263,7 @@ class Gatherer:
         """A new runner for CONFIG (its PATH); a new lister when what it lists changed."""
         old_runner, self.runner = self.runner, self._make_runner(config)
         old_runner.close()  # kills what still runs past its cycle's deadline, reaps leftovers
+        self.carry = self._make_carry(config)  # a metric's action may have changed
         vms = self._vms
         channels = self._channels(config)
         if vms is not None and (not needs_vms(config, channels=channels)

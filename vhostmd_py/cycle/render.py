@@ -1,15 +1,15 @@
 """The metrics document's bytes: everything the host writes, rendered here and only here.
 
-What this module owns (FACTS sections 2 and 4, SPEC section 3):
+What this module owns (FACTS.md sections 2 and 4; docs/COMPATIBILITY.md, The metrics document):
 - one metric's raw value -> its ``<metric>`` element(s) (render_value: the
-  value rules of SPEC section 2 with our DEVIATIONS, below);
+  value rules of upstream with our DEVIATIONS, below, and in docs/COMPATIBILITY.md);
 - the element layout and the escaping (render_metric);
 - the disk document (document, EMPTY_DOCUMENT) and the virtio reply
   (reply_parts), framed with vhostmd_wire.protocol, the bytes the guest
   checks;
 - the check that a rendered document parses (parse_document).
 
-Element layout (FACTS section 2)::
+Element layout (FACTS.md section 2)::
 
       <metric type='T' context='host'[ unit='U']>\\n
         <name>N</name>\\n
@@ -20,7 +20,7 @@ with ``id='ID' uuid='UUID'`` after the context for vm metrics. Values are
 bytes (what the source produced); names and attributes come from the config
 or libvirt and are str.
 
-Value rules (SPEC section 2, with the DEVIATIONS):
+Value rules (with the DEVIATIONS of docs/COMPATIBILITY.md, Actions):
 - trailing spaces, tabs, CRs and newlines of a value are removed (SUSE's
   downstream patch; upstream keeps them: ``<value>42\\n</value>``);
 - ``group``: the output is split on ``,``, the n-th token is the n-th
@@ -29,19 +29,19 @@ Value rules (SPEC section 2, with the DEVIATIONS):
   (upstream gives every variable the whole output). An EMPTY token is
   published as an empty value, like an action with empty output
   (``<value></value>``); upstream crashes with SIGSEGV on ``echo 1,,2``.
-  The group's unit applies to every variable (FACTS edge-4k GU1/GU2);
+  The group's unit applies to every variable (FACTS.md, edge-4k GU1/GU2);
 - ``xml``: the output must be one or more ``<metric>`` elements valid against
   metric.dtd; it is inserted as is, ending with one newline; otherwise the
   metric is left out with a warning.
 
-DEVIATION (SPEC section 3): upstream writes names and values raw, so a value
+DEVIATION (docs/COMPATIBILITY.md): upstream writes names and values raw, so a value
 ``a<b&c`` yields a document no parser accepts (disks/rawxml-1k.img). We escape
 ``& < >`` in text and additionally ``'`` in the single-quoted attributes.
 Values that cannot be represented in XML at all (invalid UTF-8, C0 control
 characters) are refused by :func:`value_problem` and left out with a warning,
 so the document always parses (upstream writes the raw bytes).
 
-DEVIATION (issue 11, item 2): a value that does not fit its type (``abc`` or
+DEVIATION (docs/COMPATIBILITY.md, Actions): a value that does not fit its type (``abc`` or
 an empty value for a uint32, ``-5`` for a uint32, ``99999999999`` for an
 int32, ``1.5x`` for a real64) is left out with a warning naming the metric,
 the VM and the value; upstream publishes it and the guest library then fails
@@ -64,10 +64,11 @@ from vhostmd_wire.document import check_value
 from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 
 from vhostmd_py.config import MetricSpec
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.safexml import safe_parser
-from vhostmd_py.sources.base import PerDevice, RawValue, describe
+from vhostmd_py.sources.base import Pending, PerDevice, RawValue, describe
 from vhostmd_py.sources.builtin.catalogue import device_metric_name
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ def render_value(
     validator: XmlMetricValidator | None = None,
 ) -> bytes:
     """The <metric> element(s) for one metric's raw value (b"" when left out)."""
-    if raw is None:
+    if raw is None or isinstance(raw, Pending):
         return b""
     if isinstance(raw, PerDevice):
         # A per-device built-in field: one element per device, named after it.
@@ -331,7 +332,7 @@ def append_metrics(
         blocks.append(block)
     if not changed:
         return snapshot
-    return Snapshot(snapshot.host + host_xml, tuple(blocks))
+    return replace(snapshot, host=snapshot.host + host_xml, vms=tuple(blocks))
 
 
 def document(snapshot: Snapshot) -> bytes:
@@ -343,5 +344,5 @@ def reply_parts(host: bytes, vm_xml: bytes) -> Tuple[bytes, bytes, bytes, bytes]
     """The pieces of a virtio reply, in order: sent as one sendmsg, never joined per channel.
 
     Upstream vio_channel_update: the host part, or upstream's comment when it
-    is empty, then this VM's block (vhostmd_wire.protocol, FACTS 4)."""
+    is empty, then this VM's block (vhostmd_wire.protocol, FACTS.md section 4)."""
     return virtio_reply_parts(host, vm_xml)

@@ -1,4 +1,4 @@
-"""Shared value types: a running VM and one cycle's rendered metrics.
+"""One cycle's rendered metrics: the host part and each VM's block.
 
 The collector produces a Snapshot each cycle; the transports (vbd disk,
 virtio channels) only ever read Snapshots, so a metric's source and its
@@ -8,20 +8,10 @@ document's head and tail, the virtio reply) are vhostmd_py.cycle.render's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Tuple
+from dataclasses import dataclass, field
+from typing import Protocol, Tuple
 
-
-@dataclass(frozen=True)
-class VM:
-    """A running domain as libvirt lists it."""
-
-    id: int
-    name: str
-    uuid: str
-    # Path of the org.github.vhostmd.1 socket from the live domain XML,
-    # when libvirt told us; None means "discover it in channel_path".
-    channel_path: str | None = None
+from vhostmd_py.sources.vm import VM
 
 
 @dataclass(frozen=True)
@@ -32,9 +22,24 @@ class VmBlock:
     xml: bytes
 
 
+class View(Protocol):
+    """What each VM may see of a snapshot (vhostmd_py.publish.policy's PolicyView)."""
+
+    def shared(self, snapshot: Snapshot) -> Snapshot:
+        """What the shared disk, read by every VM, may hold."""
+
+    def for_vm(self, snapshot: Snapshot, vm: VM) -> Snapshot | None:
+        """What VM's own disk or channel may hold; None when the VM is blocked."""
+
+
 @dataclass(frozen=True)
 class Snapshot:
-    """All rendered metrics of one cycle, in upstream's document order."""
+    """All rendered metrics of one cycle, in upstream's document order.
+
+    VIEW, when a policy is configured, says what each transport may show of
+    it (the publishers apply it); None: everything, as upstream.
+    """
 
     host: bytes
     vms: Tuple[VmBlock, ...]
+    view: View | None = field(default=None, compare=False, repr=False)

@@ -1,7 +1,7 @@
 """The daemon's history: derived values each cycle, RRD files, published consolidations.
 
 The daemon calls :meth:`History.observe` once per cycle with the cycle's
-:class:`~vhostmd_py.cycle.stats.CycleStats`. It computes the derived values at
+:class:`~vhostmd_py.sources.stats.CycleStats`. It computes the derived values at
 once (pure, rates.py), then hands the file work of the cycle (creating files
 of new VMs, one RRD update per file, the index, removing files of VMs gone for
 longer than the retention) as ONE job to a worker thread, so publishing never
@@ -21,13 +21,13 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 
 from vhostmd_py.config import HistoryConfig
 from vhostmd_py.cycle.snapshot import Snapshot
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.history.consolidate import TrailingAverage
 from vhostmd_py.history.errors import HistoryError
 from vhostmd_py.history.index import Index, VmEntry, read_index, write_index
 from vhostmd_py.history.publish import PublishedMetric, published_metrics
 from vhostmd_py.history.rates import CounterBook, DerivedValues, HostRates, VmRates, derive
 from vhostmd_py.history.rrd import HOST_SOURCES, VM_SOURCES, DataSource, RrdStore
+from vhostmd_py.sources.stats import CycleStats
 
 log = logging.getLogger(__name__)
 

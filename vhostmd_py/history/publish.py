@@ -33,11 +33,13 @@ Values are printed with two decimals (``12.50``).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from vhostmd_py.cycle.render import ExtraMetric, append_metrics
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.history.rates import DerivedValues
+from vhostmd_py.sources.vm import VM
 
 Averager = Callable[[str, float], Optional[float]]
 
@@ -102,4 +104,4 @@ def decorate(
         for r in (derived.vms if derived is not None else ())
         if r.uuid not in known and vms.get(r.uuid)
     )
-    return append_metrics(Snapshot(snapshot.host, snapshot.vms + missing), host, vms)
+    return append_metrics(replace(snapshot, vms=snapshot.vms + missing), host, vms)

@@ -1,7 +1,7 @@
 """Derived values of one cycle: CPU % and per-second rates, pure and deterministic.
 
 Input: the previous cycle's counter state (a :class:`CounterBook`) and the
-current :class:`~vhostmd_py.cycle.stats.CycleStats`; output: a frozen
+current :class:`~vhostmd_py.sources.stats.CycleStats`; output: a frozen
 :class:`DerivedValues` and the new counter state. Nothing here reads a clock,
 a file or a global: the same inputs always give the same outputs.
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Hashable, Mapping, NamedTuple, Sequence, Tuple
 
-from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 
 NS_PER_S = 1_000_000_000
 

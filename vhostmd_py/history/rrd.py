@@ -32,7 +32,9 @@ power loss fails rrdtool's checks on the next start: it is moved aside to
 ``NAME.corrupt`` and a new one is made. A daemon restart goes on
 with the same files: updates not later than a file's last update are skipped,
 and the first cycle after a restart writes unknown values (no counter baseline
-yet), so the downtime shows as a gap and never as a spike.
+yet), so the downtime shows as a gap and never as a spike; the step in which
+a value comes back from unknown is unknown too (:meth:`RrdStore.update`), so
+it never shows as a dip either.
 
 With ``daemon`` (an rrdcached address such as ``unix:/run/rrdcached.sock``)
 updates go through rrdcached, which batches the disk writes.
@@ -46,7 +48,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Sequence, Tuple
 
 import rrdtool
 
@@ -222,6 +224,8 @@ class RrdStore:
         # The layout of new files (and what older files are upgraded to).
         self.targets: Targets = ARCHIVE_TARGETS if targets is None else targets
         self._last: Dict[str, float] = {}  # path -> last update time written
+        # path -> data sources whose last written value is unknown (see update).
+        self._unknown: Dict[str, FrozenSet[int]] = {}
         self._daemon_failed = False
 
     # --- paths ------------------------------------------------------------------
@@ -324,16 +328,44 @@ class RrdStore:
                 fsync_dir(path or ".")
 
     def update(self, path: str, wall: float, values: Sequence[float | None]) -> bool:
-        """Add one sample; False when skipped (not later than the file's last update)."""
+        """Add one sample; False when skipped (not later than the file's last update).
+
+        rrdtool counts the unknown part of a step in whole seconds, so a known
+        value whose interval starts inside a step after unknown time would be
+        averaged with zeros over the fraction rrdtool dropped: the false dip at
+        every (re)start. A data source coming back from unknown is therefore
+        written unknown up to the next step boundary (an extra update there,
+        in the same call) and known only from it; when no boundary lies before
+        this sample it stays unknown this time. The step holding the switch is
+        unknown, every known row is computed from two real samples.
+        """
         last = self._last.get(path)
         if last is not None and wall <= last:
             log.debug("%s: skipping update at %.3f, last update %.3f", path, wall, last)
             return False
-        line = format_update(wall, values)
+        # Data sources whose last written value is unknown: all of them for the
+        # first write of this process (before it: a new file, or downtime).
+        tail = self._unknown.get(path)
+        if tail is None:
+            tail = frozenset(range(len(values)))
+        known = [v is not None and not math.isnan(v) for v in values]
+        back = {i for i in tail if i < len(values) and known[i]}
+        lines = []
+        written: List[float | None] = list(values)
+        if back and last is not None:
+            boundary = math.ceil(last / self.step) * self.step
+            if boundary == last:
+                pass  # the unknown stretch already ends on a boundary
+            elif boundary < wall:
+                at_boundary = [None if i in back else v for i, v in enumerate(values)]
+                lines.append(format_update(boundary, at_boundary))
+            else:
+                written = [None if i in back else v for i, v in enumerate(values)]
+        lines.append(format_update(wall, written))
         try:
             if self.daemon is not None and not self._daemon_failed:
                 try:
-                    rrdtool.update("--daemon", self.daemon, path, line)
+                    rrdtool.update("--daemon", self.daemon, path, *lines)
                 except rrdtool.OperationalError as err:
                     if "rrdcached" not in str(err) and "connect" not in str(err):
                         raise
@@ -341,17 +373,21 @@ class RrdStore:
                         "rrdcached at %s failed (%s): writing files directly", self.daemon, err
                     )
                     self._daemon_failed = True
-                    rrdtool.update(path, line)
+                    rrdtool.update(path, *lines)
             else:
-                rrdtool.update(path, line)
+                rrdtool.update(path, *lines)
         except rrdtool.OperationalError as err:
             raise HistoryError(path, f"update failed: {err}") from err
         self._last[path] = wall
+        self._unknown[path] = frozenset(
+            i for i, v in enumerate(written) if v is None or math.isnan(v)
+        )
         return True
 
     def forget(self, path: str) -> None:
         """Stop tracking and remove a file (flushing rrdcached's pending updates first)."""
         self._last.pop(path, None)
+        self._unknown.pop(path, None)
         if self.daemon is not None and not self._daemon_failed:
             try:
                 rrdtool.flushcached("--daemon", self.daemon, path)

@@ -13,9 +13,9 @@ import logging
 from typing import Any
 
 from vhostmd_py.cycle.snapshot import Snapshot
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.history.core import History
 from vhostmd_py.history.rates import DerivedValues
+from vhostmd_py.sources.stats import CycleStats
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ and VMs not running any more are dropped.
 
 Budgets: when a VM's tx (or rx) usage reaches its budget an alarm is raised
 once per period. With ``enforce="yes"`` its outbound rate is capped through
-libvirt (``outbound.average`` = the budget's average rate, split evenly over
-its interfaces, never above a limit already set) until the period ends; the
+libvirt (the budget's average rate, split evenly over its interfaces; only
+what exceeds it changes, see :func:`cap_params`) until the period ends; the
 parameters found are written to the state file *before* anything changes, so
 a crash between cap and restore still restores exactly them.
 """
@@ -45,11 +45,11 @@ import time
 from typing import Any, Callable, Dict, List, Protocol, TypeVar
 
 from vhostmd_py.config import AccountingConfig, Budget
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.errors import LibvirtError, ShapingError, StateFileError, StrPath
 from vhostmd_py.fs import read_json, write_json_atomic
 from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.alarms import Alarm, GuestMetric
+from vhostmd_py.sources.stats import CycleStats
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -161,6 +161,30 @@ def read_boot_id(path: StrPath = BOOT_ID_PATH) -> str:
 def period_start(now: float, period: int, offset: int) -> float:
     """The start of the aligned period holding NOW."""
     return offset + math.floor((now - offset) / period) * period
+
+
+def cap_params(found: Dict[str, int], rate: int) -> Dict[str, int]:
+    """The outbound parameters to change so an interface stays within RATE KiB/s.
+
+    bwmon lowers a slice's rate only when it exceeds the cap and leaves a slice
+    already within it alone. Here the interface's long-run limit is
+    ``outbound.average``: one already set at or below the cap means the
+    interface is within it and nothing changes (its peak and burst, which only
+    shape short bursts above that average, stay as they are). Otherwise the
+    average is lowered to the cap, and the peak too where it is set above it;
+    an unset peak stays unset (libvirt then bursts at the average), the burst
+    is never changed. Nothing is ever raised. (libvirt replaces the whole
+    outbound setting, so the parameters kept are passed again as found.)
+    """
+    average = int(found.get("outbound.average", 0))
+    if 0 < average <= rate:
+        return {}
+    peak = int(found.get("outbound.peak", 0))
+    return {
+        "outbound.average": rate,
+        "outbound.peak": min(peak, rate),
+        "outbound.burst": int(found.get("outbound.burst", 0)),
+    }
 
 
 class Accounting:
@@ -400,13 +424,21 @@ class Accounting:
             return
         devs = sorted(entry["nics"])
         rate = self.cap_rate_kib(budget, len(devs))
-        originals: Dict[str, Dict[str, int]] = {}
+        found_all: Dict[str, Dict[str, int]] = {}
         for dev in devs:
             try:
-                originals[dev] = self.shaper.get(uuid, dev)
+                found_all[dev] = self.shaper.get(uuid, dev)
             except ShapingError as err:
                 log.error("cannot read the bandwidth of VM %s: %s", entry["name"], err)
-        if not originals:
+        changes = {dev: cap_params(found, rate) for dev, found in found_all.items()}
+        # Only interfaces that change are capped, and so restored later.
+        originals = {dev: found_all[dev] for dev, change in changes.items() if change}
+        for dev in sorted(set(found_all) - set(originals)):
+            log.info(
+                "VM %s interface %s: outbound limit already within %d KiB/s, left alone",
+                entry["name"], dev, rate,
+            )
+        if not found_all:
             return
         # Persist what we found before changing anything (crash-safe restore).
         entry["capped"] = originals
@@ -416,23 +448,17 @@ class Accounting:
             log.error("not capping VM %s: %s", entry["name"], err)
             del entry["capped"]
             return
-        for dev, found in originals.items():
-            average = rate
-            if found.get("outbound.average", 0) > 0:
-                average = min(average, int(found["outbound.average"]))
-            params = {
-                "outbound.average": average,
-                "outbound.peak": average,
-                "outbound.burst": int(found.get("outbound.burst", 0)),
-            }
+        for dev in originals:
+            params = changes[dev]
             try:
                 self.shaper.set(uuid, dev, params)
             except ShapingError as err:
                 log.error("cannot cap the bandwidth of VM %s: %s", entry["name"], err)
                 continue
             log.warning(
-                "VM %s interface %s: outbound rate capped at %d KiB/s until %.0f",
-                entry["name"], dev, average, self.period_end() or 0,
+                "VM %s interface %s: outbound rate capped (%s) until %.0f",
+                entry["name"], dev, " ".join(f"{k}={v}" for k, v in sorted(params.items())),
+                self.period_end() or 0,
             )
 
     # --- readers ----------------------------------------------------------------

@@ -7,7 +7,7 @@ cycle, after collecting the metrics:
     snapshot = monitor.decorate(snapshot)   # adds the opt-in guest metrics
 
 and ``monitor.reconfigure(config)`` after a reload, ``monitor.close()`` at
-exit. ``stats`` is the cycle's CycleStats (vhostmd_py.cycle.stats); the alarm
+exit. ``stats`` is the cycle's CycleStats (vhostmd_py.sources.stats); the alarm
 values come from it through ``vhostmd_py.monitors.inputs.RateAdapter`` (the
 history's derived values under the alarms' data-source names). The shaper
 uses the daemon's libvirt Host (vhostmd_py.libvirt_host), its read-write
@@ -17,17 +17,20 @@ connection opened only when a cap must be set or lifted.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, List
+from typing import TYPE_CHECKING, Awaitable, Callable, List, Tuple
 
 from vhostmd_py.config import AlarmsConfig, Config
 from vhostmd_py.cycle.render import append_metrics
 from vhostmd_py.cycle.snapshot import Snapshot
-from vhostmd_py.cycle.stats import CycleStats
 from vhostmd_py.errors import StrPath, VhostmdError
 from vhostmd_py.libvirt_host import Host
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, Shaper
 from vhostmd_py.monitors.alarms import AlarmEngine, AlarmSink, GuestMetric, HookRunner
 from vhostmd_py.monitors.inputs import RateAdapter
+from vhostmd_py.sources.stats import CycleStats
+
+if TYPE_CHECKING:
+    from vhostmd_py.config.records import VariableConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,12 @@ class Monitor:
         shaper: Shaper | None = None,
         boot_id: str | None = None,
         hooks: HookRunner | None = None,
+        adapter: RateAdapter | None = None,
+        vm_variables: Callable[[str], Tuple[VariableConfig, ...]] | None = None,
     ) -> None:
+        """VM_VARIABLES: each VM's own alarm variables by UUID (its domain metadata)."""
         self._uri = uri
+        self._vm_variables = vm_variables
         # The daemon's libvirt boundary: the shaper uses its read-write connection.
         self._host = host
         self._state_dir = state_dir
@@ -60,7 +67,8 @@ class Monitor:
         self._shaper = shaper
         self._boot_id = boot_id
         self._hooks = hooks if hooks is not None else HookRunner()
-        self._adapter = RateAdapter()
+        # Its /proc, /sys and filesystem roots are parameters (tests).
+        self._adapter = adapter if adapter is not None else RateAdapter()
         self.sink: AlarmSink | None = None
         self.alarms: AlarmEngine | None = None
         self.accounting: Accounting | None = None
@@ -77,11 +85,13 @@ class Monitor:
 
     def _apply(self, config: Config) -> None:
         if config.alarms is not None:
+            self._adapter.fs_path = config.alarms.fs_usage_path
             if self.alarms is None:
                 self.sink = self._make_sink(config.alarms, config)
-                self.alarms = AlarmEngine(config.alarms, self.sink, first_step=config.update_period)
+                self.alarms = AlarmEngine(config.alarms, self.sink, step=config.update_period,
+                                          vm_variables=self._vm_variables)
             else:
-                self.alarms.first_step = config.update_period
+                self.alarms.step = config.update_period
                 self.alarms.reconfigure(config.alarms)
         else:
             self.alarms = None

@@ -12,10 +12,10 @@ endpoint (<metrics_endpoint>; its server thread starts after the fork), then
 drops privileges (-u: the disk path and a port below 1024 need root), and
 only then tells the waiting parent it is up. So the parent's exit status says
 whether the daemon really started, which upstream's (always 0 once forked)
-does not. Exit codes are upstream's (FACTS section 5): every start-up
+does not. Exit codes are upstream's (FACTS.md section 5): every start-up
 failure exits 1.
 
-Signals: what stops and what reloads is vhostmd_py.process.signals' (shared
+Signals: what stops and what reloads is vhostmd_py.signals' (shared
 with the loop); SIGPIPE is ignored (upstream: a guest closing its channel
 must not kill us).
 """
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List
 
 from vhostmd_py.errors import ConfigError, PidFileError, StrPath, VhostmdError
-from vhostmd_py.process.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
+from vhostmd_py.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
 
 if TYPE_CHECKING:
     from vhostmd_py.config import Config
@@ -220,7 +220,7 @@ def _preload(config: Config) -> Callable[[str], Config]:
     After -u USER the unprivileged user may be unable to read the Python
     installation (a Python under /root, a venv in a 0700 directory): an
     import, metric.dtd or vhostmd.dtd read in a later cycle or on SIGHUP
-    would then fail every time (issue 11 item 4). Modules are imported,
+    would then fail every time. Modules are imported,
     metric.dtd parsed once (render.xml_validator), and vhostmd.dtd kept open:
     a reload reads it again through /proc/self/fd, which needs no search
     permission on the directories above it.

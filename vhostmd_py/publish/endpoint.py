@@ -1,13 +1,15 @@
-"""The OpenMetrics endpoint (``<metrics_endpoint>``, vhostmd-py extension, issue 15).
+"""The OpenMetrics endpoint (``<metrics_endpoint>``, vhostmd-py extension, docs/EXTENSIONS.md).
 
-An HTTP server on its own thread serves one private prometheus_client
-CollectorRegistry holding one collector, :class:`VhostmdCollector`, which on
-each scrape reads, without touching the metrics loop:
+An HTTP server on its own threads (vhostmd_py.publish.bounded_http: the
+standard library's server with what a client can make it hold bounded)
+serves one collector, :class:`VhostmdCollector`, which on each scrape reads,
+without touching the metrics loop:
 
 - the daemon's health (vhostmd_py.publish.health.Health, a locked copy):
   ``vhostmd_cycle_duration_seconds`` (histogram), ``vhostmd_actions_total``,
   ``vhostmd_action_failures_total``, ``vhostmd_action_timeouts_total``,
-  ``vhostmd_publish_errors_total`` (counters), ``vhostmd_vms``,
+  ``vhostmd_publish_errors_total``, ``vhostmd_carried_values_total`` (counters),
+  ``vhostmd_vms``, ``vhostmd_carried_values_last_cycle``,
   ``vhostmd_virtio_channels_connected``, ``vhostmd_last_publish_timestamp_seconds``
   (gauges);
 - every value of the last published Snapshot (``Daemon.last_snapshot``, one
@@ -15,7 +17,9 @@ each scrape reads, without touching the metrics loop:
   gauges, string metrics as info metrics (the value in label ``value``),
   named by vhostmd_wire.openmetrics.metric_name (the guest's
   ``vm-dump-metrics --format openmetrics`` uses the same function), values
-  scaled to the base unit; VM series carry ``vm_name``, ``vm_uuid``, ``vm_id``.
+  scaled to the base unit; VM series carry ``vm_uuid`` and ``vm_id``
+  (vhostmd_wire.openmetrics.vm_labels: the guest's labels), and
+  ``vhostmd_vm_info`` gives each VM's ``vm_name``.
 
 The values are read back from the Snapshot's rendered XML (the safe lxml
 parser) and encoded once per Snapshot and format (:class:`Exposition`):
@@ -26,8 +30,9 @@ the values the history and the alarms add. Label values are escaped by
 prometheus_client, so a VM name such as ``a"b<LF>c{x="y"}`` stays one label
 value; metric names come from metric_name, which only produces valid names.
 
-prometheus_client serves OpenMetrics text when the client's Accept header
-asks for ``application/openmetrics-text``, else the Prometheus text format.
+prometheus_client's encoders give OpenMetrics text when the client's Accept
+header asks for ``application/openmetrics-text``, else the Prometheus text
+format.
 The socket is bound by :meth:`MetricsEndpoint.start`, called by
 process.run before privileges are dropped; :meth:`MetricsEndpoint.close`
 stops the server at shutdown.
@@ -40,10 +45,10 @@ import logging
 import socket
 import threading
 from dataclasses import dataclass
+from email.message import Message
 from typing import (
     TYPE_CHECKING,
     Any,
-    Callable,
     Dict,
     Iterable,
     Iterator,
@@ -53,11 +58,10 @@ from typing import (
     Tuple,
     Union,
 )
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from lxml import etree
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import ThreadingWSGIServer, choose_encoder, gzip_accepted
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -65,23 +69,27 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
-from vhostmd_wire.openmetrics import metric_name, value_scale
+from vhostmd_wire.openmetrics import (
+    VM_INFO_FAMILY,
+    VM_LABELS,
+    metric_name,
+    value_scale,
+)
 
 from vhostmd_py.errors import VhostmdError
 from vhostmd_py.logsetup import LIFECYCLE
+from vhostmd_py.publish.bounded_http import Answer, BoundedHTTPServer, Limits
 from vhostmd_py.safexml import safe_parser
 
 if TYPE_CHECKING:
     from vhostmd_py.config import EndpointConfig
-    from vhostmd_py.cycle.snapshot import VM, Snapshot
-    from vhostmd_py.publish.health import Health
+    from vhostmd_py.cycle.snapshot import Snapshot
+    from vhostmd_py.publish.health import Health, HealthReading
+    from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 
 NUMERIC_TYPES = frozenset(("int32", "uint32", "int64", "uint64", "real32", "real64"))
-VM_LABELS = ("vm_name", "vm_uuid", "vm_id")
-# How long one HTTP request may keep its thread waiting for the client.
-REQUEST_TIMEOUT = 10.0
 # How often the server thread checks for a shutdown request (close() waits this long).
 POLL_INTERVAL = 0.1
 
@@ -122,7 +130,8 @@ class _Family:
 
 
 def _vm_labels(vm: VM | None) -> Labels:
-    return () if vm is None else (vm.name, vm.uuid, str(vm.id))
+    # vhostmd_wire.openmetrics.VM_LABELS' order: the guest's series are the same.
+    return () if vm is None else (vm.uuid, str(vm.id))
 
 
 def snapshot_families(snapshot: Snapshot) -> List[Metric]:
@@ -147,6 +156,14 @@ def snapshot_families(snapshot: Snapshot) -> List[Metric]:
         for elem in root.iter("metric"):
             _add(families, elem, vm is not None, labels)
     out: List[Metric] = []
+    if snapshot.vms:
+        names = InfoMetricFamily(
+            VM_INFO_FAMILY, "The VMs of the last cycle: their names (join on vm_uuid, vm_id).",
+            labels=VM_LABELS,
+        )
+        for block in snapshot.vms:
+            names.add_metric(list(_vm_labels(block.vm)), {"vm_name": block.vm.name})
+        out.append(names)
     for name, fam in families.items():
         family: Union[GaugeMetricFamily, InfoMetricFamily]
         if fam.kind == "gauge":
@@ -203,6 +220,11 @@ class VhostmdCollector:
         self._lock = threading.Lock()  # scrapes run on concurrent request threads
         self._cached: Tuple[Snapshot | None, List[Metric]] = (None, [])
 
+    def state(self) -> Tuple[HealthReading, int, Snapshot | None]:
+        """What a scrape shows, without encoding it: equal states give equal bytes."""
+        daemon = self._daemon
+        return daemon.health.read(), daemon.virtio_connections, daemon.last_snapshot
+
     def describe(self) -> List[Metric]:
         """Nothing up front: the names depend on the config (no registry-wide checks)."""
         return []
@@ -257,6 +279,17 @@ class VhostmdCollector:
             value=reading.publish_errors,
         )
         yield GaugeMetricFamily("vhostmd_vms", "VMs seen in the last cycle.", value=reading.vms)
+        yield CounterMetricFamily(
+            "vhostmd_carried_values",
+            "Metric values published from an earlier cycle because their source was still "
+            "being read at the deadline.",
+            value=reading.carried_values,
+        )
+        yield GaugeMetricFamily(
+            "vhostmd_carried_values_last_cycle",
+            "Metric values the last cycle published from an earlier cycle.",
+            value=reading.carried_now,
+        )
         yield GaugeMetricFamily(
             "vhostmd_virtio_channels_connected", "virtio-serial channels connected.",
             value=self._daemon.virtio_connections,
@@ -274,15 +307,6 @@ def _le(bound: float) -> str:
 
 
 # --- the HTTP server ------------------------------------------------------------------
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """No access log on stderr; a client that stalls loses its thread after a while."""
-
-    timeout = REQUEST_TIMEOUT
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("metrics endpoint: " + format, *args)
 
 
 def make_registry(daemon: DaemonView) -> CollectorRegistry:
@@ -317,6 +341,15 @@ class Exposition:
         self._collector = collector
         self._lock = threading.Lock()
         self._cache: Dict[str, Tuple[Snapshot, bytes]] = {}  # content type -> (for, bytes)
+        # One scrape is encoded at a time, whatever the number of connections: the
+        # endpoint then competes with the metrics loop for the GIL with one thread,
+        # never sixteen. Sending happens outside it (a slow reader holds its
+        # connection, not this lock).
+        self._work = threading.Lock()
+        # The last answer per (content type, gzip), reused while the state it shows
+        # is unchanged (it changes about once a cycle): a scraper polling back to
+        # back costs a request parse and a lookup, not an encoding. At most four.
+        self._answers: Dict[Tuple[str, bool], Tuple[Tuple[Any, ...], bytes]] = {}
 
     def render(self, accept: str | None) -> Tuple[bytes, str]:
         """(body, content type) for a client sending ACCEPT."""
@@ -335,28 +368,43 @@ class Exposition:
             health = health[: -len(_EOF)]
         return health + values, content_type
 
-    def wsgi_app(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> List[bytes]:
-        """GET any path: the exposition (gzip when accepted), as prometheus_client serves it."""
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
-            return [b""]
-        body, content_type = self.render(environ.get("HTTP_ACCEPT"))
+    def app(self, request_headers: Message) -> Answer:
+        """GET or HEAD of any path: the exposition, gzip when accepted (as prometheus_client)."""
+        accept = request_headers.get("Accept")
+        gz = gzip_accepted(request_headers.get("Accept-Encoding") or "")
+        with self._work:
+            content_type = choose_encoder(accept or "")[1]
+            state = self._collector.state()
+            cached = self._answers.get((content_type, gz))
+            if cached is not None and _same_state(cached[0], state):
+                body = cached[1]
+            else:
+                body, content_type = self.render(accept)
+                if gz:
+                    body = gzip.compress(body, compresslevel=1)
+                self._answers[(content_type, gz)] = (state, body)
         headers = [("Content-Type", content_type)]
-        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING") or ""):
-            body = gzip.compress(body, compresslevel=1)
+        if gz:
             headers.append(("Content-Encoding", "gzip"))
-        start_response("200 OK", headers)
-        return [body]
+        return 200, headers, body
+
+
+def _same_state(a: Tuple[Any, ...], b: Tuple[Any, ...]) -> bool:
+    """Same health reading and channel count, the very same Snapshot object."""
+    return a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
 
 
 class MetricsEndpoint:
     """The HTTP server of one registry at ADDRESS:PORT (port 0: any free port)."""
 
-    def __init__(self, address: str, port: int, collector: VhostmdCollector) -> None:
+    def __init__(
+        self, address: str, port: int, collector: VhostmdCollector, *, limits: Limits | None = None
+    ) -> None:
         self.address = address
         self.port = port
+        self.limits = limits or Limits()
         self._exposition = Exposition(collector)
-        self._server: ThreadingWSGIServer | None = None
+        self._server: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -367,14 +415,9 @@ class MetricsEndpoint:
     def start(self) -> None:
         """Bind (before privileges are dropped) and serve on a daemon thread."""
         family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-
-        class Server(ThreadingWSGIServer):
-            address_family = family
-
         try:
-            server = make_server(
-                self.address, self.port, self._exposition.wsgi_app, Server,
-                handler_class=_QuietHandler,
+            server = BoundedHTTPServer(
+                (self.address, self.port), self._exposition.app, limits=self.limits, family=family
             )
         except OSError as err:
             raise EndpointError(self.address, self.port, err.strerror or str(err)) from err

@@ -36,6 +36,8 @@ class HealthReading:
     action_timeouts: int
     publish_errors: int
     vms: int
+    carried_values: int  # metric values published from an earlier cycle (still being read)
+    carried_now: int  # of them, in the last cycle
     last_publish: float | None  # wall-clock seconds of the last successful publish
 
 
@@ -52,6 +54,8 @@ class Health:
     _timeouts: int = 0
     _publish_errors: int = 0
     _vms: int = 0
+    _carried: int = 0
+    _carried_now: int = 0
     _last_publish: float | None = None
 
     def __post_init__(self) -> None:
@@ -89,6 +93,12 @@ class Health:
             self._failures += failed
             self._timeouts += timed_out
 
+    def record_carried(self, count: int) -> None:
+        """A cycle published COUNT values carried from earlier cycles (vhostmd_py.cycle.carry)."""
+        with self._lock:
+            self._carried += count
+            self._carried_now = count
+
     def record_publish(self, ok: bool, when: float) -> None:
         """A publish (disk or virtio update) at wall-clock WHEN; OK False counts an error."""
         with self._lock:
@@ -109,5 +119,7 @@ class Health:
                 action_timeouts=self._timeouts,
                 publish_errors=self._publish_errors,
                 vms=self._vms,
+                carried_values=self._carried,
+                carried_now=self._carried_now,
                 last_publish=self._last_publish,
             )

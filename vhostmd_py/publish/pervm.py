@@ -1,4 +1,4 @@
-"""One metrics disk per running VM (vhostmd-py extension, issue 15; <disk_per_vm/>).
+"""One metrics disk per running VM (vhostmd-py extension, <disk_per_vm/>; docs/LIBVIRT.md).
 
 Each running VM gets a disk of its own at the configured pattern, the UUID
 in place of %u (never the name: whoever defines a domain chooses its name,
@@ -134,8 +134,14 @@ class PerVmDisks:
                     continue
                 self._disks[uuid] = disk
                 self._published[uuid] = False
-            # Host metrics and THIS VM's block, chosen by the key we publish under.
-            self._publish_one(uuid, disk, document(Snapshot(snapshot.host, (block,))))
+            # Host metrics and THIS VM's block, chosen by the key we publish under;
+            # with a policy, what this VM may see (a blocked VM: an empty document).
+            if snapshot.view is None:
+                content = document(Snapshot(snapshot.host, (block,)))
+            else:
+                seen = snapshot.view.for_vm(Snapshot(snapshot.host, (block,)), block.vm)
+                content = EMPTY_DOCUMENT if seen is None else document(seen)
+            self._publish_one(uuid, disk, content)
         if not listed:
             return
         for uuid in [u for u in self._disks if u not in running]:

@@ -51,7 +51,9 @@ class VbdPublisher:
     def publish(self, snapshot: Snapshot, *, listed: bool = True) -> bool:
         """Write SNAPSHOT's document; False when it failed (logged)."""
         try:
-            self.disk.publish(render.document(snapshot))
+            # With a policy, the shared disk holds what every VM may see.
+            shown = snapshot if snapshot.view is None else snapshot.view.shared(snapshot)
+            self.disk.publish(render.document(shown))
         except ContentTooLargeError as err:
             # Upstream's wording, every cycle; the previous document stays readable.
             log.error(

@@ -28,10 +28,10 @@ from typing import (
 )
 
 from vhostmd_py.config import MetricSpec
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ActionError
 from vhostmd_py.sources.shell import VALUE_CAP, XML_VALUE_CAP
 from vhostmd_py.sources.shell.substitution import substitute
+from vhostmd_py.sources.vm import VM
 
 if TYPE_CHECKING:  # the runner binding loads _runner: only code running actions imports it
     from vhostmd_py.sources.shell.runner import ActionJob, ActionResult, ActionRunner
@@ -53,8 +53,28 @@ class PerDevice:
     values: Tuple[Tuple[str, bytes], ...]
 
 
-# A source's answer: value bytes, values per device, or None (left out, logged).
-RawValue = Union[bytes, PerDevice, None]
+class Pending:
+    """The answer of a source still reading at the cycle's deadline (not a failure).
+
+    The cycle publishes the metric's last good value instead (vhostmd_py.cycle.carry).
+    """
+
+    _instance: Pending | None = None
+
+    def __new__(cls) -> Pending:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = Pending()
+
+# A source's answer: value bytes, values per device, None (left out, logged),
+# or PENDING (still being read at the deadline).
+RawValue = Union[bytes, PerDevice, None, Pending]
 
 
 class MetricSource(Protocol):
@@ -121,16 +141,17 @@ class ShellActionSource:
     """The default source: the metric's ``<action>`` run by ``/bin/sh`` (as ``sh -c`` would).
 
     Keeps the first 255 bytes of the output (2047 for xml metrics) as
-    upstream's single read() does (FACTS section 2, edge-4k `Long`).
+    upstream's single read() does (FACTS.md section 2, edge-4k `Long`).
 
     With a deadline (the daemon's cycles), collect_many() returns by then
-    with the values that are ready; an action still running is left out and
-    keeps running under its timeout (upstream waits for it, for ever if it
-    hangs). While it runs its (metric, VM) is not started again: the next
-    cycles wait for the same action, and use its value if it ends by their
-    deadline; one that ended between two cycles is dropped (the next cycle
-    starts a fresh one). One log line when such a streak starts, one when
-    it ends. The daemon keeps one source across cycles for this.
+    with the values that are ready; an action still running is PENDING (the
+    cycle publishes its last value) and keeps running under its timeout
+    (upstream waits for it, for ever if it hangs). While it runs its
+    (metric, VM) is not started again: the next cycles wait for the same
+    action, and use its value as soon as it has ended, by their deadline or
+    between two cycles (then the cycle after starts a fresh one). One log
+    line when such a streak starts, one when it ends. The daemon keeps one
+    source across cycles for this.
     """
 
     # collect_many(requests, deadline=...) returns by the cycle's deadline.
@@ -147,19 +168,20 @@ class ShellActionSource:
         """How many actions of earlier cycles are still running."""
         return len(self._late)
 
-    async def collect(self, metric: MetricSpec, vm: VM | None) -> bytes | None:
+    async def collect(self, metric: MetricSpec, vm: VM | None) -> RawValue:
         """Run the metric's action for VM (None: host) and return its capped output."""
         return (await self.collect_many([(metric, vm)]))[0]
 
     async def collect_many(
         self, requests: Sequence[Request], *, deadline: float | None = None
-    ) -> List[bytes | None]:
+    ) -> List[RawValue]:
         """collect() for each (metric, vm), all run as one batch of actions.
 
-        DEADLINE (time.monotonic()): return by then; None waits for every action.
+        DEADLINE (time.monotonic()): return by then, PENDING for the actions
+        still running; None waits for every action.
         """
-        self._forget_ended()
-        values: List[bytes | None] = [None] * len(requests)
+        self._forget_ended({_key(metric, vm) for metric, vm in requests})
+        values: List[RawValue] = [None] * len(requests)
         commands: List[Tuple[str, int]] = []
         places: List[int] = []
         joined: List[Tuple[int, _Late]] = []
@@ -200,11 +222,14 @@ class ShellActionSource:
                 values[place] = self._use(metric, vm, cap, self.runner.result_of(job))
             else:
                 self._start_streak(metric, vm, _Late(job, started, cap, describe(metric, vm)))
+                values[place] = PENDING
         for place, late in joined:
             metric, vm = requests[place]
             if late.job.done():
                 self._end_streak(_key(metric, vm), late)
                 values[place] = self._use(metric, vm, late.cap, self.runner.result_of(late.job))
+            else:
+                values[place] = PENDING
         return values
 
     def _use(
@@ -242,13 +267,17 @@ class ShellActionSource:
             result.failure() or "ok",
         )
 
-    def _forget_ended(self) -> None:
-        """Drop late actions that ended since the last cycle (their value is stale)."""
+    def _forget_ended(self, asked: set[Key]) -> None:
+        """Drop late actions that ended and that this cycle does not ask for.
+
+        An ended one that is asked for gives this cycle its value (at most a
+        period old: fresher than the carried one).
+        """
         if not self._late:
             return
         self.runner.collect_ready([late.job for late in self._late.values()])
         for key, late in list(self._late.items()):
-            if late.job.done():
+            if late.job.done() and key not in asked:
                 self._end_streak(key, late)
 
     @staticmethod

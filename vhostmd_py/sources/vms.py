@@ -25,9 +25,9 @@ from typing import Any, Dict, List, Tuple
 from lxml import etree
 from vhostmd_wire.protocol import CHANNEL_NAME
 
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.libvirt_host import Host
 from vhostmd_py.safexml import safe_parser
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

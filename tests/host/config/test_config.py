@@ -108,7 +108,7 @@ def test_edge_config_units_and_group_unit(golden: Path) -> None:
 
 
 def test_virtio_defaults_and_readme_example(golden: Path) -> None:
-    """<virtio> without channel_path (README example) gets libvirt's default directory."""
+    """<virtio> without channel_path (upstream README example) gets libvirt's default directory."""
     config = load_config(golden / "reference-configs" / "readme-example.conf")
     assert config.virtio.channel_path == DEFAULT_CHANNEL_PATH
     assert config.virtio.max_channels == 1024
@@ -300,8 +300,8 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     """vhostmd.dtd = upstream's with channel_path optional and <source>, plus optional extensions.
 
     The extensions (<history>, <metrics_endpoint>, <disk_per_vm>, <freshness> in
-    <globals>; <alarms> and <accounting> after <metrics>) only add elements: every upstream
-    config stays valid.
+    <globals>; <alarms>, <accounting> and <policy> after <metrics>) only add elements:
+    every upstream config stays valid.
     """
     text = (repo_root / "vhostmd.dtd").read_text()
     history = text.index("<!-- vhostmd-py extension, optional: the RRD history")
@@ -311,7 +311,7 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     theirs = (golden / "reference-configs" / "vhostmd.dtd").read_text().rstrip("\n").splitlines()
     changed = {
         "<!ELEMENT vhostmd (globals,metrics)>":
-            ["<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?)>"],
+            ["<!ELEMENT vhostmd (globals,metrics,alarms?,accounting?,policy?)>"],
         "<!ELEMENT globals (disk,virtio*,update_period,path,transport+)>":
             ["<!ELEMENT globals (disk,virtio*,update_period,path,transport+,history?,"
              "metrics_endpoint?,disk_per_vm?,freshness?)>"],

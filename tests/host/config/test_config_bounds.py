@@ -1,4 +1,4 @@
-"""Every integer of vhostmd.conf is bounded at load time (issue 11, item 7).
+"""Every integer of vhostmd.conf is bounded at load time (docs/man/vhostmd.conf.5, LIMITS).
 
 A fuzzer found that `update_period` or `expiration_time` of 10**309 passed
 `--dump`, raised OverflowError in daemon mode, and that a SIGHUP to such a

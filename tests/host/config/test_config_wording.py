@@ -1,4 +1,4 @@
-"""Wording of config errors an operator can act on (issue 11, item 11: raw `&&`)."""
+"""Wording of config errors an operator can act on (a raw `&&`)."""
 
 from __future__ import annotations
 

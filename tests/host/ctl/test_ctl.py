@@ -13,7 +13,7 @@ import pytest
 import rrdtool
 from helpers.history import UUID, WALL0, ScriptedClock, Tick, run_scripted, write_history_config
 
-from vhostmd_py.cycle.stats import BlockStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.stats import BlockStats, HostStats, NetStats, VmStats
 
 END = int(WALL0) + 60
 
@@ -184,3 +184,11 @@ def test_day_graph_of_a_vm_that_ran_for_15_minutes(tmp_path: Path) -> None:
         vm_file, "AVERAGE", "-r", "3600", "-s", str(end - 86400), "-e", str(end)
     )
     assert step == 3600 and all(r[col] is None for r in hourly)
+
+
+def test_version() -> None:
+    """--version: the package's version on stdout, exit 0."""
+    import vhostmd_py
+
+    code, out, err = ctl("--version")
+    assert (code, out, err) == (0, f"vhostmdctl (vhostmd-py) {vhostmd_py.__version__}\n", "")

@@ -19,10 +19,11 @@ from helpers.procs import alive
 from vhostmd_py.config import Config, MetricSpec, Variable, load_config
 from vhostmd_py.cycle.collect import collect
 from vhostmd_py.cycle.render import XmlMetricValidator, document, parse_document, render_value
-from vhostmd_py.cycle.snapshot import VM, Snapshot
+from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.sources.base import Request, ShellActionSource, SourceRegistry
 from vhostmd_py.sources.shell.runner import ActionRunner
 from vhostmd_py.sources.shell.substitution import substitute
+from vhostmd_py.sources.vm import VM
 
 DATA = TEST_DATA / "configs"
 TEST_URI = "test:///default"
@@ -61,7 +62,7 @@ def _golden_content(upstream: Path, name: str) -> bytes:
     return raw[16 : 16 + length]
 
 
-# --- the SPEC deviations, applied to upstream's bytes one at a time ---------------
+# --- the deviations, applied to upstream's bytes one at a time ---------------
 
 _VALUE = re.compile(rb"<value>(.*?)</value>", re.S)
 
@@ -480,7 +481,7 @@ def test_cut_utf8_sequence_trimmed(tmp_path: Path) -> None:
     assert b"<value>" + b"a" * 254 + b"</value>" in snapshot.host
 
 
-# --- issue 11: the cycle's deadline -----------------------------------------------------
+# --- the cycle's deadline -----------------------------------------------------
 
 def test_deadline_publishes_what_is_ready_and_never_restarts_a_running_action(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

@@ -1,4 +1,4 @@
-"""Freshness and identity host metrics (issue 15 item 2, host side)."""
+"""Freshness and identity host metrics (host side)."""
 
 from __future__ import annotations
 

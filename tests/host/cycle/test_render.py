@@ -14,13 +14,14 @@ from vhostmd_py.cycle.render import (
     render_metric,
     value_problem,
 )
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
+from vhostmd_py.sources.vm import VM
 
 TEST_VM = VM(1, "test", "6695eb01-f6a4-8304-79aa-97f2502e193f")
 
 
 def test_host_metric_layout() -> None:
-    """Host metric: exactly upstream's lines and indentation (FACTS section 2)."""
+    """Host metric: exactly upstream's lines and indentation (FACTS.md section 2)."""
     assert render_metric("int32", "Answer", b"42", None, None) == (
         b"  <metric type='int32' context='host'>\n"
         b"    <name>Answer</name>\n"

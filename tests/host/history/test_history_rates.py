@@ -25,8 +25,8 @@ from helpers.history import (
 )
 
 from vhostmd_py.cycle.render import document
-from vhostmd_py.cycle.stats import CycleStats, HostStats, VmStats
 from vhostmd_py.history.rates import Counter, CounterBook, advance, derive
+from vhostmd_py.sources.stats import CycleStats, HostStats, VmStats
 
 
 def _approx(values: List[float | None]) -> List[object]:

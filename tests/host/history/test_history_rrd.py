@@ -25,12 +25,12 @@ from helpers.history import (
 )
 from helpers.history import scripted_ticks as _ticks
 
-from vhostmd_py.cycle.stats import HostStats, VmStats
 from vhostmd_py.history import rrd
 from vhostmd_py.history.index import Index, VmEntry, read_index, write_index
 from vhostmd_py.history.rrd import XENSERVER_TARGETS, archive_layout
+from vhostmd_py.sources.stats import HostStats, VmStats
 
-# The documented sizes of a VM file (README, docs/man/vhostmdctl.1, bench/README.md).
+# The documented sizes of a VM file (docs/EXTENSIONS.md, docs/man/vhostmdctl.1, bench/README.md).
 SIZE5 = 452_856
 SIZE1 = 591_096
 
@@ -276,3 +276,24 @@ def _ctl_cpu(state: Path, end: int) -> List[float | None]:
                           "10m", "--end", str(end), "--format", "json"))
     assert doc["step"] == 5
     return [r["cpu"] for r in doc["rows"]]
+
+
+def test_man_pages_state_the_real_file_sizes(tmp_path: Path, repo_root: Path) -> None:
+    """vhostmd.conf(5) and vhostmdctl(1) give the sizes files really have (measured here)."""
+    from vhostmd_py.history.rrd import HOST_SOURCES, VM_SOURCES, RrdStore
+
+    sizes = {}
+    for step in (1, 5):
+        store = RrdStore(tmp_path / str(step), step=step, heartbeat=max(2 * step, 10))
+        store.prepare()
+        store.ensure(store.vm_path(UUID), VM_SOURCES, 1.7e9)
+        store.ensure(store.host_path(), HOST_SOURCES, 1.7e9)
+        sizes[("vm", step)] = Path(store.vm_path(UUID)).stat().st_size
+        sizes[("host", step)] = Path(store.host_path()).stat().st_size
+    conf5 = (repo_root / "docs/man/vhostmd.conf.5").read_text()
+    ctl1 = (repo_root / "docs/man/vhostmdctl.1").read_text().replace("\n", " ")
+    for key in (("vm", 1), ("vm", 5), ("host", 1), ("host", 5)):
+        assert f"{sizes[key]:,}" in conf5.replace("\n", " "), key
+    for key in (("vm", 1), ("vm", 5), ("host", 1)):
+        assert f"{sizes[key]:,}" in ctl1, key
+    assert "six resolutions" in conf5

@@ -16,10 +16,10 @@ from helpers import REPO
 from helpers.monitor import write_conf
 
 from vhostmd_py.config import AccountingConfig, Budget, load_config
-from vhostmd_py.cycle.stats import CycleStats, HostStats, NetStats, VmStats
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.monitors.accounting import Accounting, LibvirtShaper, period_start
 from vhostmd_py.monitors.alarms import Alarm
+from vhostmd_py.sources.stats import CycleStats, HostStats, NetStats, VmStats
 
 A = "00000000-0000-4000-8000-00000000000a"
 B = "00000000-0000-4000-8000-00000000000b"
@@ -169,7 +169,7 @@ NODE = """<node>
       <interface type='network'><source network='default'/>
         <mac address='52:54:00:00:00:01'/>
         <bandwidth><inbound average='300' peak='400' burst='64'/>
-          <outbound average='1000' peak='2000' burst='512'/></bandwidth>
+          {outbound}</bandwidth>
       </interface>
     </devices>
   </domain>
@@ -177,9 +177,12 @@ NODE = """<node>
 """
 
 
-def _test_conn(tmp_path: Path) -> Tuple[Any, str]:
+OUTBOUND = "<outbound average='1000' peak='2000' burst='512'/>"
+
+
+def _test_conn(tmp_path: Path, outbound: str = OUTBOUND) -> Tuple[Any, str]:
     node = tmp_path / "node.xml"
-    node.write_text(NODE.format(uuid=A))
+    node.write_text(NODE.format(uuid=A, outbound=outbound))
     conn = libvirt.open(f"test://{node}")
     dev = conn.lookupByUUIDString(A).XMLDesc(0).split("<target dev='")[1].split("'")[0]
     return conn, dev
@@ -218,15 +221,53 @@ def test_budget_caps_then_restores_exactly(tmp_path: Path) -> None:
     assert used(again, A)["total"]["tx"] == 10
 
 
-def test_budget_never_raises_an_existing_lower_limit(tmp_path: Path) -> None:
-    """A cap above the limit already set keeps the existing (lower) average."""
-    conn, dev = _test_conn(tmp_path)
-    budget = Budget(tx=10**12, enforce=True)  # ~ 9.5 GiB/s average: above 1000 KiB/s
+def _over_budget(tmp_path: Path, outbound: str, cap_kib: int) -> Tuple[Any, str, Accounting]:
+    """A VM whose interface has OUTBOUND, driven over a budget whose cap is CAP_KIB KiB/s."""
+    conn, dev = _test_conn(tmp_path, outbound)
+    budget = Budget(tx=cap_kib * 1024 * 100, enforce=True)  # over the 100 s period
     acct = Accounting(cfg(tmp_path, budget=budget), shaper=LibvirtShaper(None, conn=conn),
                       boot_id="b")
     acct.update(snap(1000, {A: ("capped", 1, {dev: (0, 0)})}))
-    acct.update(snap(1010, {A: ("capped", 1, {dev: (0, 10**12)})}))
-    assert conn.lookupByUUIDString(A).interfaceParameters(dev, 0)["outbound.average"] == 1000
+    acct.update(snap(1010, {A: ("capped", 1, {dev: (0, budget.tx or 0)})}))
+    return conn.lookupByUUIDString(A), dev, acct
+
+
+def _outbound(dom: Any, dev: str) -> Dict[str, int]:
+    return {k[9:]: v for k, v in dom.interfaceParameters(dev, 0).items()
+            if k.startswith("outbound.")}
+
+
+def test_budget_never_raises_an_existing_lower_limit(tmp_path: Path) -> None:
+    """A cap above the average already set leaves the interface exactly as it was."""
+    dom, dev, acct = _over_budget(tmp_path, OUTBOUND, cap_kib=10**6)
+    assert _outbound(dom, dev) == {"average": 1000, "peak": 2000, "burst": 512}
+    assert acct.state["vms"][A]["capped"] == {}  # nothing changed: nothing to restore
+    assert [m.value for m in acct.guest_metrics(A) if m.name == "AccountingCapped"] == ["0"]
+
+
+def test_cap_leaves_an_average_within_it_alone_even_with_a_higher_peak(tmp_path: Path) -> None:
+    """bwmon leaves a slice already within the limit alone: the peak above the cap stays."""
+    dom, dev, acct = _over_budget(
+        tmp_path, "<outbound average='50' peak='2000' burst='512'/>", cap_kib=100)
+    assert _outbound(dom, dev) == {"average": 50, "peak": 2000, "burst": 512}
+    assert acct.state["restore"] == [] and acct.state["vms"][A]["capped"] == {}
+
+
+def test_cap_lowers_only_what_exceeds_it(tmp_path: Path) -> None:
+    """Average above the cap and peak below it: only the average changes; then restored."""
+    dom, dev, acct = _over_budget(
+        tmp_path, "<outbound average='1000' peak='80' burst='512'/>", cap_kib=100)
+    assert _outbound(dom, dev) == {"average": 100, "peak": 80, "burst": 512}
+    acct.update(snap(1100, {A: ("capped", 1, {dev: (0, 1)})}))  # the period ends
+    assert _outbound(dom, dev) == {"average": 1000, "peak": 80, "burst": 512}
+
+
+def test_cap_on_an_unlimited_interface_sets_the_average_only(tmp_path: Path) -> None:
+    """No limit set: the average becomes the cap, the peak stays unset (bursts at the cap)."""
+    dom, dev, acct = _over_budget(tmp_path, "", cap_kib=100)
+    assert _outbound(dom, dev) == {"average": 100, "peak": 0, "burst": 0}
+    acct.update(snap(1100, {A: ("capped", 1, {dev: (0, 1)})}))
+    assert _outbound(dom, dev) == {"average": 0, "peak": 0, "burst": 0}
 
 
 def test_accounting_config_and_overrides(tmp_path: Path) -> None:

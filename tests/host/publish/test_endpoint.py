@@ -20,11 +20,12 @@ from vhostmd_wire.openmetrics import is_valid_name, metric_name, value_scale
 
 from vhostmd_py.config import EndpointConfig, parse_config
 from vhostmd_py.cycle.render import render_metric
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.publish.endpoint import VhostmdCollector, snapshot_families
 from vhostmd_py.publish.health import Health
 from vhostmd_py.sources.shell.runner import ActionResult
+from vhostmd_py.sources.vm import VM
 
 ODD = 'a"b\nc{x="y"}'
 
@@ -212,8 +213,13 @@ def test_odd_vm_name_is_one_label_value() -> None:
     got = _scrape(View(_snapshot([odd, VM(8, "b", "u-8")])))
     samples = got["vhostmd_vm_total_cpu_time_seconds"].samples  # type: ignore[attr-defined]
     assert [(s.labels, s.value) for s in samples] == [
-        ({"vm_name": ODD, "vm_uuid": odd.uuid, "vm_id": "7"}, 2.5),
-        ({"vm_name": "b", "vm_uuid": "u-8", "vm_id": "8"}, 2.5),
+        ({"vm_uuid": odd.uuid, "vm_id": "7"}, 2.5),
+        ({"vm_uuid": "u-8", "vm_id": "8"}, 2.5),
+    ]
+    names = got["vhostmd_vm"].samples  # type: ignore[attr-defined]
+    assert [(s.name, s.labels) for s in names] == [
+        ("vhostmd_vm_info", {"vm_uuid": odd.uuid, "vm_id": "7", "vm_name": ODD}),
+        ("vhostmd_vm_info", {"vm_uuid": "u-8", "vm_id": "8", "vm_name": "b"}),
     ]
     ident = got["vhostmd_vm_ident"].samples[0]  # type: ignore[attr-defined]
     assert ident.name == "vhostmd_vm_ident_info"
@@ -265,8 +271,11 @@ def test_health_families_and_cache() -> None:
 
 
 def test_snapshot_families_skip_empty_blocks() -> None:
-    """A VM without values yields no series; a host without values neither."""
-    assert snapshot_families(Snapshot(host=b"", vms=(VmBlock(VM(1, "v", "u"), b""),))) == []
+    """A VM without values yields only its name; a host without values nothing."""
+    got = snapshot_families(Snapshot(host=b"", vms=(VmBlock(VM(1, "v", "u"), b""),)))
+    assert [(f.name, [s.labels for s in f.samples]) for f in got] == [
+        ("vhostmd_vm", [{"vm_uuid": "u", "vm_id": "1", "vm_name": "v"}])]
+    assert snapshot_families(Snapshot(host=b"", vms=())) == []
 
 
 def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
@@ -282,7 +291,7 @@ def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
     text = body.decode()
     assert text.count("# EOF") == 1 and text.endswith("# EOF\n")
     got = {f.name: f for f in text_string_to_metric_families(text)}
-    assert got["vhostmd_vm_ident"].samples[0].labels["vm_name"] == ODD  # type: ignore[attr-defined]
+    assert got["vhostmd_vm"].samples[0].labels["vm_name"] == ODD  # type: ignore[attr-defined]
     view.health.record_cycle(0.3, vms=1)  # health is read on every render
     again, _ = exposition.render("application/openmetrics-text; version=1.0.0")
     assert again != body and again.endswith(body[body.index(b"# HELP vhostmd_host_"):])
@@ -293,3 +302,38 @@ def test_exposition_encodes_values_once_per_snapshot_and_format() -> None:
     view.last_snapshot = _snapshot([VM(2, "other", "u-2")])
     fresh, _ = exposition.render("application/openmetrics-text; version=1.0.0")
     assert b'vm_name="other"' in fresh and b"u-1" not in fresh
+
+
+def test_answers_reused_while_the_state_is_unchanged() -> None:
+    """app() hands out the same bytes until health, channels or the Snapshot change; gzip too."""
+    import gzip
+    from email.message import Message
+
+    from vhostmd_py.publish.endpoint import Exposition
+
+    def headers(**fields: str) -> Message:
+        message = Message()
+        for name, value in fields.items():
+            message[name.replace("_", "-")] = value
+        return message
+
+    view = View(_snapshot([VM(1, "v", "u-1")]))
+    exposition = Exposition(VhostmdCollector(view))
+    openmetrics = headers(Accept="application/openmetrics-text; version=1.0.0")
+    status, first_headers, first = exposition.app(openmetrics)
+    assert status == 200 and first_headers[0][1].startswith("application/openmetrics-text")
+    assert exposition.app(openmetrics)[2] is first  # reused, not encoded again
+    plain = exposition.app(headers())[2]
+    assert plain is not first and b"# EOF" not in plain
+    zipped = exposition.app(headers(Accept_Encoding="gzip"))
+    assert ("Content-Encoding", "gzip") in zipped[1] and gzip.decompress(zipped[2]) == plain
+    view.health.record_cycle(0.3, vms=1)
+    again = exposition.app(openmetrics)[2]
+    assert again is not first and again != first  # the health changed
+    view.virtio_connections += 1
+    third = exposition.app(openmetrics)[2]
+    assert third != again
+    view.last_snapshot = _snapshot([VM(1, "v", "u-1")])  # equal bytes, a new cycle
+    fresh = exposition.app(openmetrics)[2]
+    assert fresh is not third and fresh == third  # encoded again for the new Snapshot
+    assert exposition.app(openmetrics)[2] is fresh

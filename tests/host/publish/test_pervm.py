@@ -1,4 +1,4 @@
-"""Per-VM disks (issue 15 item 1): the libvirt hook run for real, the daemon with its VMs."""
+"""Per-VM disks: the libvirt hook run for real, the daemon with its VMs."""
 
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ from vhostmd_wire.disk import read_disk, read_header
 
 from vhostmd_py.config import PerVmDiskConfig, load_config
 from vhostmd_py.cycle.render import EMPTY_DOCUMENT, render_metric
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.daemon import Daemon
 from vhostmd_py.errors import ConfigError, DiskIOError
 from vhostmd_py.publish.pervm import PerVmDisks, check_directory
 from vhostmd_py.sources.shell.runner import ActionRunner
+from vhostmd_py.sources.vm import VM
 
 HOOK = REPO / "conf" / "libvirt-hook-qemu"
 NODES = Path("/work/shared/golden/upstream/nodes")

@@ -33,9 +33,10 @@ from vhostmd_wire.protocol import (
     REQUEST_MAX,
 )
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
+from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
 from vhostmd_py.publish.virtio import VirtioServer
 from vhostmd_py.publish.virtio.server import raise_fd_limit
+from vhostmd_py.sources.vm import VM
 
 T = TypeVar("T")
 
@@ -119,7 +120,7 @@ class ManualClock:
 
 
 def metric_xml(vm: VM | None, mtype: str, name: str, value: str) -> bytes:
-    """One <metric> element in upstream's layout (FACTS 2)."""
+    """One <metric> element in upstream's layout (FACTS.md section 2)."""
     ctx = "host" if vm is None else f"vm' id='{vm.id}' uuid='{vm.uuid}"
     return (
         f"  <metric type='{mtype}' context='{ctx}'>\n"
@@ -513,7 +514,7 @@ def test_hostile_guests_do_not_delay_a_good_one(chan_dir: Path) -> None:
             assert fake.conn is not None
             while not stop.is_set():
                 # One full buffer, one answer: the daemon discards whatever
-                # else was queued with an overlong request (issue 11 item 10).
+                # else was queued with an overlong request.
                 fake.conn.sendall(b"A" * REQUEST_MAX)
                 assert fake.read_reply() == INVALID_REQUEST
 
@@ -564,7 +565,7 @@ def test_overlong_then_valid(chan_dir: Path) -> None:
         assert fake.request(b"A" * 300, b"B" * 211) == INVALID_REQUEST
         assert fake.silent_for(0.2)  # one reply per request, nothing more
         # 1022 bytes in one write: ONE overlong request; its queued rest is
-        # discarded with it (issue 11 item 10), so the next request is answered.
+        # discarded with it, so the next request is answered.
         fake.send(b"C" * 1022)
         assert fake.read_reply() == INVALID_REQUEST
         assert fake.silent_for(0.2)
@@ -688,3 +689,28 @@ def test_idle_discovery_is_event_driven(chan_dir: Path) -> None:
                 fake.close()
     assert counts[True] <= 2, counts
     assert counts[False] >= 8, counts
+
+
+def test_policy_view_per_channel(chan_dir: Path) -> None:
+    """With a policy (Snapshot.view): each VM's reply is its own view; a blocked VM gets
+    the protocol's error only."""
+    from dataclasses import replace as _replace
+
+    from vhostmd_py.config.policy import PolicyConfig, Rule
+    from vhostmd_py.publish.policy import PolicyView
+
+    a, b, c = vms(3)
+    view = PolicyView(PolicyConfig(by_name={a.name: Rule(deny=("Greeting", "Ident")),
+                                            c.name: Rule(blocked=True)}))
+    fakes = [qemu(chan_dir, "old", vm) for vm in (a, b, c)]
+    with ServerThread(chan_dir) as srv:
+        srv.update(_replace(snapshot([a, b, c]), view=view))
+        for fake in fakes:
+            fake.accept()
+        answer_only = metric_xml(None, "int32", "Answer", "42")
+        assert fakes[0].request(REQUEST_LF) == build_reply(
+            answer_only, metric_xml(a, "uint32", "VCpus", "1"))
+        assert fakes[1].request(REQUEST_LF) == expected_reply(b)
+        assert fakes[2].request(REQUEST_LF) == INVALID_REQUEST
+    for fake in fakes:
+        fake.close()

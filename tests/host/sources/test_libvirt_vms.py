@@ -11,7 +11,7 @@ import libvirt
 import pytest
 from helpers import DATA
 
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.sources.vm import VM
 from vhostmd_py.sources.vms import LibvirtVMs, channel_path_from_xml
 
 CHANNEL_NODE = DATA / "nodes" / "node-channel.xml"

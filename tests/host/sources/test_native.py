@@ -23,11 +23,12 @@ from helpers import REPO
 from lxml import etree
 
 from vhostmd_py import config
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ConfigError
+from vhostmd_py.sources.base import PerDevice
 from vhostmd_py.sources.builtin.catalogue import CATALOGUE, FIELDS, device_metric_name
 from vhostmd_py.sources.builtin.hostproc import HostProc, parse_cpu_list, parse_os_release
 from vhostmd_py.sources.builtin.source import NativeSource
+from vhostmd_py.sources.vm import VM
 
 
 def parse_config(data: bytes, file: str = "<config>") -> config.Config:
@@ -217,7 +218,7 @@ def _collect(src: NativeSource, conf: bytes, vms: List[VM]) -> Dict[Tuple[str, s
         key = "host" if vm is None else vm.uuid
         if isinstance(v, bytes):
             out[(key, m.name)] = v
-        elif v is not None:
+        elif isinstance(v, PerDevice):  # PENDING (libvirt late) is no value either
             for dev, dv in v.values:
                 out[(key, device_metric_name(m.name, dev))] = dv
     return out

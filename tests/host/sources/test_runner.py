@@ -768,7 +768,7 @@ def _children() -> List[int]:
     return found
 
 
-# --- issue 11: actions that outlive their output, results before the batch ends -------
+# --- actions that outlive their output, results before the batch ends -------
 
 @pytest.mark.parametrize("action", ["sleep 60 & echo bg",
                                     "for i in $(seq 50); do sleep 60 & done; echo fifty"])

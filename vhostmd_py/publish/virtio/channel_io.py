@@ -145,12 +145,15 @@ class ChannelIO:
                 self._discard_overlong_rest(ch, sock)
                 if ch.sock is None:
                     return
-        self._send(ch, reply_to(verdict, self.host, ch.block))
+        if ch.blocked:
+            verdict = Request.INVALID  # the policy blocks this VM: the protocol's error only
+        host = self.host if ch.host is None else ch.host
+        self._send(ch, reply_to(verdict, host, ch.block))
 
     def _discard_overlong_rest(self, ch: Channel, sock: socket.socket) -> None:
         """Drop the bytes already waiting on CH: the rest of an overlong request.
 
-        DEVIATION (issue 11 item 10; upstream goes silent after 511 bytes
+        DEVIATION (upstream goes silent after 511 bytes
         without a terminator). The rule: when a request fills the 511-byte
         buffer without a blank-line terminator, it is answered INVALID
         REQUEST and every byte already queued on the socket at that moment

@@ -13,8 +13,9 @@ import logging
 import socket
 from typing import Dict, List, Set, Tuple
 
-from vhostmd_py.cycle.snapshot import VM, Snapshot
+from vhostmd_py.cycle.snapshot import Snapshot
 from vhostmd_py.publish.virtio.protocol import Exchange
+from vhostmd_py.sources.vm import VM
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +26,11 @@ class Channel:
     __slots__ = (
         "backoff",
         "block",
+        "blocked",
         "connected_at",
         "exchange",
         "failed_ident",
+        "host",
         "paused",
         "retry_at",
         "retry_path",
@@ -40,6 +43,10 @@ class Channel:
     def __init__(self, vm: VM, block: bytes, now: float) -> None:
         self.vm = vm
         self.block = block
+        # With a policy (Snapshot.view): the host part this VM may see, and
+        # whether it is blocked (answered the protocol's error). None: the server's.
+        self.host: bytes | None = None
+        self.blocked = False
         self.updated = now
         self.sock: socket.socket | None = None
         self.connected_at = 0.0
@@ -118,6 +125,8 @@ class ChannelTable:
                 ch.block = block.xml
                 ch.vm = block.vm  # the live XML's channel path may have changed
                 ch.updated = now
+            if snapshot.view is not None:
+                _apply_view(ch, snapshot, block.vm)
         self._refused &= {_key(block.vm) for block in snapshot.vms}
         return added
 
@@ -134,10 +143,20 @@ class ChannelTable:
     def expired(self, now: float) -> List[Channel]:
         """The channels without metrics for expiration_time (to remove)."""
         # Upstream vio_expire: no metrics for expiration_time -> closed;
-        # until then the guest keeps getting the last block (FACTS 4).
+        # until then the guest keeps getting the last block (FACTS.md section 4).
         return [ch for ch in self.channels.values() if now - ch.updated > self.expiration]
 
     def drop(self, ch: Channel, reason: str) -> None:
         """Forget CH (its socket already closed)."""
         self.channels.pop(ch.vm.id, None)
         logger.info("Removed channel '%s' (%s): %s", ch.label, self.counts(), reason)
+
+
+def _apply_view(ch: Channel, snapshot: Snapshot, vm: VM) -> None:
+    """What CH's VM may see of SNAPSHOT, by its policy (SNAPSHOT.view)."""
+    assert snapshot.view is not None
+    seen = snapshot.view.for_vm(snapshot, vm)
+    ch.blocked = seen is None
+    if seen is not None:
+        ch.host = seen.host
+        ch.block = b"".join(b.xml for b in seen.vms)

@@ -5,7 +5,7 @@ QEMU creates one listening UNIX socket per VM (channel target name
 (libvirt < 9.7) or ``<channel_path>/<id>-<name>/`` (libvirt >= 9.7), with the
 name shortened to 20 characters; the live domain XML may name it directly.
 
-Deliberate differences from upstream (DEVIATIONS, README):
+Deliberate differences from upstream (docs/COMPATIBILITY.md, virtio-serial):
 - a socket is found as soon as it appears (inotify on the channel
   directories, else polling every poll interval) instead of on a 3-second scan;
 - a directory matches a VM by id AND name (upstream: id alone, so the stale
@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 from vhostmd_wire.protocol import CHANNEL_NAME
 
-from vhostmd_py.cycle.snapshot import VM
+from vhostmd_py.sources.vm import VM
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The virtio-serial request/reply protocol of one connection (SPEC 5, FACTS 4).
+"""The virtio-serial request/reply protocol of one connection (FACTS.md section 4).
 
 What a guest may send and what it gets back, with the per-connection state
 that framing needs: the request buffer (< 512 bytes, upstream's) and the
@@ -31,7 +31,7 @@ def classify_request(buf: bytes) -> Request:
     if buf in REQUESTS:
         return Request.GET_XML
     # Like upstream, the whole buffer is judged at once: two valid requests
-    # arriving in one read make ONE invalid request (FACTS 4).
+    # arriving in one read make ONE invalid request (FACTS.md section 4).
     if b"\n\n" in buf or b"\r\n\r\n" in buf or len(buf) >= REQUEST_MAX:
         return Request.INVALID
     return Request.INCOMPLETE

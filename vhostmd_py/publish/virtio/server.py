@@ -2,7 +2,7 @@
 
 The daemon is the CLIENT of QEMU's per-VM listening socket: the guest writes
 ``GET /metrics/XML\\n\\n`` into its port and reads back the document of
-the host metrics and its own VM metrics (SPEC 5, FACTS 4). This module ties
+the host metrics and its own VM metrics (FACTS.md section 4). This module ties
 the parts together and decides when to look and to connect:
 - vhostmd_py.publish.virtio.channels: which VMs have a channel, expiry;
 - vhostmd_py.publish.virtio.discovery: where each VM's socket is;
@@ -14,7 +14,7 @@ Everything runs on the daemon's asyncio loop with non-blocking sockets and
 ``loop.add_reader``/``add_writer`` callbacks: no thread and no task per VM,
 so one slow or hostile guest can never hold up another guest or the disk.
 
-Deliberate differences from upstream (DEVIATIONS, README), besides
+Deliberate differences from upstream (docs/COMPATIBILITY.md, virtio-serial), besides
 discovery's:
 - a socket is reconnected as soon as QEMU recreates it;
 - a request of 511 bytes without a terminator gets ``INVALID REQUEST`` and
@@ -136,7 +136,10 @@ class VirtioServer:
         self._task = self._loop.create_task(self._run(), name="vhostmd-virtio")
 
     def update(self, snapshot: Snapshot) -> None:
-        """Take a cycle's metrics: add, refresh and drop channels; connect new ones at once."""
+        """Take a cycle's metrics: add, refresh and drop channels; connect new ones at once.
+
+        With a policy (SNAPSHOT.view) each channel serves what its VM may see.
+        """
         if self._closed:
             return
         now = self._clock()

@@ -3,7 +3,7 @@
 Each field says which context it belongs to, what kind of value it gives (so
 the config can refuse a string field in a uint64 metric), which raw
 statistics it needs (so a cycle reads only those), and how its value is
-formatted from a :class:`vhostmd_py.cycle.stats.CycleStats`. The formats are
+formatted from a :class:`vhostmd_py.sources.stats.CycleStats`. The formats are
 those of the shell actions the shipped configs used before (``awk printf
 "%d"`` truncation for MiB, ``%f`` for the host CPU time, virsh's ``%.1f`` for a
 VM's CPU time), so a guest sees the same values whichever way they are made.
@@ -14,10 +14,11 @@ docs/METRICS.md documents every field (tests check the two agree).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable, FrozenSet, Mapping, Sequence, Tuple, Union
 
-from vhostmd_py.cycle.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
+from vhostmd_py.sources.stats import BlockStats, CycleStats, HostStats, NetStats, VmStats
 
 MIB_KIB = 1024
 MIB = 1024 * 1024
@@ -28,7 +29,7 @@ MIB = 1024 * 1024
 # memory), "cpu_split" (user/system), "balloon", "vcpu", "block", "net".
 VM_GROUPS = ("info", "cpu_split", "balloon", "vcpu", "block", "net")
 
-Device = Union[BlockStats, NetStats, "VcpuTime"]
+Device = Union[BlockStats, NetStats, "VcpuTime", "MemoryStat"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ class VcpuTime:
 
     name: str
     time: int | None  # ns
+
+
+@dataclass(frozen=True)
+class MemoryStat:
+    """One of libvirt's memory statistics as a per-device record (nova's memory-KEY)."""
+
+    name: str  # libvirt's key, "-" as "_" (last_update, hugetlb_pgalloc, ...)
+    value: int
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class Field:
     needs: FrozenSet[str]
     host_value: Callable[[CycleStats], str | None] | None = None
     vm_value: Callable[[VmStats], str | None] | None = None
-    device: str | None = None  # "disk" | "nic" | "vcpu": one element per device
+    device: str | None = None  # "disk" | "nic" | "vcpu" | "memory": one element per device
     device_value: Callable[[Device], str | None] | None = None
     variables: Tuple[str, ...] = ()  # a group's values, in order
 
@@ -191,6 +200,10 @@ def _vcpu_time(d: Device) -> str | None:
     return _i(d.time) if isinstance(d, VcpuTime) else None
 
 
+def _memory_stat(d: Device) -> str | None:
+    return _i(d.value) if isinstance(d, MemoryStat) else None
+
+
 _BALLOON_KEYS = (
     ("actual", "KiB", "balloon size the guest was asked for"),
     ("unused", "KiB", "memory the guest leaves unused"),
@@ -203,7 +216,12 @@ _BALLOON_KEYS = (
     ("minor_fault", "", "minor page faults in the guest"),
     ("disk_caches", "KiB", "guest memory used for disk caches"),
     ("last_update", "s", "when the guest last updated its balloon statistics"),
+    ("hugetlb_pgalloc", "", "huge pages the guest allocated successfully"),
+    ("hugetlb_pgfail", "", "huge page allocations that failed in the guest"),
 )
+# A memory statistic libvirt reports under a key not listed above (newer
+# libvirt, another driver) is still a field: vm.balloon.KEY, made on lookup.
+_BALLOON_FIELD = re.compile(r"^vm\.balloon\.([a-z][a-z0-9_-]{0,63})$")
 
 FIELDS: Tuple[Field, ...] = (
     # --- host: local --------------------------------------------------------
@@ -292,6 +310,8 @@ FIELDS: Tuple[Field, ...] = (
             "balloon", _balloon(key))
         for key, unit, meaning in _BALLOON_KEYS
     ),
+    _dev("vm.balloon", "memory", "", "every memory statistic libvirt reports, one metric per "
+         "key (nova memory-KEY: name it memory-{dev})", "balloon", _memory_stat),
     _dev("vm.vcpu.time_ns", "vcpu", "ns", "CPU time of one vCPU (nova cpuN_time)", "vcpu",
          _vcpu_time),
     _dev("vm.disk.rd_req", "disk", "", "read requests (nova DEV_read_req)", "block",
@@ -333,14 +353,26 @@ COUNTER_FIELDS: Tuple[str, ...] = (
     "vm.cpu_time_ns",
     "vm.vcpus",
     "vm.balloon.unused",
+    "vm.vcpu.time_ns",  # perfmon's per-vCPU cpuN (alarms)
     "vm.disk.rd_bytes",
     "vm.nic.rx_bytes",
 )
 
 
 def lookup(name: str) -> Field | None:
-    """The field called NAME, or None."""
-    return CATALOGUE.get(name)
+    """The field called NAME, or None (``vm.balloon.KEY`` exists for any KEY)."""
+    field = CATALOGUE.get(name)
+    if field is not None:
+        return field
+    match = _BALLOON_FIELD.match(name)
+    if match is None:
+        return None
+    key = match.group(1).replace("-", "_")
+    known = CATALOGUE.get(f"vm.balloon.{key}")
+    if known is not None:
+        return known
+    return _vm(name, "int", "", f"libvirt memory statistic {key} (nova memory-{key})",
+               "balloon", _balloon(key))
 
 
 def known_fields(context: str | None = None) -> Sequence[str]:
@@ -356,6 +388,8 @@ def devices(field: Field, vm: VmStats) -> Sequence[Tuple[str, Device]]:
         return [(n.name, n) for n in vm.nics]
     if field.device == "vcpu":
         return [(f"cpu{i}", VcpuTime(f"cpu{i}", t)) for i, t in enumerate(vm.vcpu_times)]
+    if field.device == "memory":
+        return [(k, MemoryStat(k, v)) for k, v in vm.balloon.items()]
     return []
 
 
@@ -370,7 +404,7 @@ def needs_of(names: Sequence[str]) -> FrozenSet[str]:
     """Everything the fields NAMES need read."""
     out: set[str] = set()
     for name in names:
-        field = CATALOGUE.get(name)
+        field = lookup(name)
         if field is not None:
             out |= field.needs
     return frozenset(out)
@@ -386,6 +420,7 @@ __all__: Sequence[str] = (
     "COUNTER_FIELDS",
     "FIELDS",
     "Field",
+    "MemoryStat",
     "VcpuTime",
     "device_metric_name",
     "devices",

@@ -23,9 +23,9 @@ from typing import Any, Callable, Dict, FrozenSet, List, Sequence, Set, Tuple, T
 
 from lxml import etree
 
-from vhostmd_py.cycle.snapshot import VM
-from vhostmd_py.cycle.stats import BlockStats, NetStats, VmStats
 from vhostmd_py.safexml import safe_parser
+from vhostmd_py.sources.stats import BlockStats, NetStats, VmStats
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 

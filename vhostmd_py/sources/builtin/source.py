@@ -22,13 +22,13 @@ import time
 from typing import Any, Awaitable, Callable, Dict, FrozenSet, List, Sequence, Set, Tuple
 
 from vhostmd_py.config import Config, MetricSpec
-from vhostmd_py.cycle.snapshot import VM
-from vhostmd_py.cycle.stats import CycleStats, HostStats, VmStats
 from vhostmd_py.errors import StrPath
-from vhostmd_py.sources.base import PerDevice, RawValue, Request, describe
+from vhostmd_py.sources.base import PENDING, PerDevice, RawValue, Request, describe
 from vhostmd_py.sources.builtin.catalogue import VM_GROUPS, Field, devices, lookup, needs_of
 from vhostmd_py.sources.builtin.domstats import LibvirtStatsReader, NodeInfo
 from vhostmd_py.sources.builtin.hostproc import HostProc
+from vhostmd_py.sources.stats import CycleStats, HostStats, VmStats
+from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,9 @@ class NativeSource:
         # VMs sampled whatever the metrics ask for (the cycle's running VMs, for
         # the same consumers: host-only metrics must not leave them without VMs).
         self.extra_vms: Sequence[VM] = ()
+        # Whether the last sample's libvirt read was still running at its deadline
+        # (then its values are PENDING, not missing: the cycle carries them).
+        self.libvirt_late = False
 
     # --- sampling ---------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class NativeSource:
         at most (and never longer than the timeout); what is late is left out.
         """
         needs = needs_of(fields)
+        self.libvirt_late = False
         groups = frozenset(needs & set(VM_GROUPS))
         want_static = "libvirt" in needs
         libvirt_job = None
@@ -149,6 +153,7 @@ class NativeSource:
         """fn() in the worker, or None when it fails or exceeds the timeout (logged once)."""
         if self._pending is not None:
             if not self._pending.done():
+                self.libvirt_late = True
                 return None  # still stuck in the previous cycle's call
             self._pending = None
         future = asyncio.ensure_future(self._run_blocking(fn))
@@ -157,6 +162,7 @@ class NativeSource:
             timeout = min(timeout, max(0.0, deadline - time.monotonic()))
         done, _ = await asyncio.wait({future}, timeout=timeout)
         if not done:
+            self.libvirt_late = True
             self._pending = future
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             if not self._stuck:
@@ -242,7 +248,17 @@ class NativeSource:
         snap = await self.sample(fields, vms, deadline=deadline)
         by_uuid = {v.uuid: v for v in snap.vms}
         self._missing_logged = {k for k in self._missing_logged if k[0] in seen or k[0] == ""}
-        return [self.value(snap, by_uuid, metric, vm) for metric, vm in requests]
+        if not self.libvirt_late:
+            return [self.value(snap, by_uuid, metric, vm) for metric, vm in requests]
+        # libvirt's answer is late: its values are pending (the cycle carries
+        # them), not missing, and their absence is not logged per VM.
+        return [PENDING if self._from_libvirt(metric, vm) else self.value(snap, by_uuid, metric, vm)
+                for metric, vm in requests]
+
+    @staticmethod
+    def _from_libvirt(metric: MetricSpec, vm: VM | None) -> bool:
+        field = lookup(metric.source or "")
+        return field is not None and (vm is not None or "libvirt" in field.needs)
 
     def value(
         self, snap: CycleStats, by_uuid: Dict[str, VmStats], metric: MetricSpec, vm: VM | None

@@ -3,7 +3,7 @@
 Upstream runs each action with popen(); whatever the action starts in the
 background outlives it, and what calls setsid() or double-forks leaves even
 our process group, so a killpg() at the timeout misses it: an action starting
-50 such children every cycle left 1,600 processes after 32 cycles (issue 11).
+50 such children every cycle left 1,600 processes after 32 cycles.
 
 The daemon becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``, through the runner's
 binding: vhostmd_py.sources.shell.binding): when an action's shell exits, what
@@ -41,8 +41,8 @@ ORPHAN_LIMIT = 64
 # At most one warning per this many seconds about killed orphans (an action
 # that leaves children every cycle would log every cycle); the rest is debug.
 LOG_EVERY = 60.0
-# end_all(): how long the daemon's stop may spend ending orphans (SPEC section
-# 7: the whole stop within 2 s).
+# end_all(): how long the daemon's stop may spend ending orphans (docs/COMPATIBILITY.md,
+# Daemon: the whole stop within 2 s).
 END_ALL_BUDGET = 0.5
 
 Ident = Tuple[int, int]  # pid, start time (clock ticks since boot): survives pid reuse

@@ -27,7 +27,7 @@ the worker's pid, an action whose shell dies of signal N is reported with
 exit status 128+N (the worker's ``$?``), an action that kills ``$$`` kills
 its worker (reported with the worker's wait status), background leftovers
 share the worker's process group (a later timeout there ends them), and with
-bash as /bin/sh ``$LINENO`` counts on across a worker's actions (README,
+bash as /bin/sh ``$LINENO`` counts on across a worker's actions (docs/COMPATIBILITY.md,
 Deviations).
 The environment is the daemon's with PATH replaced by the config's
 ``<path>`` (upstream setenv()s PATH in its own environment before popen()).
@@ -164,7 +164,7 @@ class ActionRunner:
         self.kill_grace = kill_grace
         self.linger = linger  # None: wait for EOF until the timeout
         self.batch_threads = threads
-        # Told each batch's results as it ends (the daemon's health counters, issue 15).
+        # Told each batch's results as it ends (the daemon's health counters).
         self.on_results: Callable[[Sequence[ActionResult]], None] | None = None
         self._shell = os.fsencode(shell)
         self._environ = dict(os.environ if environ is None else environ)

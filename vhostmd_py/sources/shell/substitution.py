@@ -1,6 +1,6 @@
 """Token substitution in metric actions: the shell lexer that decides where a value may go.
 
-SPEC section 2. Upstream replaces every plain-text occurrence
+docs/COMPATIBILITY.md, Actions. Upstream replaces every plain-text occurrence
 of ``CONNECT`` (always) and ``NAME``, ``VMID``, ``UUID`` (vm context only) one
 token after the other over the whole string, so a VM named ``UUID`` gets its
 name replaced again, and a VM named ``$(touch x)`` runs ``touch x`` (upstream
@@ -30,8 +30,8 @@ import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-from vhostmd_py.cycle.snapshot import VM
 from vhostmd_py.errors import ActionError
+from vhostmd_py.sources.vm import VM
 
 # Characters the shell never treats specially (no quoting, expansion, globbing,
 # word splitting); covers libvirt names in practice, ids, UUIDs and usual URIs.
