@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -107,13 +108,18 @@ CITATION_DIRS = ("vhostmd_py", "guest", "csrc", "tests", "bench", "scripts", "co
 
 
 def _tracked_text_files() -> Iterator[Path]:
-    for top in CITATION_DIRS:
-        for path in sorted((REPO / top).rglob("*")):
-            rel = path.relative_to(REPO).as_posix()
-            skip = rel.startswith("tests/data/") or ".egg-info" in rel or "__pycache__" in rel
-            if skip or not path.is_file() or path.suffix in (".so", ".pyc", ".pyz", ".whl"):
-                continue
-            yield path
+    """The repository's own files (tracked, or new and not ignored): never a build's copies."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "--", *CITATION_DIRS],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout.splitlines()
+    for rel in sorted(listed):
+        path = REPO / rel
+        if rel.startswith("tests/data/") or not path.is_file():
+            continue
+        if path.suffix in (".so", ".pyc", ".pyz", ".whl"):
+            continue
+        yield path
 
 
 def test_comments_cite_only_what_the_repository_holds() -> None:
