@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from helpers.e2e_setup import SetupFailure, skip_for, workdir
 from helpers.e2e_values import (
     NATIVE_PREFIX,
     cpu_history,
@@ -129,24 +130,16 @@ def _out_dir(workdir: Path, tag: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
+E2eRun = Tuple[Path, Dict[str, Any], Dict[str, float]]
+
+
+def _run_script(repo_root: Path) -> E2eRun | SetupFailure:
     """Run scripts/e2e-guest once; its output dir, the domains it ran, its timings."""
-    workdir = Path(os.environ.get("VHOSTMD_E2E_WORKDIR", "/var/tmp/vhostmd-e2e"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = _out_dir(workdir, "run")
+    out = _out_dir(workdir(), "run")
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [
-            "bash",
-            str(repo_root / "scripts" / "e2e-guest"),
-            "--workdir",
-            str(workdir),
-            "--out",
-            str(out),
-            "--python",
-            sys.executable,
-        ],
+        ["bash", str(repo_root / "scripts" / "e2e-guest"), "--workdir", str(workdir()),
+         "--out", str(out), "--python", sys.executable],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -158,13 +151,14 @@ def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
         # stops the daemons it started.
         proc.terminate()
         _, stderr = proc.communicate(timeout=120)
-        pytest.fail(f"scripts/e2e-guest did not finish in {SCRIPT_TIMEOUT_S} s:\n{stderr[-6000:]}")
+        return SetupFailure("scripts/e2e-guest", f"did not finish in {SCRIPT_TIMEOUT_S} s:\n"
+                            + stderr[-6000:])
     wall = time.monotonic() - t0
-    if proc.returncode == 77:
-        skips = [ln.split("SKIP: ", 1)[1] for ln in stderr.splitlines() if "SKIP: " in ln]
-        reason = skips[-1] if skips else "no reason given"
-        pytest.skip(f"QEMU/libvirt cannot be installed here: {reason}")
-    assert proc.returncode == 0, f"scripts/e2e-guest failed ({proc.returncode}):\n{stderr[-6000:]}"
+    skip_for(proc.returncode, stderr)
+    if proc.returncode != 0:
+        # The script prints its failure as one block: that block, else the end.
+        block = stderr[stderr.find("=== e2e"):] if "=== e2e" in stderr else stderr[-6000:]
+        return SetupFailure(f"scripts/e2e-guest (exit {proc.returncode})", block)
     left = _leftover_processes(out)
     assert not left, f"left running after the script: {left}"
     timings = {}
@@ -178,13 +172,27 @@ def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def full(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> Dict[str, Any]:
+def _e2e_module(e2e_machine: None, repo_root: Path) -> E2eRun | SetupFailure:
+    return _run_script(repo_root)
+
+
+@pytest.fixture
+def e2e_run(_e2e_module: E2eRun | SetupFailure, request: pytest.FixtureRequest) -> E2eRun:
+    """The one run of scripts/e2e-guest (per module); a failure of it reported once."""
+    if isinstance(_e2e_module, SetupFailure):
+        _e2e_module.fail(request.node.nodeid)
+    assert not isinstance(_e2e_module, SetupFailure)
+    return _e2e_module
+
+
+@pytest.fixture
+def full(e2e_run: E2eRun) -> Dict[str, Any]:
     """The full guest's records."""
     return _results(e2e_run[0] / f"{FULL}-console.log")
 
 
-@pytest.fixture(scope="module")
-def mini(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> Dict[str, Any]:
+@pytest.fixture
+def mini(e2e_run: E2eRun) -> Dict[str, Any]:
     """The minimal guest's records."""
     return _results(e2e_run[0] / f"{MINI}-console.log")
 
@@ -523,6 +531,10 @@ def test_builtin_values_match_independent_readings(
     worst_tick_gap = 0
     for rec in samples:
         a, b, host = rec["before"], rec["after"], rec["doc"]["host"]
+        if "E2ENativeHostCpus" not in host:
+            # The daemon left the libvirt statistics out of that cycle (its
+            # deadline passed: it logs so); no bracket to check.
+            continue
         assert int(host["E2ENativeHostCpus"]) == a["node_cpus"] == b["node_cpus"]
         assert int(host["E2ENativeHostMemTotal"]) == a["mem_total_kib"] // 1024
         tick = 10**9 // a["clk_tck"]
