@@ -30,16 +30,16 @@ REPO = Path(__file__).resolve().parents[2]
 PACKAGES = REPO / "scripts" / "e2e" / "packages"
 HELPER = REPO / "scripts" / "e2e" / "libvirtd"
 _NO_QEMU_KEY = pytest.StashKey[List[str]]()
+_SETUP_KEY = pytest.StashKey[str]()
 
 
 @pytest.fixture(scope="session")
-def e2e_machine() -> None:
+def e2e_machine(request: pytest.FixtureRequest) -> None:
     """The packages installed and QEMU runnable (scripts/e2e/packages), once per session."""
     proc = subprocess.run(["bash", str(PACKAGES), str(workdir() / "packages")],
                           capture_output=True, text=True, timeout=1200, check=False)
-    if proc.stderr:
-        # What it installed and how to remove it: shown with -s, and in the log.
-        print(proc.stderr, end="")
+    # What it installed and how to remove it: printed at the end of the run.
+    request.config.stash[_SETUP_KEY] = proc.stderr
     skip_for(proc.returncode, proc.stderr)
     if proc.returncode != 0:
         pytest.fail(f"scripts/e2e/packages failed ({proc.returncode}):\n{proc.stderr}",
@@ -93,7 +93,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The allowed skip, loud: a block at the end of the run."""
+    """What the e2e set-up installed, and the allowed skip, loud: blocks at the end of the run."""
+    setup = terminalreporter.config.stash.get(_SETUP_KEY, "")
+    if setup.strip():
+        terminalreporter.write_sep("-", "e2e set-up (scripts/e2e/packages)")
+        for line in setup.rstrip().splitlines():
+            terminalreporter.write_line(line)
     reasons = terminalreporter.config.stash.get(_NO_QEMU_KEY, [])
     if reasons:
         terminalreporter.write_sep("!", "THE REAL-GUEST TESTS DID NOT RUN", red=True, bold=True)
