@@ -26,6 +26,7 @@ from helpers.e2e_setup import SetupFailure, skip_for, workdir
 from helpers.e2e_values import (
     NATIVE_PREFIX,
     cpu_history,
+    cpu_share,
     load_values,
     marker,
     png_size,
@@ -603,7 +604,14 @@ def test_builtin_counters_grow_with_the_guest(
 def test_history_shows_burning_and_idle_guest(
     full: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
 ) -> None:
-    """vhostmdctl history: the guest burning its vCPUs above 50 %, the idle one below 20 %."""
+    """vhostmdctl history: the burner's CPU % is what libvirt says it got; the idle one's low.
+
+    The burner's history mean over the burn must agree with its share computed
+    from libvirt's CPU time at the burn markers (an independent reading), be
+    far above the idle guest's, and above 50 % whenever the machine gave it
+    the CPU (share of at least 60 %: on a busy 2-core machine two emulated
+    vCPUs get much less, and the history must then say so, not 50 %).
+    """
     out = e2e_run[0]
     _, markers = load_values(out)
     console = f"{FULL}-console.log"
@@ -612,15 +620,19 @@ def test_history_shows_burning_and_idle_guest(
     end = marker(markers, console, "E2E-BURN-END") - 1
     burner = window_stats(cpu_history(out / "history", FULL), start, end)
     idle = window_stats(cpu_history(out / "history", MINI), start, end)
+    share = cpu_share(out, console, "E2E-BURN-START", "E2E-BURN-END", FULL)
     summary = {"window_s": round(end - start, 1), "burn_s": full["load"]["burned_s"],
-               FULL: burner, MINI: idle}
+               "libvirt_share": round(share, 1), FULL: burner, MINI: idle}
     (out / "values-summary.json").write_text(json.dumps(summary, indent=1))
     sys.stderr.write(f"\ne2e values: CPU % over the burn window {json.dumps(summary)}\n")
     # At least half the window known at every step the RRD gives.
     for got in (burner, idle):
         assert got["known"] >= (end - start) / got["step"] / 2, summary
-    assert burner["mean"] > BURN_MIN_PCT, summary
+    assert abs(burner["mean"] - share) <= 10 + 0.2 * share, summary
     assert idle["mean"] < IDLE_MAX_PCT and idle["max"] < IDLE_MAX_PCT, summary
+    assert burner["mean"] > 4 * max(idle["max"], 1.0), summary
+    if share >= 60:
+        assert burner["mean"] > BURN_MIN_PCT, summary
 
 
 def test_graph_is_a_png_of_the_requested_size(
