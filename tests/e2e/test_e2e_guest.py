@@ -1,11 +1,13 @@
 """End to end with real guests: libvirtd + QEMU (TCG), our daemon on the host, our tools inside.
 
-`scripts/e2e-guest` installs what it needs, starts libvirtd, runs our daemon
-against qemu:///system with the vbd and virtio transports, and boots two
+`scripts/e2e-guest` installs what it needs, starts a private libvirtd of its
+own, runs our daemon against qemu:///system (in that libvirtd's mount
+namespace) with the vbd and virtio transports, and boots two
 guests: a Debian one that runs vm-dump-metrics -b/-i and the libmetrics API,
 and a busybox-only one that speaks to its virtio port with shell tools. The
 guests print their evidence on the serial console; the assertions are here.
-Skipped only when QEMU cannot be installed (exit 77 of the script).
+Skipped only when this machine cannot run QEMU (exit 77), or, outside CI,
+when it is not set up and may not be (exit 78; see tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
