@@ -43,6 +43,8 @@ USAGE = (
     "   --version              Print the version and exit.\n"
     "   \n"
     "   Host metrics gathering daemon:\n"
+    "   publishes host and VM metrics on a disk (vbd) and virtio-serial channels\n"
+    "   for the guests to read; see vhostmd(8) and vhostmd.conf(5).\n"
     "   \n"
 )
 

@@ -161,13 +161,39 @@ def to_openmetrics(doc: MetricsDocument) -> str:
 
 # --- the --watch table ----------------------------------------------------------------
 
-_VALUE_WIDTH = 40
+# Names shortened to fit keep at least this many characters (head ~ tail).
+_MIN_NAME = 12
+_INDENT = "  "
+_GAP = "  "
 
 
 def _shown(value: Union[int, float, str]) -> str:
     if isinstance(value, str):
         return value.replace("\n", "\\n")
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _short_name(name: str, width: int) -> str:
+    """NAME in WIDTH characters: its head and tail around a '~' (tails tell devices apart)."""
+    if len(name) <= width:
+        return name
+    tail = (width - 1) // 2
+    return name[: width - 1 - tail] + "~" + name[len(name) - tail:]
+
+
+def _wrap_words(words: List[str], width: int) -> List[str]:
+    """WORDS joined by two spaces, a new line where the next one would pass WIDTH."""
+    lines: List[str] = []
+    for word in words:
+        if lines and len(lines[-1]) + len(_GAP) + len(word) <= width:
+            lines[-1] += _GAP + word
+        else:
+            lines.append(word)
+    return lines
+
+
+def _chunks(text: str, width: int) -> List[str]:
+    return [text[i: i + width] for i in range(0, len(text), width)] or [""]
 
 
 def render_table(
@@ -178,18 +204,30 @@ def render_table(
     error: Optional[str] = None,
     width: int = 120,
 ) -> str:
-    """One --watch frame: a header line (time, age, staleness, identity), then the table."""
+    """One --watch frame: a header (time, age, staleness, identity), then the table.
+
+    The table fits WIDTH columns without cutting a value: the metrics are
+    grouped under a line per context (``host``, ``vm ID UUID``), so the
+    table has only NAME, VALUE and UNIT; names are shortened in the middle
+    when they do not fit, and a value too long for its column goes on lines
+    of its own below its name. The header and the error line wrap.
+    """
+    width = max(width, 2 * _MIN_NAME)
     stamp = time.strftime("%H:%M:%S", time.localtime(now))
     if doc is None:
-        return f"vhostmd metrics at {stamp}\nerror: {error}\n"
+        return "\n".join(
+            [f"vhostmd metrics at {stamp}", *_chunks(f"error: {error}", width)]) + "\n"
     fresh = _freshness(doc, now, unchanged_for)
     if fresh["stale"] is None:
         state = "freshness unknown"
     else:
         state = "STALE" if fresh["stale"] else "fresh"
     age = "age ?" if fresh["age"] is None else f"age {fresh['age']:.1f} s"
-    head = f"vhostmd metrics at {stamp}  {age}  {state}  host {fresh['identity'] or '?'}"
-    rows: List[Tuple[str, str, str, str]] = [("NAME", "CONTEXT", "VALUE", "UNIT")]
+    lines = _wrap_words(
+        [f"vhostmd metrics at {stamp}", age, state, f"host {fresh['identity'] or '?'}"], width)
+    if error:
+        lines += _chunks(f"error: {error} (showing the last document read)", width)
+    groups: Dict[str, List[Tuple[str, str, str]]] = {"host": []}
     for m in doc:
         where = "host"
         if m.context is MetricContext.VM:
@@ -198,14 +236,31 @@ def render_table(
             shown = _shown(m.value)
         except MetricsError:
             shown = f"<invalid {m.type_name}>"
-        if len(shown) > _VALUE_WIDTH:  # a long string must not push the table off screen
-            shown = shown[: _VALUE_WIDTH - 3] + "..."
-        rows.append((m.name, where, shown, m.unit or ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [head[:width]]
-    if error:
-        lines.append(f"error: {error} (showing the last document read)"[:width])
-    for r in rows:
-        line = f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}"
-        lines.append(line.rstrip()[:width])
+        groups.setdefault(where, []).append((m.name, shown, m.unit or ""))
+    rows = [("NAME", "VALUE", "UNIT")] + [r for g in groups.values() for r in g]
+    unit_w = max(len(r[2]) for r in rows)
+    name_w = max(len(r[0]) for r in rows)
+    # The value column: as wide as the widest value that still leaves a
+    # name column of _MIN_NAME; wider values go on lines of their own.
+    room = width - len(_INDENT) - len(_GAP) * 2 - unit_w
+    value_w = max([len(r[1]) for r in rows if len(r[1]) <= room - _MIN_NAME] + [len("VALUE")])
+    name_w = max(min(name_w, room - value_w), _MIN_NAME)
+
+    def line(name: str, value: str, unit: str) -> str:
+        text = f"{_INDENT}{_short_name(name, name_w):<{name_w}}{_GAP}{value:>{value_w}}"
+        return (text + _GAP + unit).rstrip()
+
+    lines.append(line(*rows[0]))
+    for where, group in groups.items():
+        if not group:
+            continue
+        lines += _chunks(where, width)
+        for name, shown, unit in group:
+            if len(shown) <= value_w:
+                lines.append(line(name, shown, unit))
+                continue
+            # Too long for the column: the name (and unit), then the whole
+            # value on lines of its own, indented twice.
+            lines.append(line(name, "", unit))
+            lines += [_INDENT * 2 + c for c in _chunks(shown, width - 2 * len(_INDENT))]
     return "\n".join(lines) + "\n"

@@ -1,11 +1,13 @@
 """End to end with real guests: libvirtd + QEMU (TCG), our daemon on the host, our tools inside.
 
-`scripts/e2e-guest` installs what it needs, starts libvirtd, runs our daemon
-against qemu:///system with the vbd and virtio transports, and boots two
+`scripts/e2e-guest` installs what it needs, starts a private libvirtd of its
+own, runs our daemon against qemu:///system (in that libvirtd's mount
+namespace) with the vbd and virtio transports, and boots two
 guests: a Debian one that runs vm-dump-metrics -b/-i and the libmetrics API,
 and a busybox-only one that speaks to its virtio port with shell tools. The
 guests print their evidence on the serial console; the assertions are here.
-Skipped only when QEMU cannot be installed (exit 77 of the script).
+Skipped only when this machine cannot run QEMU (exit 77), or, outside CI,
+when it is not set up and may not be (exit 78; see tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 import pytest
+from helpers.e2e_setup import SetupFailure, skip_for, workdir
 from helpers.e2e_values import (
     NATIVE_PREFIX,
     cpu_history,
+    cpu_share,
     load_values,
     marker,
     png_size,
@@ -129,24 +133,16 @@ def _out_dir(workdir: Path, tag: str) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
+E2eRun = Tuple[Path, Dict[str, Any], Dict[str, float]]
+
+
+def _run_script(repo_root: Path) -> E2eRun | SetupFailure:
     """Run scripts/e2e-guest once; its output dir, the domains it ran, its timings."""
-    workdir = Path(os.environ.get("VHOSTMD_E2E_WORKDIR", "/var/tmp/vhostmd-e2e"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = _out_dir(workdir, "run")
+    out = _out_dir(workdir(), "run")
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        [
-            "bash",
-            str(repo_root / "scripts" / "e2e-guest"),
-            "--workdir",
-            str(workdir),
-            "--out",
-            str(out),
-            "--python",
-            sys.executable,
-        ],
+        ["bash", str(repo_root / "scripts" / "e2e-guest"), "--workdir", str(workdir()),
+         "--out", str(out), "--python", sys.executable],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -158,13 +154,14 @@ def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
         # stops the daemons it started.
         proc.terminate()
         _, stderr = proc.communicate(timeout=120)
-        pytest.fail(f"scripts/e2e-guest did not finish in {SCRIPT_TIMEOUT_S} s:\n{stderr[-6000:]}")
+        return SetupFailure("scripts/e2e-guest", f"did not finish in {SCRIPT_TIMEOUT_S} s:\n"
+                            + stderr[-6000:])
     wall = time.monotonic() - t0
-    if proc.returncode == 77:
-        skips = [ln.split("SKIP: ", 1)[1] for ln in stderr.splitlines() if "SKIP: " in ln]
-        reason = skips[-1] if skips else "no reason given"
-        pytest.skip(f"QEMU/libvirt cannot be installed here: {reason}")
-    assert proc.returncode == 0, f"scripts/e2e-guest failed ({proc.returncode}):\n{stderr[-6000:]}"
+    skip_for(proc.returncode, stderr)
+    if proc.returncode != 0:
+        # The script prints its failure as one block: that block, else the end.
+        block = stderr[stderr.find("=== e2e"):] if "=== e2e" in stderr else stderr[-6000:]
+        return SetupFailure(f"scripts/e2e-guest (exit {proc.returncode})", block)
     left = _leftover_processes(out)
     assert not left, f"left running after the script: {left}"
     timings = {}
@@ -178,13 +175,27 @@ def e2e_run(repo_root: Path) -> Tuple[Path, Dict[str, Any], Dict[str, float]]:
 
 
 @pytest.fixture(scope="module")
-def full(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> Dict[str, Any]:
+def _e2e_module(e2e_machine: None, repo_root: Path) -> E2eRun | SetupFailure:
+    return _run_script(repo_root)
+
+
+@pytest.fixture
+def e2e_run(_e2e_module: E2eRun | SetupFailure, request: pytest.FixtureRequest) -> E2eRun:
+    """The one run of scripts/e2e-guest (per module); a failure of it reported once."""
+    if isinstance(_e2e_module, SetupFailure):
+        _e2e_module.fail(request.node.nodeid)
+    assert not isinstance(_e2e_module, SetupFailure)
+    return _e2e_module
+
+
+@pytest.fixture
+def full(e2e_run: E2eRun) -> Dict[str, Any]:
     """The full guest's records."""
     return _results(e2e_run[0] / f"{FULL}-console.log")
 
 
-@pytest.fixture(scope="module")
-def mini(e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]) -> Dict[str, Any]:
+@pytest.fixture
+def mini(e2e_run: E2eRun) -> Dict[str, Any]:
     """The minimal guest's records."""
     return _results(e2e_run[0] / f"{MINI}-console.log")
 
@@ -523,6 +534,10 @@ def test_builtin_values_match_independent_readings(
     worst_tick_gap = 0
     for rec in samples:
         a, b, host = rec["before"], rec["after"], rec["doc"]["host"]
+        if "E2ENativeHostCpus" not in host:
+            # The daemon left the libvirt statistics out of that cycle (its
+            # deadline passed: it logs so); no bracket to check.
+            continue
         assert int(host["E2ENativeHostCpus"]) == a["node_cpus"] == b["node_cpus"]
         assert int(host["E2ENativeHostMemTotal"]) == a["mem_total_kib"] // 1024
         tick = 10**9 // a["clk_tck"]
@@ -591,7 +606,14 @@ def test_builtin_counters_grow_with_the_guest(
 def test_history_shows_burning_and_idle_guest(
     full: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
 ) -> None:
-    """vhostmdctl history: the guest burning its vCPUs above 50 %, the idle one below 20 %."""
+    """vhostmdctl history: the burner's CPU % is what libvirt says it got; the idle one's low.
+
+    The burner's history mean over the burn must agree with its share computed
+    from libvirt's CPU time at the burn markers (an independent reading), be
+    far above the idle guest's, and above 50 % whenever the machine gave it
+    the CPU (share of at least 60 %: on a busy 2-core machine two emulated
+    vCPUs get much less, and the history must then say so, not 50 %).
+    """
     out = e2e_run[0]
     _, markers = load_values(out)
     console = f"{FULL}-console.log"
@@ -600,15 +622,19 @@ def test_history_shows_burning_and_idle_guest(
     end = marker(markers, console, "E2E-BURN-END") - 1
     burner = window_stats(cpu_history(out / "history", FULL), start, end)
     idle = window_stats(cpu_history(out / "history", MINI), start, end)
+    share = cpu_share(out, console, "E2E-BURN-START", "E2E-BURN-END", FULL)
     summary = {"window_s": round(end - start, 1), "burn_s": full["load"]["burned_s"],
-               FULL: burner, MINI: idle}
+               "libvirt_share": round(share, 1), FULL: burner, MINI: idle}
     (out / "values-summary.json").write_text(json.dumps(summary, indent=1))
     sys.stderr.write(f"\ne2e values: CPU % over the burn window {json.dumps(summary)}\n")
     # At least half the window known at every step the RRD gives.
     for got in (burner, idle):
         assert got["known"] >= (end - start) / got["step"] / 2, summary
-    assert burner["mean"] > BURN_MIN_PCT, summary
+    assert abs(burner["mean"] - share) <= 10 + 0.2 * share, summary
     assert idle["mean"] < IDLE_MAX_PCT and idle["max"] < IDLE_MAX_PCT, summary
+    assert burner["mean"] > 3 * max(idle["max"], 1.0), summary
+    if share >= 60:
+        assert burner["mean"] > BURN_MIN_PCT, summary
 
 
 def test_graph_is_a_png_of_the_requested_size(

@@ -256,3 +256,28 @@ def test_watch_in_a_real_terminal(tmp_path: Path, tmux) -> None:  # type: ignore
         assert _wait_for(status.exists), screen()
     assert _wait_for(lambda: status.read_text().strip() != "")
     assert status.read_text().strip() == "0"
+
+
+def test_watch_table_fits_the_width_and_never_cuts_a_value() -> None:
+    """Long names are shortened in the middle; a value too wide goes whole on lines below."""
+    from vhostmd_guest.views import render_table
+
+    long_value = "x" * 150 + "END"
+    long_name = "AVeryLongMetricNameThatGoesOnAndOn.device-sda"
+    doc = parse_document(protocol.document(
+        b'<metric type="string" context="host"><name>' + long_name.encode() + b"</name>"
+        b"<value>" + b"v" * 50 + b"</value></metric>\n",
+        b'<metric type="string" context="vm" id="7" uuid="' + UUID1.encode() + b'">'
+        b"<name>Blob</name><value>" + long_value.encode() + b"</value></metric>\n",
+    ))
+    for width in (80, 60, 40):
+        lines = render_table(doc, now=1700000000.0, width=width).splitlines()
+        assert all(len(line) <= width for line in lines), (width, lines)
+        body = "".join(line.strip() for line in lines)
+        assert long_value in body and "v" * 50 in body, (width, lines)
+        shortened = [ln for ln in lines if "~" in ln]
+        assert not shortened or shortened[0].split()[0].endswith("sda"), lines
+    at40 = render_table(doc, now=1700000000.0, width=40).splitlines()
+    assert any(ln.strip().startswith("AVery") and "~" in ln for ln in at40), at40
+    blob = at40.index("  Blob")
+    assert "".join(ln.strip() for ln in at40[blob + 1:]) == long_value

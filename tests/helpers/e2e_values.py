@@ -35,6 +35,25 @@ def load_values(out: Path) -> Tuple[List[Dict[str, Any]], Dict[str, float]]:
     return samples, markers
 
 
+def cpu_share(out: Path, console: str, start: str, end: str, vm: str) -> float:
+    """VM's CPU % per vCPU between two console markers, from libvirt's own CPU time.
+
+    host-values.py reads every domain's CPU time (the bulk call, the cgroup's
+    nanoseconds) when it sees each marker: what the guest really got, whatever
+    else the machine was doing."""
+    recs = {}
+    for line in (out / "values.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "marker":
+            recs[rec["key"]] = rec
+    a, b = recs.get(f"{console}:{start}"), recs.get(f"{console}:{end}")
+    assert a is not None and b is not None, f"markers {start}/{end} of {console} not seen"
+    ca, cb = a.get("cpu", {}).get(vm), b.get("cpu", {}).get(vm)
+    assert ca and cb, f"no CPU time of {vm} at the markers: {a}, {b}"
+    seconds = b["wall"] - a["wall"]
+    return 100.0 * (cb["cpu_time"] - ca["cpu_time"]) / (seconds * 1e9 * ca["vcpus"])
+
+
 def marker(markers: Dict[str, float], console: str, name: str) -> float:
     """Host wall time of a marker of a console file (name-console.log)."""
     key = f"{console}:{name}"
