@@ -49,7 +49,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_CANDIDATES = (REPO.parent / "shared" / "golden" / "upstream",
@@ -161,7 +161,7 @@ def our_command() -> List[str]:
     return [sys.executable, "-m", "vhostmd_py.cli"]
 
 
-def read_header(disk: Path) -> Optional[Tuple[int, int, int]]:
+def read_header(disk: Path) -> Tuple[int, int, int] | None:
     """(signature, busy, length) of the disk, None when it is not there yet."""
     try:
         with open(disk, "rb") as handle:
@@ -382,8 +382,7 @@ def main() -> int:
     bare_s = statistics.median(bare)
     lo, hi = min(nodes), max(nodes)
     print()
-    print("| measurement (median of %d rounds) | ours | upstream | ours / upstream |"
-          % opts.rounds)
+    print(f"| measurement (median of {opts.rounds} rounds) | ours | upstream | ours / upstream |")
     print("|---|---|---|---|")
     table: Dict[str, Dict[str, float]] = {}
     for n in nodes:
@@ -417,14 +416,15 @@ def main() -> int:
             value = median_of(runs, "ours", n, "vmhwm_kb")
             met = value <= limit
             ok &= met
+            short = (value - limit) / 1024
             print(f"target VmHWM N={n} <= {limit // 1024} MB: {value / 1024:.1f} MB "
-                  f"{'met' if met else 'NOT MET by %.1f MB' % ((value - limit) / 1024)}")
+                  f"{'met' if met else f'NOT MET by {short:.1f} MB'}")
     if lo == 1 and hi == 1000:
         met = growth["ours"] <= GROWTH_TARGET_KB
         ok &= met
+        short = (growth["ours"] - GROWTH_TARGET_KB) / 1024
         print(f"target growth 1->1000 <= {GROWTH_TARGET_KB // 1024} MB: "
-              f"{growth['ours'] / 1024:.1f} MB "
-              f"{'met' if met else 'NOT MET by %.1f MB' % ((growth['ours'] - GROWTH_TARGET_KB) / 1024)}")
+              f"{growth['ours'] / 1024:.1f} MB {'met' if met else f'NOT MET by {short:.1f} MB'}")
     ratio = first1 / bare_s
     met = ratio <= FIRST_PUBLISH_TARGET
     ok &= met

@@ -55,7 +55,6 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
@@ -67,7 +66,6 @@ from vhostmd_py.config import MetricSpec
 from vhostmd_py.cycle.snapshot import VM, Snapshot, VmBlock
 from vhostmd_py.safexml import safe_parser
 from vhostmd_py.sources.base import PerDevice, RawValue, describe
-from vhostmd_py.sources.builtin.catalogue import device_metric_name
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +162,10 @@ def parse_document(content: bytes) -> etree._Element:
 
 def default_metric_dtd_path() -> Path:
     """The shipped metric.dtd (package data)."""
-    return Path(str(resources.files("vhostmd_py") / "data" / "metric.dtd"))
+    # Beside the package, not importlib.resources: that import alone costs the
+    # daemon ~2 MB (zipfile, tempfile; bench/bench_footprint.py), and the
+    # package is never installed zipped (it has compiled modules).
+    return Path(__file__).resolve().parent.parent / "data" / "metric.dtd"
 
 
 class XmlMetricValidator:
@@ -223,6 +224,9 @@ def render_value(
         return b""
     if isinstance(raw, PerDevice):
         # A per-device built-in field: one element per device, named after it.
+        # (Imported here: only configs with built-in sources have such values.)
+        from vhostmd_py.sources.builtin.catalogue import device_metric_name
+
         return b"".join(
             render_value(
                 replace(metric, name=device_metric_name(metric.name, dev)), vm, v, validator
