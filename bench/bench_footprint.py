@@ -153,12 +153,41 @@ def build_upstream(build_dir: Path) -> Path:
     return source / "vhostmd" / "vhostmd"
 
 
+# The interpreter of the venv whose `vhostmd` is measured (main() sets it).
+PYTHON = Path(sys.executable)
+
+
+def install_venv(parent: Path) -> Path:
+    """A fresh venv in PARENT with this tree pip-installed (not editable), as an operator has.
+
+    From a copy of the tracked files: pip builds a local directory in place
+    and would leave build/ and *.egg-info in the checkout.
+    """
+    venv = Path(tempfile.mkdtemp(prefix="vhostmd-footprint-venv-", dir=parent))
+    source = venv / "src"
+    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True,
+                           check=True).stdout.split(b"\0")
+    for name in filter(None, (os.fsdecode(f) for f in files)):
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    base = getattr(sys, "_base_executable", sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    print(f"installing this tree into {venv} (pip, not editable)", flush=True)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, env=env)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                    str(source / "guest"), f"{source}[host]"], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shutil.rmtree(source)
+    return venv / "bin" / "python"
+
+
 def our_command() -> List[str]:
-    """The installed console script beside this interpreter, else `python -m`."""
-    script = Path(sys.executable).parent / "vhostmd"
+    """The console script beside PYTHON, else `python -m`."""
+    script = PYTHON.parent / "vhostmd"
     if script.is_file():
         return [str(script)]
-    return [sys.executable, "-m", "vhostmd_py.cli"]
+    return [str(PYTHON), "-m", "vhostmd_py.cli"]
 
 
 def read_header(disk: Path) -> Tuple[int, int, int] | None:
@@ -219,7 +248,10 @@ def run_daemon(impl: str, argv: List[str], disk: Path, n: int, timeout: float,
     try:
         with open(log, "wb") as log_file:
             start = time.monotonic()
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file, env=env)
+            # cwd /: `python -c` puts the cwd first on sys.path (a checkout there
+            # would be imported instead of the venv's install).
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file, env=env,
+                                    cwd="/")
             try:
                 deadline = start + timeout
                 while first is None:
@@ -263,7 +295,7 @@ def bare_start(runs: int = 5) -> float:
     times = []
     for _ in range(runs):
         start = time.monotonic()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        subprocess.run([str(PYTHON), "-c", "pass"], check=True, cwd="/")
         times.append(time.monotonic() - start)
     return statistics.median(times)
 
@@ -284,10 +316,9 @@ def one(impl: str, n: int, upstream: Path, golden: Path, base: Path, timeout: fl
     try:
         config, disk = prepare(workdir, golden)
         uri = f"test://{nodes_dir() / f'node-{n}.xml'}"
-        if impl == "upstream":
-            argv = [str(upstream), "-d", "-f", str(config), "-c", uri]
-        else:
-            argv = [*our_command(), "-d", "-f", str(config), "-c", uri]
+        # A pid file of its own: as root both default to /var/run/vhostmd.pid.
+        common = ["-d", "-p", str(workdir / "pid"), "-f", str(config), "-c", uri]
+        argv = [str(upstream), *common] if impl == "upstream" else [*our_command(), *common]
         return run_daemon(impl, argv, disk, n, timeout)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -320,7 +351,8 @@ def where(n: int, golden: Path, base: Path, timeout: float) -> Dict[str, object]
         config, disk = prepare(workdir, golden)
         uri = f"test://{nodes_dir() / f'node-{n}.xml'}"
         out = workdir / "trace.json"
-        argv = [sys.executable, "-c", TRACE_WRAPPER, str(out), "-d", "-f", str(config), "-c", uri]
+        argv = [str(PYTHON), "-c", TRACE_WRAPPER, str(out), "-d", "-p", str(workdir / "pid"),
+                "-f", str(config), "-c", uri]
         run_daemon("ours-traced", argv, disk, n, timeout)
         traced = json.loads(out.read_text())
     finally:
@@ -328,7 +360,7 @@ def where(n: int, golden: Path, base: Path, timeout: float) -> Dict[str, object]
     probe = ("import sys\n{}\nfor l in open('/proc/self/status'):\n"
              "    l.startswith('VmHWM') and print(l.split()[1])")
     def hwm(stmt: str) -> int:
-        res = subprocess.run([sys.executable, "-c", probe.format(stmt)], capture_output=True,
+        res = subprocess.run([str(PYTHON), "-c", probe.format(stmt)], capture_output=True, cwd="/",
                              text=True)
         return int(res.stdout.split()[0]) if res.returncode == 0 and res.stdout else -1
     floor = hwm("pass")
@@ -342,7 +374,8 @@ def where(n: int, golden: Path, base: Path, timeout: float) -> Dict[str, object]
 
 
 def median_of(runs: List[Run], impl: str, n: int, attr: str) -> float:
-    return statistics.median(getattr(r, attr) for r in runs if r.impl == impl and r.n == n)
+    """The median of ATTR over IMPL's runs at N."""
+    return float(statistics.median(getattr(r, attr) for r in runs if r.impl == impl and r.n == n))
 
 
 def main() -> int:
@@ -354,16 +387,39 @@ def main() -> int:
     parser.add_argument("--build-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "vhostmd-upstream-build",
                         help="where upstream is built (once) when --upstream is not given")
+    parser.add_argument("--venv", default="install",
+                        help="'install': pip-install this tree into a fresh venv (default); "
+                             "'current': this interpreter's venv (an editable install "
+                             "imports its finder in every interpreter); or a venv's directory")
     parser.add_argument("--where", action="store_true", help="also tracemalloc and import costs")
     parser.add_argument("--timeout", type=float, default=60.0, help="per run, to first publish")
     parser.add_argument("--json", type=Path, default=None)
     opts = parser.parse_args()
     golden = golden_dir()
     upstream = opts.upstream or build_upstream(opts.build_dir)
-    # Bytecode first, as an install compiles it: a daemon compiling its own
-    # sources at start-up would pay the compiler's time and memory.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "vhostmd_py"),
-                    str(REPO / "guest" / "vhostmd_wire")], check=True, stdout=subprocess.DEVNULL)
+    global PYTHON
+    installed: Path | None = None
+    if opts.venv == "install":
+        opts.build_dir.mkdir(parents=True, exist_ok=True)
+        PYTHON = install_venv(opts.build_dir)
+        installed = PYTHON.parent.parent
+    elif opts.venv == "current":
+        # Bytecode first, as an install compiles it: a daemon compiling its own
+        # sources at start-up would pay the compiler's time and memory.
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "vhostmd_py"),
+                        str(REPO / "guest" / "vhostmd_wire")], check=True,
+                       stdout=subprocess.DEVNULL)
+    else:
+        PYTHON = Path(opts.venv) / "bin" / "python"
+    try:
+        return measure(opts, golden, upstream)
+    finally:
+        if installed is not None:
+            shutil.rmtree(installed, ignore_errors=True)
+
+
+def measure(opts: argparse.Namespace, golden: Path, upstream: Path) -> int:
+    """The rounds, the table, the targets."""
     nodes = [int(x) for x in opts.nodes.split(",")]
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     runs: List[Run] = []
@@ -440,7 +496,7 @@ def main() -> int:
         for filename, kb, count in traced["top"]:
             print(f"    {kb:7} {count:8}  {filename}")
         print(f"each loaded package alone over the interpreter ({extra['interpreter_kb']} kB):")
-        for package, kb in extra["package_alone_kb"].items():  # type: ignore[union-attr]
+        for package, kb in extra["package_alone_kb"].items():  # type: ignore[attr-defined]
             print(f"    {kb:7} kB  {package}")
     if opts.json is not None:
         opts.json.write_text(json.dumps({"runs": [asdict(r) for r in runs], "bare_s": bare,
