@@ -81,11 +81,11 @@ def test_a_module_that_cannot_be_imported_is_refused_naming_feature_and_module(
     history = f'<history state_dir="{tmp_path}" retention="1d"/>'
     config = load_config(write_config(tmp_path / "c.conf", tmp_path / "disk", [HOST],
                                       extra=[history]))
-    monkeypatch.setitem(sys.modules, "vhostmd_py.history.core", None)  # import raises
+    monkeypatch.setitem(sys.modules, "vhostmd_py.history.step", None)  # import raises
     with pytest.raises(ConfigError) as info:
         life.preload(config)
     assert info.value.file == str(tmp_path / "c.conf")
-    assert "history needs the module vhostmd_py.history.core" in str(info.value)
+    assert "history needs the module vhostmd_py.history.step" in str(info.value)
     assert "restart vhostmd" in str(info.value)
 
 
