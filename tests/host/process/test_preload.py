@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from helpers.config import write_config
 
-from vhostmd_py.config import load_config
 from vhostmd_py.cycle.gather import needs_vms
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.process import life
+from vhostmd_py.process.life import load_config
 
 VM = ("Name", "string", "vm", "echo NAME")
 HOST = ("Answer", "uint32", "host", "echo 42")
