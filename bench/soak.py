@@ -158,40 +158,78 @@ def disk_ok(disk: Path) -> bool:
 
 
 def summarize(samples: List[Sample], warmup: float, tolerance_mb: float) -> Dict[str, object]:
-    """Flat or not, and the figures that say so."""
+    """Flat or not, and the figures that say so.
+
+    A sample taken during a cycle sees that cycle's transient objects and its
+    running actions' pipes (five fds each): RSS, fds and threads are judged
+    by both the median and the lowest value (between cycles) of the first
+    and the last quarter of the steady samples.
+    """
     steady = [s for s in samples if s.t >= warmup]
     if len(steady) < 4:
         return {"flat": None, "reason": "too few samples after the warm-up"}
     quarter = max(1, len(steady) // 4)
-    first = statistics.median(s.rss_kb for s in steady[:quarter])
-    last = statistics.median(s.rss_kb for s in steady[-quarter:])
+    first, last = steady[:quarter], steady[-quarter:]
+
+    def med(group: List[Sample], attr: str) -> float:
+        return float(statistics.median(getattr(s, attr) for s in group))
+
+    def low(group: List[Sample], attr: str) -> int:
+        return int(min(getattr(s, attr) for s in group))
+
+    growth_mb = (med(last, "rss_kb") - med(first, "rss_kb")) / 1024
+    floor_growth_mb = (low(last, "rss_kb") - low(first, "rss_kb")) / 1024
     span_h = (steady[-1].t - steady[0].t) / 3600 or float("nan")
-    growth_mb = (last - first) / 1024
+    # Least-squares slope of RSS over the steady samples.
+    ts = [s.t for s in steady]
+    rs = [s.rss_kb / 1024 for s in steady]
+    mt, mr = statistics.mean(ts), statistics.mean(rs)
+    var = sum((t - mt) ** 2 for t in ts)
+    slope = sum((t - mt) * (r - mr) for t, r in zip(ts, rs)) / var * 3600 if var else 0.0
     fds = [s.fds for s in steady]
     threads = [s.threads for s in steady]
-    flat = (growth_mb <= tolerance_mb and max(fds) - min(fds) <= 2
-            and max(threads) - min(threads) <= 2)
+    flat = (growth_mb <= tolerance_mb and floor_growth_mb <= tolerance_mb
+            and low(last, "fds") - low(first, "fds") <= 2
+            and low(last, "threads") - low(first, "threads") <= 2)
     return {
         "flat": flat,
         "steady_samples": len(steady),
-        "rss_first_quarter_mb": round(first / 1024, 1),
-        "rss_last_quarter_mb": round(last / 1024, 1),
+        "rss_median_first_quarter_mb": round(med(first, "rss_kb") / 1024, 1),
+        "rss_median_last_quarter_mb": round(med(last, "rss_kb") / 1024, 1),
         "rss_growth_mb": round(growth_mb, 2),
-        "rss_growth_mb_per_hour": round(growth_mb / span_h, 2),
-        # The lowest sample of each quarter: RSS between cycles, less noisy than
-        # a sample that lands inside a cycle's transient peak.
-        "rss_floor_first_quarter_mb": round(min(s.rss_kb for s in steady[:quarter]) / 1024, 1),
-        "rss_floor_last_quarter_mb": round(min(s.rss_kb for s in steady[-quarter:]) / 1024, 1),
-        "rss_min_mb": round(min(s.rss_kb for s in steady) / 1024, 1),
-        "rss_max_mb": round(max(s.rss_kb for s in steady) / 1024, 1),
+        "rss_floor_first_quarter_mb": round(low(first, "rss_kb") / 1024, 1),
+        "rss_floor_last_quarter_mb": round(low(last, "rss_kb") / 1024, 1),
+        "rss_floor_growth_mb": round(floor_growth_mb, 2),
+        "rss_slope_mb_per_hour": round(slope, 2),
+        "rss_min_max_mb": [round(min(rs), 1), round(max(rs), 1)],
+        "span_hours": round(span_h, 3),
         "vmhwm_mb": round(samples[-1].hwm_kb / 1024, 1),
         "fds_min_max": [min(fds), max(fds)],
+        "fds_floor_first_last": [low(first, "fds"), low(last, "fds")],
         "threads_min_max": [min(threads), max(threads)],
+        "threads_floor_first_last": [low(first, "threads"), low(last, "threads")],
         "cycles": samples[-1].cycles,
         "scrapes_ok": samples[-1].scrapes_ok,
         "scrapes_failed": samples[-1].scrapes_failed,
         "disk_ok_every_sample": all(s.disk_ok for s in samples),
     }
+
+
+def resummarize(opts: argparse.Namespace) -> int:
+    """The verdict again, from a finished run's OUT/samples.jsonl (keeps its other figures)."""
+    samples = [Sample(**json.loads(line))
+               for line in (opts.out / "samples.jsonl").read_text().splitlines() if line]
+    old_path = opts.out / "summary.json"
+    old = json.loads(old_path.read_text()) if old_path.is_file() else {}
+    minutes = old.get("minutes", samples[-1].t / 60 if samples else 0)
+    warmup = opts.warmup if opts.warmup is not None else max(60.0, float(minutes) * 6)
+    keep = {k: old[k] for k in ("commit", "n", "period_s", "minutes", "exit_status",
+                                "tracebacks", "errors_logged", "scrape_last_error",
+                                "scrape_body_bytes") if k in old}
+    summary = {**summarize(samples, warmup, opts.rss_tolerance), **keep, "warmup_s": warmup}
+    old_path.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0 if summary.get("flat") else 1
 
 
 def main() -> int:
@@ -205,7 +243,11 @@ def main() -> int:
     parser.add_argument("--scrape-interval", type=float, default=1.0)
     parser.add_argument("--rss-tolerance", type=float, default=2.0, help="MB")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "vhostmd-soak")
+    parser.add_argument("--summarize", action="store_true",
+                        help="only recompute OUT/summary.json from OUT/samples.jsonl")
     opts = parser.parse_args()
+    if opts.summarize:
+        return resummarize(opts)
     node = next((d / f"node-{opts.n}.xml" for d in NODES if (d / f"node-{opts.n}.xml").is_file()),
                 None)
     if node is None:
