@@ -274,6 +274,9 @@ def libmetrics_calls() -> Dict[str, Any]:
         ("NumCPUs", vm),
         ("TotalCPUTime", vm),
         ("NoSuchMetric", host),
+        # Denied to this VM by its domain metadata (scripts/e2e-guest).
+        ("E2EPolicyHost", host),
+        ("E2EPolicyVm", vm),
     ]
     # Default reader: the auto-discovered metrics disk (several VMs on it).
     for name, ctx in names:
@@ -331,7 +334,9 @@ def pervm_checks(uuid: str, deadline: float) -> None:
         for name, ctx in (("E2EIdent", libmetrics.METRIC_CONTEXT_VM),
                           ("E2EAnswer", libmetrics.METRIC_CONTEXT_HOST),
                           ("HostIdentity", libmetrics.METRIC_CONTEXT_HOST),
-                          ("UpdatePeriod", libmetrics.METRIC_CONTEXT_HOST)):
+                          ("UpdatePeriod", libmetrics.METRIC_CONTEXT_HOST),
+                          ("E2EPolicyHost", libmetrics.METRIC_CONTEXT_HOST),
+                          ("E2EPolicyVm", libmetrics.METRIC_CONTEXT_VM)):
             try:
                 val = libmetrics.get_metric(name, ctx, reader=reader)
                 out[f"{name}:{ctx.context_name}"] = {"ok": True, "value": as_record(val)}
