@@ -141,39 +141,6 @@ if [ "$mode" = "mini" ]; then
     # Stay up (the host destroys this guest once the full guest is done) so
     # that the full guest's virtio check runs while both VMs are live.
     say "E2E-MINI-DONE"
-    # Then the host blocks this VM through its domain metadata (a live
-    # `virsh metadata`, the daemon running): watch the per-VM disk for the
-    # empty document, once a second (cheap: this guest must stay idle for
-    # the full guest's CPU-burn check), then ask virtio, which must answer
-    # the protocol's error. Bounded, so that a policy that never applies
-    # still gets a report.
-    if [ -n "$pdisk" ]; then
-        printf '<metrics>\n</metrics>\n' > /tmp/empty
-        polls=0
-        blocked=no
-        while [ $polls -lt 600 ]; do
-            polls=$((polls + 1))
-            read_disk "$pdisk" > /tmp/blocked-pervm
-            if cmp -s /tmp/blocked-pervm /tmp/empty; then blocked=yes; break; fi
-            sleep 1
-        done
-        say "E2E-MINI-BLOCKED $blocked after $polls polls"
-        # The error is 17 bytes ("INVALID REQUEST" and a blank line); a
-        # document's first 17 would tell it apart. Not sed up to the blank
-        # line: busybox sed reads a line ahead and would wait for one more.
-        tries=0
-        while [ $tries -lt 10 ]; do
-            tries=$((tries + 1))
-            timeout 5 sh -c "exec 3<>$PORT; printf 'GET /metrics/XML\n\n' >&3; exec head -c 17 <&3" \
-                > /tmp/blocked-virtio 2>/dev/null
-            grep -q '^INVALID REQUEST$' /tmp/blocked-virtio && break
-            sleep 1
-        done
-        say "virtio tries while blocked: $tries"
-        echo "E2E-RESULT mini-blocked-pervm $(base64 -w 0 < /tmp/blocked-pervm)"
-        echo "E2E-RESULT mini-blocked-virtio $(base64 -w 0 < /tmp/blocked-virtio)"
-    fi
-    say "E2E-MINI-BLOCK-DONE"
     sleep 600
     finish
 fi

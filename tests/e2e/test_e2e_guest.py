@@ -657,8 +657,8 @@ def test_graph_is_a_png_of_the_requested_size(
 
 
 # --- per-VM policy: the full guest's domain metadata denies E2EPolicy*
-# (virsh metadata --config before its start), the mini guest is then blocked
-# by a live `virsh metadata` while the daemon runs ----------------------------
+# (virsh metadata --config before its start); at its end it is blocked by a
+# live `virsh metadata` while the daemon runs ----------------------------------
 
 
 def _policy_metrics(doc: bytes) -> Dict[Tuple[str | None, str | None], str | None]:
@@ -728,21 +728,31 @@ def test_policy_shared_disk_holds_what_every_vm_may_see(
 
 
 def test_policy_block_by_live_metadata(
-    mini: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+    full: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
 ) -> None:
-    """virsh metadata --live blocks the mini guest, the daemon running, within the refresh period.
+    """virsh metadata --live blocks the full guest, the daemon running, within the refresh period.
 
     Its own disk then holds an empty document and virtio answers it the
-    protocol's error; the daemon's policy.json says the block came from the
-    metadata. The time: from `virsh metadata` returning to the guest's marker
-    on its console (the guest reads its disk once a second), and to the
-    daemon's write of policy.json.
+    protocol's error (vm-dump-metrics -i fails); the daemon's policy.json
+    says the block came from the metadata and the other VM's policy is
+    unchanged. The time: from `virsh metadata` returning to the daemon's
+    write of policy.json, and to the guest's line on its console (it reads
+    its disk every half second).
     """
     out = e2e_run[0]
-    assert mini["mini-blocked-pervm"] == b"<metrics>\n</metrics>\n"
-    assert mini["mini-blocked-virtio"] == b"INVALID REQUEST\n\n"
+    rec = full["blocked"]
+    assert base64.b64decode(rec["pervm_b64"]) == b"<metrics>\n</metrics>\n", rec
+    replies = [base64.b64decode(r["b64"]) for r in rec["virtio"] if "b64" in r]
+    assert replies and replies[-1] == b"INVALID REQUEST\n\n", rec["virtio"]
+    # The first exchange after the block already gets the error.
+    assert len(rec["virtio"]) == 1, rec["virtio"]
+    dump = rec["dump-i"]
+    assert dump["rc"] != 0 and _stdout(dump) == b"", dump
+    assert "INVALID REQUEST" in dump["stderr"], dump
     after = _policy_state(out, "after")
-    assert after[MINI]["blocked"] is True and after[MINI]["origin"]["blocked"] == "metadata"
+    assert after[FULL]["blocked"] is True and after[FULL]["origin"]["blocked"] == "metadata"
+    assert after[FULL]["deny"] == ["E2EPolicy*"]
+    assert after[MINI]["blocked"] is False and after[MINI]["origin"]["blocked"] == "built-in"
     times = json.loads((out / "policy-block.json").read_text())
     refresh = times["refresh_s"]
     seen = times["guest_seen"] - times["set_at"]
@@ -757,7 +767,7 @@ def test_policy_block_by_live_metadata(
     # Written at most one cycle before virsh returned (the event can beat it).
     assert times["policy_written"] >= times["set_start"] - 1.0, times
     # Within the refresh period, plus the cycle that publishes it (1 s) and,
-    # for the guest, its once-a-second read and the console's line.
+    # for the guest, its read every half second and the console's line.
     assert applied <= refresh + 1.0, times
     assert seen <= refresh + 3.0, times
     # One daemon throughout: it started once and was never restarted.
