@@ -12,11 +12,39 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-import click
 
-from vhostmd_py import __version__
-from vhostmd_py.getopt_wording import getopt_message
-from vhostmd_py.process.life import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, PROG, Options, run
+def _import_asyncio_without_ssl() -> None:
+    """Import asyncio with ssl unavailable to it, unless either is imported already.
+
+    asyncio imports ssl at once only to offer TLS transports; the daemon
+    serves none (the endpoint is plain HTTP on loopback, libvirt does its own
+    TLS in C), and the ssl module and OpenSSL's start-up cost it ~1 MB of
+    RSS (bench/bench_footprint.py). Only asyncio's view is affected: a later
+    `import ssl` elsewhere gets the real module.
+    """
+    if "asyncio" in sys.modules or "ssl" in sys.modules:
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # makes `import ssl` fail
+    try:
+        import asyncio  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
+
+
+_import_asyncio_without_ssl()  # before anything below imports asyncio
+
+import click  # noqa: E402
+
+from vhostmd_py import __version__  # noqa: E402
+from vhostmd_py.getopt_wording import getopt_message  # noqa: E402
+from vhostmd_py.process.life import (  # noqa: E402
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    Options,
+    run,
+)
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"

@@ -14,8 +14,6 @@ Every error is a ConfigError naming the file and, when there is one, the line.
 from __future__ import annotations
 
 import os
-from importlib import resources
-from pathlib import Path
 from typing import Any, List, Tuple
 
 from lxml import etree
@@ -50,14 +48,17 @@ def yes(elem: etree._Element, attr: str, default: bool) -> bool:
     return default if raw is None else raw == "yes"
 
 
-def default_dtd_path() -> Path:
+def default_dtd_path() -> str:
     """The shipped vhostmd.dtd (package data)."""
-    return Path(str(resources.files("vhostmd_py") / "data" / "vhostmd.dtd"))
+    # Beside the package, as cycle.render's metric.dtd (why not importlib.resources
+    # or pathlib: there).
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                        "vhostmd.dtd")
 
 
 def load_dtd(file: str, dtd: StrPath | None) -> etree.DTD:
     """The grammar (DTD, default: the shipped one) FILE is validated against."""
-    dtd_file = os.fspath(dtd) if dtd is not None else str(default_dtd_path())
+    dtd_file = os.fspath(dtd) if dtd is not None else default_dtd_path()
     try:
         with open(dtd_file, "rb") as fh:
             return etree.DTD(fh)

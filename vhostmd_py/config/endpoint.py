@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from lxml import etree
 
 from vhostmd_py.config.document import line_of
@@ -23,6 +21,8 @@ def parse_endpoint(globals_: etree._Element, file: str) -> EndpointConfig | None
         return None
     line = line_of(elem)
     address = str(elem.get("address", DEFAULT_ENDPOINT_ADDRESS)).strip()
+    import ipaddress  # here: only a config with an endpoint pays for it
+
     try:
         ip = ipaddress.ip_address(address.strip("[]"))
     except ValueError:

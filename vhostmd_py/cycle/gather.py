@@ -45,22 +45,26 @@ LIBVIRT_TIMEOUT = 5.0
 
 def needs_vms(config: Config, *, channels: bool = False) -> bool:
     """Whether a cycle of CONFIG lists the running VMs (CHANNELS: virtio is served)."""
-    from vhostmd_py.sources.builtin.catalogue import needs_libvirt
-
-    return (
+    if (
         channels
         or any(m.context == "vm" for m in config.metrics)
         # One disk per running VM needs the running VMs.
         or config.disk_per_vm is not None
-        # Built-in host fields read from libvirt (node info) need its connection.
-        or needs_libvirt([m.source for m in config.metrics if m.source is not None])
         # The history, alarms and accounting read every VM's counters.
         or config.history is not None
         or config.alarms is not None
         or config.accounting is not None
         # A policy: the shared disk holds what every running VM may see.
         or config.policy is not None
-    )
+    ):
+        return True
+    sources = [m.source for m in config.metrics if m.source is not None]
+    if not sources:
+        return False  # the catalogue is not imported for a config without built-in sources
+    from vhostmd_py.sources.builtin.catalogue import needs_libvirt
+
+    # Built-in host fields read from libvirt (node info) need its connection.
+    return needs_libvirt(sources)
 
 
 class Gatherer:

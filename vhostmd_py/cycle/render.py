@@ -53,10 +53,9 @@ group's variables are checked against each variable's own type.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, replace
-from importlib import resources
-from pathlib import Path
 from typing import List, Mapping, Sequence, Tuple
 
 from lxml import etree
@@ -65,9 +64,9 @@ from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
 
 from vhostmd_py.config import MetricSpec
 from vhostmd_py.cycle.snapshot import Snapshot, VmBlock
+from vhostmd_py.errors import StrPath
 from vhostmd_py.safexml import safe_parser
 from vhostmd_py.sources.base import Pending, PerDevice, RawValue, describe
-from vhostmd_py.sources.builtin.catalogue import device_metric_name
 from vhostmd_py.sources.vm import VM
 
 log = logging.getLogger(__name__)
@@ -163,15 +162,20 @@ def parse_document(content: bytes) -> etree._Element:
     return etree.fromstring(content, safe_parser())
 
 
-def default_metric_dtd_path() -> Path:
+def default_metric_dtd_path() -> str:
     """The shipped metric.dtd (package data)."""
-    return Path(str(resources.files("vhostmd_py") / "data" / "metric.dtd"))
+    # Beside the package, with os.path: importlib.resources costs the daemon
+    # ~2 MB of RSS (zipfile, tempfile), pathlib ~1 MB (urllib.parse,
+    # ipaddress; bench/bench_footprint.py), and the package is never
+    # installed zipped (it has compiled modules).
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                        "metric.dtd")
 
 
 class XmlMetricValidator:
     """Checks an xml metric's output against metric.dtd (loaded once)."""
 
-    def __init__(self, dtd_path: Path | None = None) -> None:
+    def __init__(self, dtd_path: StrPath | None = None) -> None:
         path = dtd_path or default_metric_dtd_path()
         with open(path, "rb") as fh:
             self._dtd = etree.DTD(fh)
@@ -224,6 +228,9 @@ def render_value(
         return b""
     if isinstance(raw, PerDevice):
         # A per-device built-in field: one element per device, named after it.
+        # (Imported here: only configs with built-in sources have such values.)
+        from vhostmd_py.sources.builtin.catalogue import device_metric_name
+
         return b"".join(
             render_value(
                 replace(metric, name=device_metric_name(metric.name, dev)), vm, v, validator

@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List
+from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
 
 from vhostmd_py.errors import ConfigError, PidFileError, StrPath, VhostmdError
 from vhostmd_py.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
@@ -214,41 +214,128 @@ def _log_started(opts: Options, config: Config) -> None:
     )
 
 
+# What each feature of a config makes the daemon import, at start-up or in
+# any later cycle, scrape or reload (each module's own imports follow). The
+# one table: preload() imports exactly these before -u drops root, and the
+# daemon imports the same modules lazily where they are used, so a config
+# without a feature does not pay for its libraries (bench/bench_footprint.py).
+FEATURE_MODULES: Dict[str, Tuple[str, ...]] = {
+    # Every daemon: the cycle, its actions (the compiled runner) and their
+    # orphans; concurrent.futures.thread is imported on first use of an
+    # executor (the runner's batches, the history's close).
+    "cycle": (
+        "vhostmd_py.cycle.gather",
+        "vhostmd_py.cycle.collect",
+        "vhostmd_py.cycle.render",
+        "vhostmd_py.sources.base",
+        "vhostmd_py.sources.shell.runner",
+        "vhostmd_py.sources.shell.substitution",
+        "vhostmd_py.sources.shell.orphans",
+        "concurrent.futures.thread",
+    ),
+    "vbd": ("vhostmd_py.publish.vbd", "vhostmd_py.publish.mdisk"),
+    # The running VMs (vm metrics, virtio, per-VM disks, built-in fields read
+    # from libvirt, history, alarms, accounting).
+    "libvirt": ("vhostmd_py.sources.vms", "libvirt"),
+    "virtio": ("vhostmd_py.publish.virtio.publisher", "vhostmd_py.publish.virtio.server"),
+    # Built-in <source> metrics; the history, alarms and accounting read their
+    # counters through the same source.
+    "builtin": ("vhostmd_py.sources.builtin.source",),
+    "history": ("vhostmd_py.history.step",),
+    "alarms/accounting": ("vhostmd_py.monitors.step",),
+    "freshness": ("vhostmd_py.cycle.freshness",),
+    "disk_per_vm": ("vhostmd_py.publish.pervm",),
+    "metrics_endpoint": ("vhostmd_py.publish.endpoint",),
+    # What each VM may see, and each domain's own policy and alarms (metadata).
+    "policy": ("vhostmd_py.publish.policy", "vhostmd_py.sources.metadata",
+               "vhostmd_py.config.perfmon", "vhostmd_py.fs"),
+}
+# Imported when present: without libvirt-python the daemon publishes host
+# metrics only (said once by LibvirtVMs), so its absence is no start-up error.
+OPTIONAL_MODULES = frozenset({"libvirt"})
+
+
+def features(config: Config) -> List[str]:
+    """The FEATURE_MODULES keys CONFIG uses, in the table's order."""
+    sources = [m.source for m in config.metrics if m.source is not None]
+    monitors = config.alarms is not None or config.accounting is not None
+    counters = config.history is not None or monitors
+    used = {
+        "cycle": True,
+        "vbd": "vbd" in config.transports,
+        # The daemon lists the running VMs for these (cycle.gather.needs_vms).
+        "libvirt": "virtio" in config.transports
+        or any(m.context == "vm" for m in config.metrics)
+        # One disk per running VM needs the running VMs.
+        or config.disk_per_vm is not None
+        # Built-in host fields read from libvirt (node info) need its connection.
+        or (bool(sources) and _sources_need_libvirt(sources))
+        # The history, alarms and accounting read every VM's counters.
+        or counters
+        # A policy: what every running VM may see, their metadata.
+        or config.policy is not None,
+        "virtio": "virtio" in config.transports,
+        "builtin": bool(sources) or counters,
+        "history": config.history is not None,
+        "alarms/accounting": monitors,
+        "freshness": config.freshness is not None,
+        "disk_per_vm": config.disk_per_vm is not None,
+        "metrics_endpoint": config.metrics_endpoint is not None,
+        "policy": config.policy is not None,
+    }
+    return [name for name in FEATURE_MODULES if used[name]]
+
+
+def _sources_need_libvirt(sources: List[str]) -> bool:
+    from vhostmd_py.sources.builtin.catalogue import needs_libvirt
+
+    return needs_libvirt(sources)
+
+
+def preload(config: Config) -> None:
+    """Import what CONFIG's features use (FEATURE_MODULES), now.
+
+    Raises ConfigError naming the feature and the module when one cannot be
+    imported (after -u USER: an installation USER cannot read); a missing
+    optional module (libvirt-python) is not an error.
+    """
+    import importlib
+
+    for feature in features(config):
+        for name in FEATURE_MODULES[feature]:
+            if sys.modules.get(name) is not None:
+                continue
+            try:
+                importlib.import_module(name)
+            except (ImportError, OSError) as err:  # OSError: a file it cannot read
+                if name in OPTIONAL_MODULES:
+                    continue
+                raise ConfigError(
+                    config.file,
+                    f"{feature} needs the module {name}, which cannot be imported now "
+                    f"({err}): restart vhostmd to use it",
+                ) from err
+
+
 def _preload(config: Config) -> Callable[[str], Config]:
     """Load now what the daemon would load lazily later; the config loader to reload with.
 
     After -u USER the unprivileged user may be unable to read the Python
     installation (a Python under /root, a venv in a 0700 directory): an
     import, metric.dtd or vhostmd.dtd read in a later cycle or on SIGHUP
-    would then fail every time. Modules are imported,
-    metric.dtd parsed once (render.xml_validator), and vhostmd.dtd kept open:
-    a reload reads it again through /proc/self/fd, which needs no search
-    permission on the directories above it.
+    would then fail every time. What the config's features use is imported
+    (preload), metric.dtd parsed once (render.xml_validator), and
+    vhostmd.dtd kept open: a reload reads it again through /proc/self/fd,
+    which needs no search permission on the directories above it. A reload
+    whose config needs a module not imported here (a feature turned on by
+    the reload) imports it then; when that fails the reload is refused (one
+    line, the old config stays in force) and the operator restarts.
     """
-    import concurrent.futures.thread  # noqa: F401 - used lazily by the runner
-
-    import vhostmd_py.cycle.collect
-    import vhostmd_py.cycle.render
-    import vhostmd_py.sources.base
-    import vhostmd_py.sources.shell.orphans
-    import vhostmd_py.sources.shell.runner
-    import vhostmd_py.sources.shell.substitution
     from vhostmd_py.config import default_dtd_path
+    from vhostmd_py.cycle.render import xml_validator
 
-    vhostmd_py.cycle.render.xml_validator()
-    if "virtio" in config.transports:
-        import vhostmd_py.publish.virtio.server
-    if any(m.source is not None for m in config.metrics) or config.history is not None:
-        import vhostmd_py.sources.builtin.source
-    if config.history is not None:
-        import vhostmd_py.history.core
-    if config.alarms is not None or config.accounting is not None:
-        import vhostmd_py.monitors.step
-    if "virtio" in config.transports or any(m.context == "vm" for m in config.metrics):
-        # Without libvirt-python the daemon publishes host metrics only (said
-        # once by LibvirtVMs); -u must not turn that into a start-up failure.
-        with contextlib.suppress(ImportError):
-            import libvirt  # noqa: F401
+    preload(config)
+    xml_validator()
     dtd = default_dtd_path()
     try:
         fd = os.open(dtd, os.O_RDONLY)  # kept for the process's life, by design
@@ -256,7 +343,15 @@ def _preload(config: Config) -> Callable[[str], Config]:
         raise ConfigError(dtd, f"cannot open the configuration grammar: {err.strerror}") from err
 
     def reload_config(path: str) -> Config:
-        return load_config(path, dtd=f"/proc/self/fd/{fd}")
+        try:
+            new = load_config(path, dtd=f"/proc/self/fd/{fd}")
+        except (ImportError, OSError) as err:  # a section whose parser was never imported
+            raise ConfigError(
+                path, f"reading it needs a module that cannot be imported now ({err}): "
+                "restart vhostmd to use it",
+            ) from err
+        preload(new)
+        return new
 
     return reload_config
 

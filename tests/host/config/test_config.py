@@ -338,7 +338,7 @@ def test_shipped_grammars(golden: Path, repo_root: Path) -> None:
     assert (repo_root / "metric.dtd").read_bytes() == (
         golden / "reference-configs" / "metric.dtd"
     ).read_bytes()
-    assert default_dtd_path().read_bytes() == (repo_root / "vhostmd.dtd").read_bytes()
+    assert Path(default_dtd_path()).read_bytes() == (repo_root / "vhostmd.dtd").read_bytes()
     assert (repo_root / "vhostmd_py" / "data" / "metric.dtd").read_bytes() == (
         repo_root / "metric.dtd"
     ).read_bytes()

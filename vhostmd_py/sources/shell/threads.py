@@ -56,7 +56,11 @@ class BatchThreads:
         error = fut.exception()
         if error is None:
             self._delivered(fut.result())
-        for index, job in enumerate(batch.jobs):
+        # batch.jobs <-> job.batch is a reference cycle: left to the cyclic
+        # collector, a cycle's batches (their C buffers, jobs and futures)
+        # lived on into the next cycles and raised the daemon's peak memory.
+        jobs, batch.jobs = batch.jobs, []
+        for index, job in enumerate(jobs):
             if job.future.done():
                 continue
             if error is not None:
