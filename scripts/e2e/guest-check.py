@@ -274,6 +274,9 @@ def libmetrics_calls() -> Dict[str, Any]:
         ("NumCPUs", vm),
         ("TotalCPUTime", vm),
         ("NoSuchMetric", host),
+        # Denied to this VM by its domain metadata (scripts/e2e-guest).
+        ("E2EPolicyHost", host),
+        ("E2EPolicyVm", vm),
     ]
     # Default reader: the auto-discovered metrics disk (several VMs on it).
     for name, ctx in names:
@@ -331,7 +334,9 @@ def pervm_checks(uuid: str, deadline: float) -> None:
         for name, ctx in (("E2EIdent", libmetrics.METRIC_CONTEXT_VM),
                           ("E2EAnswer", libmetrics.METRIC_CONTEXT_HOST),
                           ("HostIdentity", libmetrics.METRIC_CONTEXT_HOST),
-                          ("UpdatePeriod", libmetrics.METRIC_CONTEXT_HOST)):
+                          ("UpdatePeriod", libmetrics.METRIC_CONTEXT_HOST),
+                          ("E2EPolicyHost", libmetrics.METRIC_CONTEXT_HOST),
+                          ("E2EPolicyVm", libmetrics.METRIC_CONTEXT_VM)):
             try:
                 val = libmetrics.get_metric(name, ctx, reader=reader)
                 out[f"{name}:{ctx.context_name}"] = {"ok": True, "value": as_record(val)}
@@ -340,6 +345,81 @@ def pervm_checks(uuid: str, deadline: float) -> None:
     except Exception:
         out["import"] = {"ok": False, "error": traceback.format_exc()}
     emit("pervm-libmetrics", out)
+
+
+# --- per-VM policy: blocked by a live change of this domain's metadata --------
+# After the load phase (so that the CPU checks are not disturbed) the guest
+# says E2E-POLICY-READY; the host then sets blocked="yes" in this domain's
+# metadata with `virsh metadata --live`, the daemon running. The guest reads
+# its own disk until it holds the empty document, then asks virtio.
+EMPTY_DOC = b"<metrics>\n</metrics>\n"
+PORT = "/dev/virtio-ports/org.github.vhostmd.1"
+BLOCK_WAIT_S = 90.0
+
+
+def virtio_raw(timeout: float = 5.0) -> bytes:
+    """One GET /metrics/XML on the port: the reply's bytes up to the blank line, as they came."""
+    import select
+
+    fd = os.open(PORT, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        os.write(fd, b"GET /metrics/XML\n\n")
+        out = b""
+        end = time.monotonic() + timeout
+        while not out.endswith(b"\n\n"):
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                time.sleep(0.05)  # the host side not connected at this moment
+                continue
+            out += chunk
+        return out
+    finally:
+        os.close(fd)
+
+
+def policy_block_phase() -> None:
+    """Wait for the host's block: the empty document on the own disk, the error over virtio."""
+    from vhostmd_guest.reader import read_disk_content
+
+    dev = pervm_device()
+    rec: Dict[str, Any] = {"device": dev}
+    note("E2E-POLICY-READY")
+    t0 = time.monotonic()
+    polls = 0
+    doc = b""
+    while dev is not None and time.monotonic() - t0 < BLOCK_WAIT_S:
+        polls += 1
+        try:
+            doc = read_disk_content(dev)
+        except Exception as err:  # evidence: record the last error, keep trying
+            rec["last_error"] = f"{type(err).__name__}: {err}"
+        if doc == EMPTY_DOC:
+            break
+        time.sleep(0.5)
+    rec.update(polls=polls, waited_s=time.monotonic() - t0,
+               pervm_b64=base64.b64encode(doc).decode())
+    note(f"E2E-BLOCKED {'yes' if doc == EMPTY_DOC else 'no'} after {polls} polls")
+    replies = []
+    for _ in range(5):
+        try:
+            reply = virtio_raw()
+        except OSError as err:
+            replies.append({"error": str(err)})
+            time.sleep(1.0)
+            continue
+        replies.append({"b64": base64.b64encode(reply).decode()})
+        if reply.startswith(b"INVALID REQUEST"):
+            break
+        time.sleep(1.0)
+    rec["virtio"] = replies
+    rec["dump-i"] = run_tool(["-i"])
+    emit("blocked", rec)
 
 
 def main() -> int:
@@ -386,7 +466,8 @@ def main() -> int:
     pervm_checks(uuid, time.monotonic() + 60.0)
     emit("modules", modules_check())
     note("guest-check done")
-    load_phase()  # e2e values: last, it only loads the guest
+    load_phase()  # e2e values: it only loads the guest
+    policy_block_phase()  # last: from here this VM sees nothing
     return 0
 
 

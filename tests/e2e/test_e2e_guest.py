@@ -46,6 +46,8 @@ MINI_VCPUS = 1
 CHANNEL_DIR = "/var/lib/libvirt/qemu/channel/target"
 # Generous: a cold run (packages, kernel, debootstrap) takes about 2-5 minutes.
 SCRIPT_TIMEOUT_S = 1500
+# The metrics the full guest's domain metadata denies it (scripts/e2e-guest).
+POLICY_PREFIX = "E2EPolicy"
 HOST_VALUES = {
     "E2EAnswer": ("int32", "42"),
     "E2EHostTag": ("string", "e2e-host"),
@@ -220,8 +222,10 @@ def _assert_vm_block(doc: bytes, domains: Dict[str, Any], name: str, vcpus: int)
     """This domain's vm metrics are there, tagged with its id and UUID, with real values."""
     d = domains[name]
     vm = {m["name"]: m for m in _metrics(doc) if m["context"] == "vm" and m["uuid"] == d["uuid"]}
-    # The built-in-source metrics are checked by the e2e value tests (end of file).
-    vm = {k: v for k, v in vm.items() if not (k or "").startswith(NATIVE_PREFIX)}
+    # The built-in-source metrics are checked by the e2e value tests, the
+    # policy's by the policy tests (end of file).
+    vm = {k: v for k, v in vm.items()
+          if not (k or "").startswith((NATIVE_PREFIX, POLICY_PREFIX))}
     assert set(vm) == {"E2EIdent", "NumCPUs", "TotalCPUTime"}, vm
     for m in vm.values():
         assert m["id"] == str(d["id"])
@@ -650,3 +654,122 @@ def test_graph_is_a_png_of_the_requested_size(
     )
     assert proc.returncode == 0, proc.stderr
     assert png_size(png) == (600, 200)
+
+
+# --- per-VM policy: the full guest's domain metadata denies E2EPolicy*
+# (virsh metadata --config before its start); at its end it is blocked by a
+# live `virsh metadata` while the daemon runs ----------------------------------
+
+
+def _policy_metrics(doc: bytes) -> Dict[Tuple[str | None, str | None], str | None]:
+    """The E2EPolicy* metrics of a document: (name, uuid or None for the host) -> value."""
+    return {(m["name"], m["uuid"]): m["value"] for m in _metrics(doc)
+            if (m["name"] or "").startswith(POLICY_PREFIX)}
+
+
+def _policy_state(out: Path, which: str) -> Dict[str, Any]:
+    """policy.json (vhostmdctl policy's source) as the daemon had written it, by VM name."""
+    state = json.loads((out / f"policy-{which}.json").read_text())
+    return {v["name"]: v for v in state["vms"].values()}
+
+
+def test_policy_metadata_set_with_virsh(
+    e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """The full guest's policy is in its domain metadata, and the daemon took it from there."""
+    out = e2e_run[0]
+    # `virsh metadata DOMAIN --uri NS` prints the element of that namespace, without it.
+    meta = etree.fromstring((out / f"{FULL}-metadata.xml").read_bytes())
+    assert meta.tag == "policy" and [(d.tag, d.text) for d in meta] == [("deny", "E2EPolicy*")]
+    before = _policy_state(out, "before")
+    assert before[FULL]["deny"] == ["E2EPolicy*"] and before[FULL]["blocked"] is False
+    assert before[FULL]["origin"]["deny"] == "metadata", before[FULL]
+    assert before[MINI]["deny"] == [] and before[MINI]["blocked"] is False
+    assert before[MINI]["origin"]["deny"] == "built-in", before[MINI]
+
+
+def test_policy_denied_metric_hidden_from_full_guest(full: Dict[str, Any], e2e_run: Any) -> None:
+    """Denied by its metadata: neither on the full guest's own disk nor over its virtio."""
+    uuid = e2e_run[1][FULL]["uuid"]
+    pervm, virtio = _stdout(full["pervm-dump-b"]), _stdout(full["dump-i"])
+    for doc in (pervm, virtio):
+        assert _policy_metrics(doc) == {}, doc
+        # The rest of its view is intact (the other e2e tests check it in full).
+        assert {m["name"] for m in _metrics(doc) if m["uuid"] == uuid} >= {"E2EIdent"}
+        assert POLICY_PREFIX.encode() not in doc
+    api = full["libmetrics"]
+    for key in ("virtio:E2EPolicyHost:host", "virtio:E2EPolicyVm:vm",
+                "disk:E2EPolicyHost:host", "disk:E2EPolicyVm:vm"):
+        assert not api[key]["ok"] and "NotFound" in api[key]["error"], (key, api[key])
+    own = full["pervm-libmetrics"]
+    for key in ("E2EPolicyHost:host", "E2EPolicyVm:vm"):
+        assert not own[key]["ok"] and "NotFound" in own[key]["error"], (key, own[key])
+    assert own["E2EIdent:vm"]["ok"], own
+
+
+def test_policy_other_guest_sees_the_metric(mini: Dict[str, Any], e2e_run: Any) -> None:
+    """The mini guest, without a policy of its own, reads both on its own disk and over virtio."""
+    uuid = e2e_run[1][MINI]["uuid"]
+    want = {("E2EPolicyHost", None): "policy-host", ("E2EPolicyVm", uuid): f"policy-{MINI}"}
+    assert _policy_metrics(mini["mini-pervm"]) == want
+    assert _policy_metrics(mini["mini-virtio"]) == want
+
+
+def test_policy_shared_disk_holds_what_every_vm_may_see(
+    full: Dict[str, Any], mini: Dict[str, Any], e2e_run: Any
+) -> None:
+    """The shared disk: no host metric one VM is denied; each VM's block cut to its own view."""
+    domains = e2e_run[1]
+    want = {("E2EPolicyVm", domains[MINI]["uuid"]): f"policy-{MINI}"}
+    for doc in (_stdout(full["dump-b"]), mini["mini-disk"]):
+        assert _policy_metrics(doc) == want
+        _assert_vm_block(doc, domains, FULL, FULL_VCPUS)
+        _assert_host_metrics(doc)
+
+
+def test_policy_block_by_live_metadata(
+    full: Dict[str, Any], e2e_run: Tuple[Path, Dict[str, Any], Dict[str, float]]
+) -> None:
+    """virsh metadata --live blocks the full guest, the daemon running, within the refresh period.
+
+    Its own disk then holds an empty document and virtio answers it the
+    protocol's error (vm-dump-metrics -i fails); the daemon's policy.json
+    says the block came from the metadata and the other VM's policy is
+    unchanged. The time: from `virsh metadata` returning to the daemon's
+    write of policy.json, and to the guest's line on its console (it reads
+    its disk every half second).
+    """
+    out = e2e_run[0]
+    rec = full["blocked"]
+    assert base64.b64decode(rec["pervm_b64"]) == b"<metrics>\n</metrics>\n", rec
+    replies = [base64.b64decode(r["b64"]) for r in rec["virtio"] if "b64" in r]
+    assert replies and replies[-1] == b"INVALID REQUEST\n\n", rec["virtio"]
+    # The first exchange after the block already gets the error.
+    assert len(rec["virtio"]) == 1, rec["virtio"]
+    dump = rec["dump-i"]
+    assert dump["rc"] != 0 and _stdout(dump) == b"", dump
+    assert "INVALID REQUEST" in dump["stderr"], dump
+    after = _policy_state(out, "after")
+    assert after[FULL]["blocked"] is True and after[FULL]["origin"]["blocked"] == "metadata"
+    assert after[FULL]["deny"] == ["E2EPolicy*"]
+    assert after[MINI]["blocked"] is False and after[MINI]["origin"]["blocked"] == "built-in"
+    times = json.loads((out / "policy-block.json").read_text())
+    refresh = times["refresh_s"]
+    seen = times["guest_seen"] - times["set_at"]
+    applied = times["policy_written"] - times["set_at"]
+    sys.stderr.write(
+        f"\ne2e policy: block applied by the daemon {applied:.2f} s and seen by the guest "
+        f"{seen:.2f} s after virsh metadata --live returned (refresh period {refresh} s; "
+        f"virsh itself took {times['set_at'] - times['set_start']:.2f} s)\n"
+    )
+    (out / "policy-summary.json").write_text(json.dumps(
+        {"applied_s": applied, "seen_s": seen, "refresh_s": refresh}))
+    # Written at most one cycle before virsh returned (the event can beat it).
+    assert times["policy_written"] >= times["set_start"] - 1.0, times
+    # Within the refresh period, plus the cycle that publishes it (1 s) and,
+    # for the guest, its read every half second and the console's line.
+    assert applied <= refresh + 1.0, times
+    assert seen <= refresh + 3.0, times
+    # One daemon throughout: it started once and was never restarted.
+    log = (out / "daemon.log").read_text()
+    assert log.count(" started (pid ") == 1, log[-3000:]
