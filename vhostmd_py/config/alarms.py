@@ -27,6 +27,7 @@ from vhostmd_py.config.records import (
     DEFAULT_HISTORY,
     DEFAULT_HOOK_TIMEOUT,
     DEFAULT_JOURNAL_SOCKET,
+    VARIABLE_FIELDS,
     AlarmsConfig,
     PartialVariable,
     VariableConfig,
@@ -36,15 +37,7 @@ from vhostmd_py.config.records import (
 from vhostmd_py.config.units import DEFAULT_STATE_DIR
 from vhostmd_py.errors import ConfigError
 
-_FIELDS = (
-    "rrd_regex",
-    "consolidation_fn",
-    "alarm_trigger_level",
-    "alarm_trigger_sense",
-    "alarm_trigger_period",
-    "alarm_auto_inhibit_period",
-    "alarm_priority",
-)
+_FIELDS = VARIABLE_FIELDS
 
 
 def _partial(elem: etree._Element, file: str) -> PartialVariable:
@@ -117,17 +110,11 @@ def parse_alarms(elem: etree._Element, file: str, grammar: etree.DTD) -> AlarmsC
                     raise ConfigError(where, f"alarm variable {var.name} defined twice", var.line)
                 variables.append(var)
             overrides.append(VmAlarms(uuid, name, tuple(variables)))
-    config = AlarmsConfig(
-        state_dir=str(root.get("state_dir") or DEFAULT_STATE_DIR),
-        hook=str(root.get("hook")) if root.get("hook") else None,
-        hook_timeout=_number(root, "hook_timeout", where, DEFAULT_HOOK_TIMEOUT, 0.1),
-        history=int(_number(root, "history", where, DEFAULT_HISTORY, 1)),
-        journal_socket=str(root.get("journal_socket") or DEFAULT_JOURNAL_SOCKET),
-        guest_metrics=yes(root, "guest_metrics", False),
+    config = _delivered(
+        root, where,
         host=tuple(host),
         vm=tuple(vm),
         overrides=tuple(overrides),
-        fs_usage_path=_fs_path(root, where),
     )
     # Check every VM default and every override now, with its line, rather
     # than when a matching VM first appears.
@@ -156,6 +143,11 @@ def _perfmon_alarms(
     from vhostmd_py.config.perfmon import parse_perfmon_root
 
     perfmon = parse_perfmon_root(root, where=where, context="vm")
+    return _delivered(elem, file, host=(), vm=(), overrides=(), vm_resolved=perfmon.variables)
+
+
+def _delivered(elem: etree._Element, file: str, **variables: Any) -> AlarmsConfig:
+    """AlarmsConfig: ELEM's delivery attributes (state_dir, hook, ...) and VARIABLES."""
     return AlarmsConfig(
         state_dir=str(elem.get("state_dir") or DEFAULT_STATE_DIR),
         hook=str(elem.get("hook")) if elem.get("hook") else None,
@@ -163,9 +155,6 @@ def _perfmon_alarms(
         history=int(_number(elem, "history", file, DEFAULT_HISTORY, 1)),
         journal_socket=str(elem.get("journal_socket") or DEFAULT_JOURNAL_SOCKET),
         guest_metrics=yes(elem, "guest_metrics", False),
-        host=(),
-        vm=(),
-        overrides=(),
-        vm_resolved=perfmon.variables,
         fs_usage_path=_fs_path(elem, file),
+        **variables,
     )

@@ -34,7 +34,7 @@ from typing import Dict, List, Tuple
 
 from lxml import etree
 
-from vhostmd_py.config.records import PERFMON, VariableConfig
+from vhostmd_py.config.records import PERFMON, VARIABLE_FIELDS, VariableConfig
 from vhostmd_py.errors import ConfigError
 from vhostmd_py.safexml import safe_parser
 
@@ -42,15 +42,7 @@ log = logging.getLogger(__name__)
 
 # perfmon's supported_consolidation_functions.
 CONSOLIDATION_FNS = ("sum", "average", "max", "get_percent_fs_usage")
-TAGS = (
-    "rrd_regex",
-    "consolidation_fn",
-    "alarm_trigger_level",
-    "alarm_trigger_sense",
-    "alarm_trigger_period",
-    "alarm_auto_inhibit_period",
-    "alarm_priority",
-)
+TAGS = VARIABLE_FIELDS
 # A document larger than this is refused whole (metadata is untrusted).
 MAX_BYTES = 256 * 1024
 

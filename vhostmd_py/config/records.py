@@ -133,6 +133,16 @@ DEFAULT_TRIGGER_PERIOD = 60
 DEFAULT_INHIBIT_PERIOD = 3600
 DEFAULT_PRIORITY = 5
 CONSOLIDATION_FNS = ("sum", "average", "max", "min")
+# A variable's settings, as both formats name them (ours and perfmon's <config>).
+VARIABLE_FIELDS = (
+    "rrd_regex",
+    "consolidation_fn",
+    "alarm_trigger_level",
+    "alarm_trigger_sense",
+    "alarm_trigger_period",
+    "alarm_auto_inhibit_period",
+    "alarm_priority",
+)
 # The dialect of a variable written in perfmon's own <config> format
 # (perfmon.py): perfmon's units, defaults and arithmetic.
 PERFMON = "perfmon"
