@@ -28,7 +28,7 @@ from vhostmd_py.sources.shell.runner import ActionRunner
 from vhostmd_py.sources.vm import VM
 
 HOOK = REPO / "conf" / "libvirt-hook-qemu"
-NODES = Path("/work/shared/golden/upstream/nodes")
+NODES = REPO.parent / "shared" / "golden" / "upstream" / "nodes"  # ../shared beside the checkout
 if not NODES.is_dir():
     NODES = REPO / "tests" / "data" / "golden" / "upstream" / "nodes"
 
