@@ -46,6 +46,9 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_footprint import status_fields  # noqa: E402
+
 NODES = (REPO / "tests" / "data" / "golden" / "upstream" / "nodes",
          REPO.parent / "shared" / "golden" / "upstream" / "nodes")
 CYCLE = re.compile(r"cycle (\d+): (\d+) metrics, (\d+) VMs, ([0-9.]+) s")
@@ -134,16 +137,6 @@ def config(workdir: Path, period: int) -> Path:
     path = workdir / "vhostmd.conf"
     path.write_text(text)
     return path
-
-
-def status(pid: int) -> Dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        parts = value.split()
-        if parts and parts[0].isdigit():
-            out[key] = int(parts[0])
-    return out
 
 
 def disk_ok(disk: Path) -> bool:
@@ -290,7 +283,7 @@ def main() -> int:
                 if now >= next_sample:
                     next_sample += opts.sample
                     cycles = CYCLE.findall(text)
-                    st = status(proc.pid)
+                    st = status_fields(proc.pid)
                     sample = Sample(
                         t=round(now - start, 1), rss_kb=st.get("VmRSS", 0),
                         hwm_kb=st.get("VmHWM", 0),
