@@ -2,4 +2,5 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["csrc/build.py:mdisk_ffi", "csrc/build.py:runner_ffi"])
+setup(cffi_modules=["csrc/build.py:mdisk_ffi", "csrc/build.py:runner_ffi",
+                     "csrc/build.py:process_ffi"])

@@ -1,4 +1,4 @@
-"""cffi build scripts of the two C modules (wired by setup.py's cffi_modules).
+"""cffi build scripts of the three C modules (wired by setup.py's cffi_modules).
 
 Each module is a real .c file compiled as it is, plus its declarations-only
 header, read both as the cffi cdef and by the C compiler:
@@ -6,6 +6,7 @@ header, read both as the cffi cdef and by the C compiler:
   the host publishes through it. Guests do not need it: they read with the
   pure Python of vhostmd_wire.disk.
 - vhostmd_py.sources.shell._runner: the daemon's action batch runner.
+- vhostmd_py.process._process: process-wide settings (the C allocator's arenas).
 
 Test-only C (csrc/tests/: the C stable read, a runner harness) is not built
 here: the tests build it (tests/helpers/cread.py, tests/host/sources).
@@ -37,7 +38,9 @@ def _builder(module: str, stem: str) -> FFI:
 
 mdisk_ffi = _builder("vhostmd_py.publish._mdisk", "mdisk")
 runner_ffi = _builder("vhostmd_py.sources.shell._runner", "runner")
+process_ffi = _builder("vhostmd_py.process._process", "process")
 
 if __name__ == "__main__":
     mdisk_ffi.compile(verbose=True)
     runner_ffi.compile(verbose=True)
+    process_ffi.compile(verbose=True)

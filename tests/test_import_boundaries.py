@@ -17,7 +17,9 @@ from typing import List
 import pytest
 from helpers import REPO
 
-COMPILED = ("vhostmd_py.sources.shell._runner", "vhostmd_py.publish._mdisk")
+COMPILED = (
+    "vhostmd_py.sources.shell._runner", "vhostmd_py.publish._mdisk", "vhostmd_py.process._process"
+)
 
 
 def _modules_after(*imports: str) -> List[str]:
@@ -128,10 +130,12 @@ def test_wire_imports_nothing_of_the_guest() -> None:
 
 def test_each_compiled_module_has_one_binding() -> None:
     """Only the binding modules import the compiled modules (at module level or in a function):
-    sources/shell/binding.py for _runner, publish/mdisk.py for _mdisk."""
+    sources/shell/binding.py for _runner, publish/mdisk.py for _mdisk, process/memory.py for
+    _process."""
     owners = {
         "vhostmd_py.sources.shell._runner": "vhostmd_py/sources/shell/binding.py",
         "vhostmd_py.publish._mdisk": "vhostmd_py/publish/mdisk.py",
+        "vhostmd_py.process._process": "vhostmd_py/process/memory.py",
     }
     found: dict[str, List[str]] = {name: [] for name in owners}
     for path in sorted((REPO / "vhostmd_py").rglob("*.py")):

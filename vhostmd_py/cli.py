@@ -2,15 +2,23 @@
 
 Upstream's options and exit codes (FACTS.md section 5, golden daemon-cli/):
 -h prints the usage on stderr and exits 2; an unknown option exits 1. Added:
---once, --dump, --jobs, --action-timeout. This module only parses: the
-process's life (start-up order, daemonizing, signals) is vhostmd_py.process.life.run.
+--once, --dump, --jobs, --action-timeout, --version. This module only
+parses: the process's life (start-up order, daemonizing, signals) is
+vhostmd_py.process.life.run.
+
+Parsed with getopt_long's rules and wording (vhostmd_wire.getopt_long), as
+upstream parses it, rather than with click as vhostmdctl is: a script's
+abbreviated `--conf` keeps working, and the daemon does not carry click's
+import (about 1.5 MB of its resident memory and a tenth of its start-up,
+bench/README.md "Footprint beside upstream") for the whole of its life.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-from typing import NoReturn, Sequence
+from typing import Dict, List, NoReturn, Sequence, Tuple
 
 
 def _import_asyncio_without_ssl() -> None:
@@ -33,10 +41,9 @@ def _import_asyncio_without_ssl() -> None:
 
 _import_asyncio_without_ssl()  # before anything below imports asyncio
 
-import click  # noqa: E402
+from vhostmd_wire import getopt_long  # noqa: E402
 
 from vhostmd_py import __version__  # noqa: E402
-from vhostmd_py.getopt_wording import getopt_message  # noqa: E402
 from vhostmd_py.process.life import (  # noqa: E402
     EXIT_FAILURE,
     EXIT_OK,
@@ -48,6 +55,16 @@ from vhostmd_py.process.life import (  # noqa: E402
 
 DEFAULT_CONFIG = "/etc/vhostmd/vhostmd.conf"
 DEFAULT_PID_FILE = "/var/run/vhostmd.pid"
+
+# getopt_long's tables: upstream's (vhostmd.c), then ours, which never change
+# what an upstream command line means ("--ver" stays --verbose).
+SHORT = "c:df:p:u:vh"
+UPSTREAM_LONG = ("verbose", "no-daemonize", "config=", "pid-file=", "user=", "connect=", "help")
+OUR_LONG = ("once", "dump", "jobs=", "action-timeout=", "version")
+_SHORT_TO_LONG = {
+    "-c": "--connect", "-d": "--no-daemonize", "-f": "--config", "-p": "--pid-file",
+    "-u": "--user", "-v": "--verbose", "-h": "--help",
+}
 
 # Upstream's usage text byte for byte (golden daemon-cli/help.stderr), with our
 # additions in the same style before the trailing description line.
@@ -77,55 +94,67 @@ USAGE = (
 )
 
 
-class _UsageExit(Exception):
-    """-h/--help: the usage on stderr, exit 2 (upstream)."""
+
+class UsageError(Exception):
+    """A bad command line: the message (without the program name), then the usage, exit 1."""
 
 
-def _help(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    if value and not ctx.resilient_parsing:
-        raise _UsageExit()
+def _jobs(raw: str) -> int:
+    try:
+        jobs = int(raw)
+    except ValueError:
+        raise UsageError(f"Invalid value for '--jobs': {raw!r} is not a valid integer.") from None
+    if jobs < 1:
+        raise UsageError(f"Invalid value for '--jobs': {jobs} is not in the range x>=1.")
+    return jobs
 
 
-def _version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
-    # Not upstream's (it has no --version): on stdout, exit 0, as GNU tools do.
-    if value and not ctx.resilient_parsing:
-        click.echo(f"{PROG} (vhostmd-py) {__version__}")
-        ctx.exit(EXIT_OK)
+def _timeout(raw: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise UsageError(
+            f"Invalid value for '--action-timeout': {raw!r} is not a valid float."
+        ) from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UsageError(
+            f"Invalid value for '--action-timeout': {raw} is not a finite number of seconds > 0."
+        )
+    return seconds
 
 
-@click.command(context_settings={"help_option_names": []}, add_help_option=False)
-@click.option(
-    "-h", "--help", "show_help", is_flag=True, expose_value=False, is_eager=True, callback=_help
-)
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_version)
-@click.option("-v", "--verbose", count=True)
-@click.option("-d", "--no-daemonize", "no_daemonize", is_flag=True)
-@click.option("-f", "--config", "config", default=DEFAULT_CONFIG, metavar="FILE")
-@click.option("-p", "--pid-file", "pid_file", default=None, metavar="FILE")
-@click.option("-u", "--user", "user", default=None, metavar="USER")
-@click.option("-c", "--connect", "uri", default=None, metavar="URI")
-@click.option("--once", is_flag=True)
-@click.option("--dump", is_flag=True)
-@click.option("--jobs", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--action-timeout", "action_timeout", type=click.FloatRange(min=0, min_open=True), default=None
-)
-def command(
-    verbose: int,
-    no_daemonize: bool,
-    config: str,
-    pid_file: str | None,
-    user: str | None,
-    uri: str | None,
-    once: bool,
-    dump: bool,
-    jobs: int | None,
-    action_timeout: float | None,
-) -> int:
-    """The vhostmd daemon."""
+def parse_args(args: Sequence[str]) -> Tuple[Dict[str, str], int]:
+    """(the options given by long name, the number of -v); UsageError for a bad command line."""
+    try:
+        pairs, rest = getopt_long.parse(args, SHORT, UPSTREAM_LONG, OUR_LONG)
+    except getopt_long.OptionError as err:
+        raise UsageError(str(err)) from None
+    if rest:
+        # Upstream ignores operands; a stray word is more likely a mistake.
+        raise UsageError(
+            f"Got unexpected extra argument{'s' if len(rest) > 1 else ''} ({' '.join(rest)})"
+        )
+    given: Dict[str, str] = {}
+    verbose = 0
+    for opt, value in pairs:
+        name = _SHORT_TO_LONG.get(opt, opt)
+        if name == "--verbose":
+            verbose += 1
+        given[name] = value
+    return given, verbose
+
+
+def options(args: Sequence[str]) -> Options:
+    """The daemon's Options for a command line without --help or --version."""
+    given, verbose = parse_args(args)
+    once, dump = "--once" in given, "--dump" in given
     if once and dump:
-        raise click.UsageError("--once and --dump cannot be used together")
-    daemonize = not (no_daemonize or once or dump)
+        raise UsageError("--once and --dump cannot be used together")
+    jobs = _jobs(given["--jobs"]) if "--jobs" in given else None
+    action_timeout = _timeout(given["--action-timeout"]) if "--action-timeout" in given else None
+    config = given.get("--config", DEFAULT_CONFIG)
+    pid_file = given.get("--pid-file")
+    daemonize = not ("--no-daemonize" in given or once or dump)
     if pid_file is None and not (once or dump) and os.geteuid() == 0:
         # Upstream uses its default pid file whenever it runs as root, with
         # -d too (FACTS.md section 5): so two daemons cannot run unnoticed.
@@ -136,36 +165,38 @@ def command(
         config = os.path.abspath(config)
     # Absolute also with -d: the pid-file remover (-u) may not share our cwd.
     pid_file = os.path.abspath(pid_file) if pid_file is not None else None
-    opts = Options(
+    return Options(
         verbose=verbose,
         daemonize=daemonize,
         config=config,
         pid_file=pid_file,
-        user=user,
-        uri=uri,
+        user=given.get("--user"),
+        uri=given.get("--connect"),
         once=once,
         dump=dump,
         jobs=jobs,
         action_timeout=action_timeout,
     )
-    return run(opts)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of `vhostmd`: parse, run, exit with upstream's codes."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args: List[str] = list(sys.argv[1:] if argv is None else argv)
     try:
-        code = command.main(args=args, prog_name=PROG, standalone_mode=False)
-    except _UsageExit:
-        sys.stderr.write(USAGE)
-        sys.exit(EXIT_USAGE)
-    except click.ClickException as err:
+        given, _ = parse_args(args)
+        if "--help" in given:  # wins over every other option, as upstream's -h
+            sys.stderr.write(USAGE)
+            sys.exit(EXIT_USAGE)
+        if "--version" in given:
+            # Not upstream's (it has no --version): on stdout, exit 0, as GNU tools do.
+            sys.stdout.write(f"{PROG} (vhostmd-py) {__version__}\n")
+            sys.exit(EXIT_OK)
+        opts = options(args)
+    except UsageError as err:
         # Upstream exits 1 (not getopt's usual 2) on a bad option.
-        sys.stderr.write(getopt_message(PROG, err) + "\n" + USAGE)
+        sys.stderr.write(f"{PROG}: {err}\n" + USAGE)
         sys.exit(EXIT_FAILURE)
-    except click.exceptions.Abort:
-        sys.exit(EXIT_FAILURE)
-    sys.exit(int(code) if isinstance(code, int) else EXIT_OK)
+    sys.exit(run(opts))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m vhostmd_py.cli`

@@ -18,7 +18,6 @@ may have written would execute code.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Any, Callable, Iterator
 
@@ -109,6 +108,8 @@ def write_atomic(
 
 def write_json_atomic(path: StrPath, data: Any, *, mode: int = 0o644) -> None:
     """Replace PATH with DATA as JSON (write_atomic); StateFileError on failure."""
+    import json  # only where state files are kept (history, alarms, accounting)
+
     text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     write_atomic(path, text.encode("utf-8"), mode=mode)
 
@@ -188,6 +189,8 @@ def read_json(path: StrPath) -> Any:
     if raw is None:
         return None
     try:
+        import json
+
         return json.loads(raw.decode("utf-8"))
     except ValueError as err:  # UnicodeDecodeError is one too
         raise StateFileError(target, f"not valid JSON: {err}") from err

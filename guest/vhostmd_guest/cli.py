@@ -9,7 +9,6 @@ instead of hanging; a wrong checksum fails; disks under 64 KiB read fine;
 -x works through the xenstore command-line tools.
 """
 
-import getopt
 import logging
 import math
 import os
@@ -17,6 +16,8 @@ import shutil
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, TextIO
+
+from vhostmd_wire import getopt_long
 
 from . import __version__
 from .document import MAX_DISK_DOCUMENT, MAX_VIRTIO_DOCUMENT, MetricsDocument, parse_document
@@ -338,28 +339,6 @@ class UsageError(Exception):
     """A bad command line; the message is worded as glibc's getopt_long words it."""
 
 
-def _getopt_message(err: getopt.GetoptError) -> str:
-    # Python's getopt words its errors its own way; upstream's vm-dump-metrics
-    # parses with getopt_long, and scripts may match its messages (golden
-    # reader/cases/badopt).
-    opt, msg = err.opt, err.msg
-    if opt.startswith("--"):
-        opt = opt[2:]
-    is_long = msg.startswith("option --")
-    if not is_long:
-        if msg.endswith("requires argument"):
-            return f"option requires an argument -- '{opt}'"
-        return f"invalid option -- '{opt}'"
-    if msg.endswith("requires argument"):
-        return f"option '--{opt}' requires an argument"
-    if msg.endswith("must not have an argument"):
-        return f"option '--{opt}' doesn't allow an argument"
-    if msg.endswith("not a unique prefix"):
-        names = " ".join(f"'--{n.rstrip('=')}'" for n in _LONG if n.startswith(opt))
-        return f"option '--{opt}' is ambiguous; possibilities: {names}"
-    return f"unrecognized option '--{opt}'"
-
-
 def _seconds(option: str, value: str) -> float:
     """A finite, non-negative number of seconds: a nan timeout would make a busy disk hang."""
     try:
@@ -378,16 +357,10 @@ def _seconds(option: str, value: str) -> float:
 def parse_args(args: Sequence[str]) -> Dict[str, Optional[str]]:
     """The options given, by long name (flags map to ""); UsageError for a bad command line."""
     try:
-        pairs, rest = getopt.gnu_getopt(list(args), _SHORT, list(_LONG))
-    except getopt.GetoptError as err:
-        # --version is ours, not upstream's: known only where upstream would
-        # have failed, so "--ve"/"--ver" stay abbreviations of --verbose.
-        if not (len(err.opt) >= len("vers") and "version".startswith(err.opt)):
-            raise UsageError(_getopt_message(err)) from None
-        try:
-            pairs, rest = getopt.gnu_getopt(list(args), _SHORT, [*_LONG, "version"])
-        except getopt.GetoptError as err2:
-            raise UsageError(_getopt_message(err2)) from None
+        # --version is ours, not upstream's: "--ve"/"--ver" stay --verbose.
+        pairs, rest = getopt_long.parse(args, _SHORT, _LONG, ("version",))
+    except getopt_long.OptionError as err:
+        raise UsageError(str(err)) from None
     if rest:
         # Upstream ignores operands; the click front end refused them, and so do we.
         raise UsageError(

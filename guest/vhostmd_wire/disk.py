@@ -28,7 +28,6 @@ import logging
 import math
 import mmap
 import os
-import platform
 import stat
 import struct
 import time
@@ -213,7 +212,7 @@ def _drop_cache(fd: int, direct: bool) -> None:
 
 def _blkgetsize64() -> int:
     # _IOR(0x12, 114, size_t): the direction bits sit higher on these arches.
-    if platform.machine().startswith(("ppc", "mips", "sparc")):
+    if os.uname().machine.startswith(("ppc", "mips", "sparc")):
         return 0x40081272
     return 0x80081272
 

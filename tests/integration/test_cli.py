@@ -200,3 +200,14 @@ def test_disk_in_missing_directory_tree_exits_1(upstream: Path, tmp_path: Path) 
     proc = vhostmd(["-d", "--once", "-f", str(config), "-c", "test:///default"])
     assert proc.returncode == 1
     assert b"/proc/no/such/dir/vhostmd0" in proc.stderr
+
+
+def test_long_options_abbreviate_as_upstreams(tmp_path: Path) -> None:
+    """getopt_long's unique prefixes work (--conf for --config), and --ver is still --verbose."""
+    missing = tmp_path / "nope.xml"
+    proc = vhostmd(["--no", "--conf", str(missing), "--ver"])
+    assert proc.returncode == 1
+    assert str(missing) in proc.stderr.decode()
+    proc = vhostmd(["--vers"])
+    assert proc.returncode == 0
+    assert proc.stdout.startswith(b"vhostmd (vhostmd-py) ")

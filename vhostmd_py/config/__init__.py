@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from vhostmd_py.config.accounting import parse_accounting
-from vhostmd_py.config.alarms import parse_alarms
 from vhostmd_py.config.disk import DEFAULT_DISK_PATH
 from vhostmd_py.config.document import default_dtd_path
 from vhostmd_py.config.load import load_config, parse_config
@@ -116,8 +114,6 @@ __all__: Sequence[str] = (
     "VmBudget",
     "default_dtd_path",
     "load_config",
-    "parse_accounting",
-    "parse_alarms",
     "parse_config",
     "parse_duration",
     "parse_size",

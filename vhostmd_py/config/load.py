@@ -12,15 +12,12 @@ from dataclasses import replace
 
 from lxml import etree
 
-from vhostmd_py.config.accounting import parse_accounting
-from vhostmd_py.config.alarms import parse_alarms
 from vhostmd_py.config.disk import disk_path, disk_size, parse_disk_per_vm
 from vhostmd_py.config.document import child, line_of, load_dtd, parse_root, text_of, validate
 from vhostmd_py.config.endpoint import parse_endpoint
 from vhostmd_py.config.freshness import parse_freshness
 from vhostmd_py.config.history import parse_history
 from vhostmd_py.config.metrics import NO_BUILTIN_FIELDS, BuiltinFields, parse_metrics
-from vhostmd_py.config.policy import parse_policy
 from vhostmd_py.config.records import DEFAULT_PATH, Config
 from vhostmd_py.config.transports import parse_transports, parse_virtio
 from vhostmd_py.config.units import UPDATE_PERIOD_RANGE, integer_in
@@ -64,6 +61,11 @@ def parse_config(
     policy = root.find("policy")
     if alarms is None and accounting is None and policy is None:
         return config
+    # Their parsers (and perfmon's tables) are imported only by configs that have them.
+    from vhostmd_py.config.accounting import parse_accounting
+    from vhostmd_py.config.alarms import parse_alarms
+    from vhostmd_py.config.policy import parse_policy
+
     return replace(
         config,
         alarms=parse_alarms(alarms, file, grammar) if alarms is not None else None,

@@ -45,7 +45,7 @@ DEVIATION (docs/COMPATIBILITY.md, Actions): a value that does not fit its type (
 an empty value for a uint32, ``-5`` for a uint32, ``99999999999`` for an
 int32, ``1.5x`` for a real64) is left out with a warning naming the metric,
 the VM and the value; upstream publishes it and the guest library then fails
-on it. The type rules are vhostmd_wire.document.check_value, the ones the
+on it. The type rules are vhostmd_wire.values.check_value, the ones the
 guest parses with; ``string`` accepts anything value_problem accepts, and a
 group's variables are checked against each variable's own type.
 """
@@ -59,8 +59,8 @@ from dataclasses import dataclass, replace
 from typing import List, Mapping, Sequence, Tuple
 
 from lxml import etree
-from vhostmd_wire.document import check_value
 from vhostmd_wire.protocol import DOC_HEAD, DOC_TAIL, virtio_reply_parts
+from vhostmd_wire.values import check_value
 
 from vhostmd_py.config import MetricSpec
 from vhostmd_py.cycle.snapshot import Snapshot, VmBlock

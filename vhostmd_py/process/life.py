@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Tuple
 
 from vhostmd_py.errors import ConfigError, PidFileError, StrPath, VhostmdError
 from vhostmd_py.signals import HANDLED_SIGNALS, exit_on_stop, held_stop_signals
@@ -66,10 +66,13 @@ def run(opts: Options) -> int:
     """Start the daemon as OPTS say, run it until stopped; the process exit status."""
     from vhostmd_py import logsetup
     from vhostmd_py.daemon import Daemon, describe_config
+    from vhostmd_py.process.memory import one_malloc_arena
     from vhostmd_py.process.pidfile import PidFile
-    from vhostmd_py.process.privileges import drop_privileges, resolve_user
 
+    # Before the first thread starts (csrc/process.c says why).
+    arena_limited = one_malloc_arena(os.environ)
     logsetup.setup_logging(verbose=opts.verbose, to_syslog=False)
+    log.debug("C allocator: %s", "one arena" if arena_limited else "as the C library chose")
     # Upstream ignores SIGPIPE (a guest closing its channel must not kill us).
     # Actions get the default disposition back when they are spawned.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -94,6 +97,8 @@ def run(opts: Options) -> int:
                 f"(the libvirt hook creates the disks as root): run without -u {opts.user}, "
                 "or remove <disk_per_vm>"
             )
+        from vhostmd_py.process.privileges import resolve_user  # only with -u
+
         try:
             ident = resolve_user(opts.user)
         except VhostmdError as err:
@@ -142,6 +147,8 @@ def run(opts: Options) -> int:
                 # (no server thread in the child), before the drop.
                 daemon.open_endpoint()
             if ident is not None:
+                from vhostmd_py.process.privileges import drop_privileges
+
                 drop_privileges(ident)
         except VhostmdError as err:
             message = f"{PROG}: {err}"
@@ -409,6 +416,29 @@ class PidFileRemover:
                 os.waitpid(self.pid, 0)
 
 
+class _Catalogue(Mapping[str, Any]):
+    """The built-in sources' field table, imported when the first <source> is checked.
+
+    Most configs name no <source>: their daemon never imports the catalogue
+    (its tables are a few hundred kB and milliseconds of start-up).
+    """
+
+    @staticmethod
+    def _table() -> Mapping[str, Any]:
+        from vhostmd_py.sources.builtin.catalogue import CATALOGUE
+
+        return CATALOGUE
+
+    def __getitem__(self, name: str) -> Any:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
 def load_config(path: StrPath, dtd: StrPath | None = None) -> Config:
     """The config at PATH (validated against DTD, default the shipped one).
 
@@ -416,9 +446,8 @@ def load_config(path: StrPath, dtd: StrPath | None = None) -> Config:
     handed to the parser here: the config package imports no source.
     """
     from vhostmd_py.config import load_config as load
-    from vhostmd_py.sources.builtin.catalogue import CATALOGUE
 
-    return load(path, dtd=dtd, builtin_fields=CATALOGUE)
+    return load(path, dtd=dtd, builtin_fields=_Catalogue())
 
 
 def _dump(daemon: Daemon) -> int:
