@@ -4,12 +4,15 @@
 Both daemons run in the foreground with upstream's perf-echo3 config (three
 vm metrics `echo ...`, 1 MiB vbd disk, update period 1; the disk moved to a
 private directory on /dev/shm) against libvirt's test driver node of N
-domains (tests/data/golden/upstream/nodes/node-N.xml). Rounds are
-interleaved: in each round every N runs ours and upstream's (the order
-alternating from round to round) and the bare interpreter of the same venv
-(`python -c pass`, 5 times), so machine noise hits all alike.
+domains (tests/data/golden/upstream/nodes/node-N.xml), and so does the
+floor (bench/footprint_floor.py: the same work in the fewest lines of Python
+with lxml and libvirt, the interpreter's and the libraries' share of any
+Python daemon). Rounds are interleaved: in each round every N runs ours,
+upstream's and the floor (the order rotating from round to round) and the
+bare interpreter of the same venv (`python -c pass`, 5 times), so machine
+noise hits all alike.
 
-What is measured, the same way for both daemons:
+What is measured, the same way for all three:
 - start to first publish: from just before the spawn to the first time the
   disk's header says "not busy, content present" (inotify on the disk's
   directory wakes the benchmark at every write; it then reads the header);
@@ -17,8 +20,9 @@ What is measured, the same way for both daemons:
   dwell of max(3 s, 2.5 first cycles), so at least two more cycles ran;
   /proc/PID/smaps_rollup (anonymous vs file-backed) and the largest mappings
   of /proc/PID/smaps at the same moment.
-Reported: medians over the rounds, ratios ours / upstream, growth from the
-smallest to the largest N, and ours' first publish / `python -c pass`.
+Reported: medians over the rounds, ratios ours / upstream and ours / floor,
+growth from the smallest to the largest N, and first publish / `python -c
+pass` for ours and the floor.
 
 --where adds where our memory goes: one extra run of ours at the largest N
 under tracemalloc (the Python heap by file, at the end), and what each
@@ -59,6 +63,9 @@ GOLDEN_CANDIDATES = (REPO.parent / "shared" / "golden" / "upstream",
 UPSTREAM_SOURCES = [p / "shared" / "upstream" for p in REPO.parents]
 ANCHOR_DISK = "/dev/shm/vhostmd-anchor/perf/vhostmd0"
 SIGNATURE = 0x6D766264  # "mvbd"
+# The same work in the fewest lines of Python with lxml and libvirt (its docstring).
+FLOOR = Path(__file__).resolve().parent / "footprint_floor.py"
+IMPLS = ("ours", "upstream", "floor")
 
 # The footprint targets (kB, and a multiple of the bare interpreter's start-up).
 HWM_TARGET_KB = {1: 40 * 1024}
@@ -318,7 +325,12 @@ def one(impl: str, n: int, upstream: Path, golden: Path, base: Path, timeout: fl
         uri = f"test://{nodes_dir() / f'node-{n}.xml'}"
         # A pid file of its own: as root both default to /var/run/vhostmd.pid.
         common = ["-d", "-p", str(workdir / "pid"), "-f", str(config), "-c", uri]
-        argv = [str(upstream), *common] if impl == "upstream" else [*our_command(), *common]
+        if impl == "upstream":
+            argv = [str(upstream), *common]
+        elif impl == "floor":
+            argv = [str(PYTHON), str(FLOOR), str(config), uri]
+        else:
+            argv = [*our_command(), *common]
         return run_daemon(impl, argv, disk, n, timeout)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -425,7 +437,7 @@ def measure(opts: argparse.Namespace, golden: Path, upstream: Path) -> int:
     runs: List[Run] = []
     bare: List[float] = []
     for rnd in range(opts.rounds):
-        order = ("ours", "upstream") if rnd % 2 == 0 else ("upstream", "ours")
+        order = IMPLS[rnd % 3:] + IMPLS[:rnd % 3]
         for n in nodes:
             for impl in order:
                 run = one(impl, n, upstream, golden, base, opts.timeout)
@@ -438,28 +450,37 @@ def measure(opts: argparse.Namespace, golden: Path, upstream: Path) -> int:
     bare_s = statistics.median(bare)
     lo, hi = min(nodes), max(nodes)
     print()
-    print(f"| measurement (median of {opts.rounds} rounds) | ours | upstream | ours / upstream |")
-    print("|---|---|---|---|")
+    print(f"| measurement (median of {opts.rounds} rounds) | ours | upstream | floor | "
+          "ours / upstream | ours / floor |")
+    print("|---|---|---|---|---|---|")
     table: Dict[str, Dict[str, float]] = {}
     for n in nodes:
         for attr, label, scale, unit in (("vmhwm_kb", "VmHWM", 1 / 1024, "MB"),
                                          ("first_s", "start to first publish", 1, "s")):
             ours = median_of(runs, "ours", n, attr)
             up = median_of(runs, "upstream", n, attr)
-            table[f"{attr}@{n}"] = {"ours": ours, "upstream": up}
+            floor = median_of(runs, "floor", n, attr)
+            table[f"{attr}@{n}"] = {"ours": ours, "upstream": up, "floor": floor}
             print(f"| {label}, N={n} ({unit}) | {ours * scale:.3f} | {up * scale:.3f} | "
-                  f"{ours / up:.2f} |")
+                  f"{floor * scale:.3f} | {ours / up:.2f} | {ours / floor:.2f} |")
     growth = {impl: median_of(runs, impl, hi, "vmhwm_kb") - median_of(runs, impl, lo, "vmhwm_kb")
-              for impl in ("ours", "upstream")}
+              for impl in IMPLS}
+
+    def ratio_of(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
     print(f"| VmHWM growth N={lo} to N={hi} (MB) | {growth['ours'] / 1024:.1f} | "
-          f"{growth['upstream'] / 1024:.1f} | "
-          f"{growth['ours'] / growth['upstream'] if growth['upstream'] else float('nan'):.2f} |")
+          f"{growth['upstream'] / 1024:.1f} | {growth['floor'] / 1024:.1f} | "
+          f"{ratio_of(growth['ours'], growth['upstream']):.2f} | "
+          f"{ratio_of(growth['ours'], growth['floor']):.2f} |")
     first1 = median_of(runs, "ours", lo, "first_s")
-    print(f"| `python -c pass` (s) | {bare_s:.3f} | | |")
-    print(f"| first publish N={lo} / `python -c pass` | {first1 / bare_s:.2f} | | |")
+    floor1 = median_of(runs, "floor", lo, "first_s")
+    print(f"| `python -c pass` (s) | {bare_s:.3f} | | | | |")
+    print(f"| first publish N={lo} / `python -c pass` | {first1 / bare_s:.2f} | | "
+          f"{floor1 / bare_s:.2f} | | |")
     print()
     for n in nodes:
-        for impl in ("ours", "upstream"):
+        for impl in IMPLS:
             last = [r for r in runs if r.impl == impl and r.n == n][-1]
             keys = ("Rss", "Anonymous", "Pss_Anon", "Pss_File", "Private_Dirty")
             rollup = ", ".join(f"{k} {last.rollup.get(k, 0)}" for k in keys)
