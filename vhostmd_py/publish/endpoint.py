@@ -405,6 +405,8 @@ class Quiet:
         self.closed = False
 
     def cycle_started(self) -> None:
+        if self.closed:  # nothing waits once the endpoint closed
+            return
         self._started = self._clock()
         self._between.clear()
 
