@@ -19,11 +19,17 @@ tracebacks the attack added to the log, the answers' status codes, and the
 documents the metrics disk received during the attack against the cycles
 due (PublicationTime read from the disk every 50 ms; largest gap).
 
+Also reported: the cycles that published without fresh built-in values
+(documents whose values were carried from an earlier cycle, ``age=``, and
+the daemon's "libvirt statistics took more than N s: left out" lines).
+--control SECONDS then runs the same daemon as long without any client, for
+the same counts.
+
 --checkout DIR runs another checkout's daemon (e.g. a worktree of an older
 commit, its C extensions built in place) with this interpreter, so two
 versions are compared in one session.
 
-Usage: python bench/bench_endpoint_abuse.py [--n 10] [--checkout DIR] [--json FILE]
+Usage: python bench/bench_endpoint_abuse.py [--n 10] [--checkout DIR] [--control S] [--json FILE]
 """
 
 from __future__ import annotations
@@ -156,7 +162,8 @@ def attack(port: int, codes: Dict[str, Counter[str]]) -> None:
         t.join(300)
 
 
-def run(checkout: Path, node: Path) -> Dict[str, object]:
+def run(checkout: Path, node: Path, control: float | None = None) -> Dict[str, object]:
+    """The attack on CHECKOUT's daemon, or CONTROL seconds without any client."""
     workdir = Path(tempfile.mkdtemp(prefix="vhostmd-bench-abuse-"))
     log_path = workdir / "daemon.log"
     disk = workdir / "vhostmd0"
@@ -186,6 +193,7 @@ def run(checkout: Path, node: Path) -> Dict[str, object]:
                 stop = threading.Event()
                 peak = dict(before)
                 seen: List[float] = []
+                carried: List[float] = []  # documents with a value carried (age=)
 
                 def sample() -> None:
                     while not stop.wait(0.02):
@@ -196,16 +204,22 @@ def run(checkout: Path, node: Path) -> Dict[str, object]:
                 def watch() -> None:
                     while not stop.wait(0.05):
                         with contextlib.suppress(Exception):
-                            found = PUBLISHED.search(read_disk(disk, busy_timeout=0.2))
+                            content = read_disk(disk, busy_timeout=0.2)
+                            found = PUBLISHED.search(content)
                             if found and (not seen or float(found.group(1)) != seen[-1]):
                                 seen.append(float(found.group(1)))
+                                if b"<metric age=" in content:
+                                    carried.append(seen[-1])
 
                 helpers = [threading.Thread(target=sample), threading.Thread(target=watch)]
                 for t in helpers:
                     t.start()
                 codes: Dict[str, Counter[str]] = collections.defaultdict(collections.Counter)
                 started = time.time()
-                attack(port, codes)
+                if control is None:
+                    attack(port, codes)
+                else:
+                    time.sleep(control)
                 ended = time.time()
                 time.sleep(3)
                 stop.set()
@@ -219,8 +233,10 @@ def run(checkout: Path, node: Path) -> Dict[str, object]:
                 proc.wait(30)
         during = [t for t in seen if started <= t <= ended]
         gaps = [b - a for a, b in zip(during, during[1:])]
+        added = text.encode()[log_before:].decode(errors="replace")
         return {
             "checkout": str(checkout),
+            "run": "attack" if control is None else f"control, {control:.0f} s without clients",
             "rss_before_kib": before["VmRSS"],
             "rss_peak_kib": peak["VmRSS"],
             "rss_after_kib": after.get("VmRSS"),
@@ -237,6 +253,8 @@ def run(checkout: Path, node: Path) -> Dict[str, object]:
             "attack_s": round(ended - started, 1),
             "documents": len(during),
             "largest_gap_s": round(max(gaps), 2) if gaps else None,
+            "documents_with_carried_values": len([t for t in carried if started <= t <= ended]),
+            "left_out_lines": added.count("left out"),
             "codes": {phase: dict(c) for phase, c in codes.items()},
         }
     finally:
@@ -247,10 +265,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--checkout", type=Path, action="append")
+    parser.add_argument("--control", type=float, metavar="SECONDS",
+                        help="then run each daemon this long without clients")
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
     node = NODES / f"node-{opts.n}.xml"
-    results = [run(c.resolve(), node) for c in (opts.checkout or [REPO])]
+    results = []
+    for checkout in opts.checkout or [REPO]:
+        results.append(run(checkout.resolve(), node))
+        if opts.control:
+            results.append(run(checkout.resolve(), node, opts.control))
     for r in results:
         print(json.dumps(r))
     if opts.json:

@@ -270,13 +270,23 @@ class Daemon:
             started = self._clock()
             period = self.config.update_period
             due = started + period - min(MAX_MARGIN, DEADLINE_MARGIN * period)
-            if not await self._run_cycle(due if self._deadlines else None):
-                return  # stopped while the cycle ran
-            self.parts.gather.sweep()
-            self.cycles += 1
-            took = self._clock() - started
-            snapshot = self.last_snapshot
-            self.health.record_cycle(took, len(snapshot.vms) if snapshot is not None else 0)
+            # The endpoint encodes values between cycles only, and prepares each
+            # cycle's right after it (vhostmd_py.publish.endpoint.Quiet).
+            endpoint = self._endpoint
+            if endpoint is not None:
+                endpoint.cycle_started()
+            snapshot = None
+            try:
+                if not await self._run_cycle(due if self._deadlines else None):
+                    return  # stopped while the cycle ran
+                self.parts.gather.sweep()
+                self.cycles += 1
+                took = self._clock() - started
+                snapshot = self.last_snapshot
+                self.health.record_cycle(took, len(snapshot.vms) if snapshot is not None else 0)
+            finally:
+                if endpoint is not None:
+                    endpoint.cycle_ended(snapshot)
             if log.isEnabledFor(logging.INFO):  # ops: -v line per cycle
                 metrics, vms = _counts(snapshot) if snapshot is not None else (0, 0)
                 log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)

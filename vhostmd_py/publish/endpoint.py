@@ -23,19 +23,31 @@ without touching the metrics loop:
 
 The values are read back from the Snapshot's rendered XML (the safe lxml
 parser) and encoded once per Snapshot and format (:class:`Exposition`):
-repeated scrapes of one cycle reuse the bytes, and the cycle itself does no
-extra work. Reading back what was
+repeated scrapes of one cycle reuse the bytes. Reading back what was
 rendered means the endpoint shows exactly what guests are given, including
 the values the history and the alarms add. Label values are escaped by
 prometheus_client, so a VM name such as ``a"b<LF>c{x="y"}`` stays one label
 value; metric names come from metric_name, which only produces valid names.
+
+That encoding holds the GIL for long (1000 VMs: 0.15 s), so it never runs
+beside a cycle: the daemon tells the endpoint when each cycle starts and
+ends (:class:`Quiet`; an encoding waits between two chunks while a cycle
+runs, at most 2 s after its start), and at each cycle's end the "prepare"
+thread (:class:`Preparer`) encodes the new Snapshot's values, and the
+answer of the state then, in each format a client asked for within the
+last 10 minutes, so a scrape during the next cycle encodes only the health
+lines (a few families) and joins cached bytes. A scrape arriving while the
+values are prepared waits for them (one lock), and only the newest
+Snapshot is prepared when several arrive meanwhile. When encoding takes
+longer than the time between two cycles, scrapes wait for it: the cycle
+has the GIL first.
 
 prometheus_client's encoders give OpenMetrics text when the client's Accept
 header asks for ``application/openmetrics-text``, else the Prometheus text
 format.
 The socket is bound by :meth:`MetricsEndpoint.start`, called by
 process.run before privileges are dropped; :meth:`MetricsEndpoint.close`
-stops the server at shutdown.
+stops the server and the prepare thread at shutdown.
 """
 
 from __future__ import annotations
@@ -44,11 +56,13 @@ import gzip
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from email.message import Message
 from typing import (
     TYPE_CHECKING,
     Any,
+    Callable,
     Dict,
     Iterable,
     Iterator,
@@ -134,17 +148,26 @@ def _vm_labels(vm: VM | None) -> Labels:
     return () if vm is None else (vm.uuid, str(vm.id))
 
 
-def snapshot_families(snapshot: Snapshot) -> List[Metric]:
+def snapshot_families(
+    snapshot: Snapshot, give_way: Callable[[], None] | None = None
+) -> List[Metric]:
     """The Snapshot's values as metric families (gauges and info metrics).
 
     The first metric wins when two map to the same family name and labels
     (e.g. ``Foo`` and ``foo``), or to one name with different kinds.
+    GIVE_WAY is called before each block (the host's, then each VM's): the
+    parse is the larger half of an encoding, and this is where it may wait.
     """
     families: Dict[str, _Family] = {}
+    # metric_name per (context, name, unit), once per call: every VM has the same
+    # few, and naming is most of the parse's cost (1000 VMs: 0.12 of 0.2 s).
+    names: Dict[Tuple[str, str, str | None], Tuple[str, str]] = {}
     parser = safe_parser()
     blocks: List[Tuple[VM | None, bytes]] = [(None, snapshot.host)]
     blocks.extend((b.vm, b.xml) for b in snapshot.vms)
     for vm, xml in blocks:
+        if give_way is not None:
+            give_way()
         if not xml:
             continue
         try:
@@ -154,16 +177,16 @@ def snapshot_families(snapshot: Snapshot) -> List[Metric]:
             continue
         labels = _vm_labels(vm)
         for elem in root.iter("metric"):
-            _add(families, elem, vm is not None, labels)
+            _add(families, names, elem, vm is not None, labels)
     out: List[Metric] = []
     if snapshot.vms:
-        names = InfoMetricFamily(
+        vm_names = InfoMetricFamily(
             VM_INFO_FAMILY, "The VMs of the last cycle: their names (join on vm_uuid, vm_id).",
             labels=VM_LABELS,
         )
         for block in snapshot.vms:
-            names.add_metric(list(_vm_labels(block.vm)), {"vm_name": block.vm.name})
-        out.append(names)
+            vm_names.add_metric(list(_vm_labels(block.vm)), {"vm_name": block.vm.name})
+        out.append(vm_names)
     for name, fam in families.items():
         family: Union[GaugeMetricFamily, InfoMetricFamily]
         if fam.kind == "gauge":
@@ -179,7 +202,13 @@ def snapshot_families(snapshot: Snapshot) -> List[Metric]:
     return out
 
 
-def _add(families: Dict[str, _Family], elem: etree._Element, in_vm: bool, labels: Labels) -> None:
+def _add(
+    families: Dict[str, _Family],
+    names: Dict[Tuple[str, str, str | None], Tuple[str, str]],
+    elem: etree._Element,
+    in_vm: bool,
+    labels: Labels,
+) -> None:
     mtype = elem.get("type") or ""
     context = "vm" if in_vm else "host"
     name = elem.findtext("name") or ""
@@ -196,14 +225,16 @@ def _add(families: Dict[str, _Family], elem: etree._Element, in_vm: bool, labels
         value, kind = text, "info"
     else:
         return
-    fname = metric_name(context, name, unit)
+    named = names.get((context, name, unit))
+    if named is None:
+        unit_note = f" ({unit}, scaled to the base unit)" if unit else ""
+        named = names[(context, name, unit)] = (
+            metric_name(context, name, unit), f"vhostmd {context} metric {name}{unit_note}"
+        )
+    fname, help_text = named
     fam = families.get(fname)
     if fam is None:
-        unit_note = f" ({unit}, scaled to the base unit)" if unit else ""
-        fam = families[fname] = _Family(
-            kind, f"vhostmd {context} metric {name}{unit_note}",
-            VM_LABELS if in_vm else (), {},
-        )
+        fam = families[fname] = _Family(kind, help_text, VM_LABELS if in_vm else (), {})
     if fam.kind != kind or fam.labels != (VM_LABELS if in_vm else ()):
         return
     fam.samples.setdefault(labels, value)
@@ -239,12 +270,18 @@ class VhostmdCollector:
         snapshot = self._daemon.last_snapshot  # one reference: one whole cycle
         if snapshot is None:
             return None, []
+        return snapshot, self.families_of(snapshot)
+
+    def families_of(
+        self, snapshot: Snapshot, give_way: Callable[[], None] | None = None
+    ) -> List[Metric]:
+        """SNAPSHOT's value families, parsed once per Snapshot (GIVE_WAY: snapshot_families')."""
         with self._lock:
             cached_for, families = self._cached
             if cached_for is not snapshot:
-                families = snapshot_families(snapshot)
+                families = snapshot_families(snapshot, give_way)
                 self._cached = (snapshot, families)
-        return snapshot, families
+        return families
 
     def health_families(self) -> Iterator[Metric]:
         """The daemon's health, read now."""
@@ -328,6 +365,97 @@ class _Families:
 
 _EOF = b"# EOF\n"
 
+Encoder = Callable[[Any], bytes]
+
+
+def encode_families(
+    encoder: Encoder, families: Sequence[Metric], give_way: Callable[[], None] | None = None
+) -> bytes:
+    """ENCODER's bytes for FAMILIES, one family at a time (GIVE_WAY before each).
+
+    The same bytes as ENCODER over all of them at once: both of
+    prometheus_client's formats are each family's lines in turn, then a
+    trailer (OpenMetrics' ``# EOF``, nothing for the text format).
+    """
+    trailer = encoder(_Families(()))
+    chunks = []
+    for family in families:
+        if give_way is not None:
+            give_way()
+        chunk = encoder(_Families((family,)))
+        chunks.append(chunk[: len(chunk) - len(trailer)])
+    chunks.append(trailer)
+    return b"".join(chunks)
+
+
+class _Closed(Exception):
+    """The endpoint closed while an encoding waited or ran: it is dropped."""
+
+
+class Quiet:
+    """Whether a metrics cycle runs: value encodings wait for its end (a bounded time).
+
+    Encoding the values holds the GIL for long (1000 VMs: 0.15 s of Python),
+    and the cycle's libvirt worker gives the GIL back on every libvirt call
+    and waits for it each time, so an encoding beside a cycle's reads starves
+    them (bench/README.md, OpenMetrics endpoint under abuse). The daemon says
+    when each cycle starts and ends; an encoding checks between two chunks
+    (a VM's block, a family) and waits while a cycle runs, for at most
+    ``pause_limit`` seconds after that cycle started: the reads are a
+    cycle's first part (0.05 s with 1000 VMs), and a cycle still running
+    past that waits for actions or a hung libvirt call, which hold no GIL,
+    while a scrape waiting for it would time out.
+    """
+
+    def __init__(self, pause_limit: float = 2.0, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.pause_limit = pause_limit
+        self._clock = clock
+        self._between = threading.Event()
+        self._between.set()
+        self._started = 0.0
+        self.closed = False
+
+    def cycle_started(self) -> None:
+        if self.closed:  # nothing waits once the endpoint closed
+            return
+        self._started = self._clock()
+        self._between.clear()
+
+    def cycle_ended(self) -> None:
+        self._between.set()
+
+    def close(self) -> None:
+        """Waiting encodings go on at once; preparations stop (scrapes are still answered)."""
+        self.closed = True
+        self._between.set()
+
+    def give_way(self, *, abandon: bool = False) -> Callable[[], None]:
+        """The pause of one encoding: returns at once between cycles, waits during one.
+
+        ABANDON: raise _Closed once the endpoint closes (a preparation's; a
+        scrape is still answered).
+        """
+
+        def give_way() -> None:
+            if abandon and self.closed:
+                raise _Closed()
+            if self._between.is_set():
+                return
+            left = self._started + self.pause_limit - self._clock()
+            if left > 0:
+                self._between.wait(left)
+            if abandon and self.closed:
+                raise _Closed()
+
+        return give_way
+
+
+# A format (content type and gzip) is prepared after each cycle while a client
+# asked for it within this many seconds (Prometheus' default interval is 15 s,
+# 1 min is common); an endpoint nobody scrapes costs no encoding.
+RECENT = 600.0
+
 
 class Exposition:
     """The scrape's bytes: health encoded per scrape, values encoded once per Snapshot and format.
@@ -335,63 +463,204 @@ class Exposition:
     Encoding 1000 VMs' values costs about as much as parsing them (0.1 s of
     the GIL, shared with the metrics loop); a scraper polling faster than the
     update period gets the same bytes again for the price of the health lines.
+    :meth:`prepare` does that encoding after each cycle, for the formats
+    clients asked for recently, so that a scrape during the next cycle finds
+    the values' bytes ready; every value encoding (prepared or on a scrape's
+    demand) waits while a cycle runs (:class:`Quiet`).
     """
 
-    def __init__(self, collector: VhostmdCollector) -> None:
+    def __init__(
+        self,
+        collector: VhostmdCollector,
+        *,
+        quiet: Quiet | None = None,
+        recent: float = RECENT,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._collector = collector
-        self._lock = threading.Lock()
+        self._quiet = quiet
+        self._recent = recent
+        self._clock = clock
         self._cache: Dict[str, Tuple[Snapshot, bytes]] = {}  # content type -> (for, bytes)
-        # One scrape is encoded at a time, whatever the number of connections: the
-        # endpoint then competes with the metrics loop for the GIL with one thread,
-        # never sixteen. Sending happens outside it (a slow reader holds its
-        # connection, not this lock).
+        # One scrape (or preparation) is encoded at a time, whatever the number of
+        # connections: the endpoint then competes with the metrics loop for the
+        # GIL with one thread, never sixteen, and a scrape arriving while the
+        # values are prepared waits for them instead of encoding them again.
+        # Sending happens outside it (a slow reader holds its connection, not this lock).
         self._work = threading.Lock()
         # The last answer per (content type, gzip), reused while the state it shows
-        # is unchanged (it changes about once a cycle): a scraper polling back to
+        # is unchanged (it changes a few times a cycle): a scraper polling back to
         # back costs a request parse and a lookup, not an encoding. At most four.
         self._answers: Dict[Tuple[str, bool], Tuple[Tuple[Any, ...], bytes]] = {}
+        # When each (content type, gzip) was last asked for, and its encoder.
+        self._asked: Dict[Tuple[str, bool], Tuple[float, Encoder]] = {}
+        self.preparations = 0  # value encodings done by prepare() (tests, the bench)
 
     def render(self, accept: str | None) -> Tuple[bytes, str]:
         """(body, content type) for a client sending ACCEPT."""
         encoder, content_type = choose_encoder(accept or "")
-        health = encoder(_Families(self._collector.health_families()))  # type: ignore[arg-type]
-        snapshot, families = self._collector.value_families()
-        if snapshot is None:
-            return health, content_type
-        with self._lock:
-            cached = self._cache.get(content_type)
-            if cached is None or cached[0] is not snapshot:
-                cached = (snapshot, encoder(_Families(families)))  # type: ignore[arg-type]
-                self._cache[content_type] = cached
-        values = cached[1]
-        if health.endswith(_EOF):  # OpenMetrics: one # EOF, at the very end
-            health = health[: -len(_EOF)]
-        return health + values, content_type
+        with self._work:
+            snapshot = self._collector.state()[2]
+            return self._body(encoder, content_type, snapshot, self._give_way()), content_type
 
     def app(self, request_headers: Message) -> Answer:
         """GET or HEAD of any path: the exposition, gzip when accepted (as prometheus_client)."""
         accept = request_headers.get("Accept")
         gz = gzip_accepted(request_headers.get("Accept-Encoding") or "")
+        encoder, content_type = choose_encoder(accept or "")
         with self._work:
-            content_type = choose_encoder(accept or "")[1]
-            state = self._collector.state()
-            cached = self._answers.get((content_type, gz))
-            if cached is not None and _same_state(cached[0], state):
-                body = cached[1]
-            else:
-                body, content_type = self.render(accept)
-                if gz:
-                    body = gzip.compress(body, compresslevel=1)
-                self._answers[(content_type, gz)] = (state, body)
+            self._asked[(content_type, gz)] = (self._clock(), encoder)
+            body = self._answer(encoder, content_type, gz, self._give_way())
         headers = [("Content-Type", content_type)]
         if gz:
             headers.append(("Content-Encoding", "gzip"))
         return 200, headers, body
 
+    def prepare(self, snapshot: Snapshot) -> bool:
+        """Encode SNAPSHOT's values, and the answer of the state now, in each recent format.
+
+        False when nothing was prepared: no format was asked for recently, or
+        SNAPSHOT is no longer the last one (a newer one is prepared instead).
+        Raises _Closed when the endpoint closes meanwhile.
+        """
+        now = self._clock()
+        with self._work:
+            recent = [(key, encoder) for key, (when, encoder) in self._asked.items()
+                      if now - when <= self._recent]
+        if not recent:
+            return False
+        give_way = self._give_way(abandon=True)  # one pause budget for the whole preparation
+        for (content_type, gz), encoder in recent:
+            with self._work:  # a scrape may come in between two formats
+                if self._collector.state()[2] is not snapshot:
+                    return False
+                if not self._cached(content_type, snapshot):
+                    self.preparations += 1
+                self._answer(encoder, content_type, gz, give_way)
+        return True
+
+    def _give_way(self, *, abandon: bool = False) -> Callable[[], None] | None:
+        return self._quiet.give_way(abandon=abandon) if self._quiet is not None else None
+
+    def _answer(
+        self, encoder: Encoder, content_type: str, gz: bool, give_way: Callable[[], None] | None
+    ) -> bytes:
+        """The answer for the state now, reused while it is unchanged (under _work)."""
+        state = self._collector.state()
+        cached = self._answers.get((content_type, gz))
+        if cached is not None and _same_state(cached[0], state):
+            return cached[1]
+        body = self._body(encoder, content_type, state[2], give_way)
+        if gz:
+            # zlib gives the GIL back while it compresses (1000 VMs: 536 kB, 5 ms).
+            body = gzip.compress(body, compresslevel=1)
+        self._answers[(content_type, gz)] = (state, body)
+        return body
+
+    def _body(
+        self,
+        encoder: Encoder,
+        content_type: str,
+        snapshot: Snapshot | None,
+        give_way: Callable[[], None] | None,
+    ) -> bytes:
+        health = encoder(_Families(self._collector.health_families()))
+        if snapshot is None:
+            return health
+        values = self._values(encoder, content_type, snapshot, give_way)
+        if health.endswith(_EOF):  # OpenMetrics: one # EOF, at the very end
+            health = health[: -len(_EOF)]
+        return health + values
+
+    def _cached(self, content_type: str, snapshot: Snapshot) -> bool:
+        cached = self._cache.get(content_type)
+        return cached is not None and cached[0] is snapshot
+
+    def _values(
+        self,
+        encoder: Encoder,
+        content_type: str,
+        snapshot: Snapshot,
+        give_way: Callable[[], None] | None,
+    ) -> bytes:
+        """SNAPSHOT's values in the format, encoded once per Snapshot (under _work)."""
+        cached = self._cache.get(content_type)
+        if cached is not None and cached[0] is snapshot:
+            return cached[1]
+        families = self._collector.families_of(snapshot, give_way)
+        values = encode_families(encoder, families, give_way)
+        self._cache[content_type] = (snapshot, values)
+        return values
+
 
 def _same_state(a: Tuple[Any, ...], b: Tuple[Any, ...]) -> bool:
     """Same health reading and channel count, the very same Snapshot object."""
     return a[0] == b[0] and a[1] == b[1] and a[2] is b[2]
+
+
+class Preparer:
+    """The endpoint's "prepare" thread: each published Snapshot's values, encoded ahead.
+
+    :meth:`notify` (the daemon, after each cycle) hands over the newest
+    Snapshot and returns at once; the thread runs Exposition.prepare on it in
+    the idle time before the next cycle (Quiet holds it during one). One
+    Snapshot is pending at most: one that arrives while another is prepared
+    replaces the pending one, so only the newest is prepared next.
+    """
+
+    def __init__(self, exposition: Exposition, quiet: Quiet) -> None:
+        self._exposition = exposition
+        self._quiet = quiet
+        self._cond = threading.Condition()
+        self._pending: Snapshot | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.prepared = 0  # Snapshots for which prepare() encoded something
+        self.idle = threading.Event()  # nothing pending or being prepared (tests)
+        self.idle.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, name="vhostmd-endpoint-prepare", daemon=True
+        )
+        self._thread.start()
+
+    def notify(self, snapshot: Snapshot) -> None:
+        """SNAPSHOT is the newest one: prepare it next (instead of any still pending)."""
+        with self._cond:
+            self._pending = snapshot
+            self.idle.clear()
+            self._cond.notify()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop the thread (a preparation in progress is dropped) and join it."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._quiet.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self.idle.set()
+                    self._cond.wait()
+                snapshot = self._pending
+                if self._closed or snapshot is None:
+                    self.idle.set()
+                    return
+                self._pending = None
+            try:
+                if self._exposition.prepare(snapshot):
+                    self.prepared += 1
+            except _Closed:
+                self.idle.set()
+                return
+            except Exception:  # a bug must not end the preparations: scrapes encode then
+                log.exception("metrics endpoint: preparing the values failed")
 
 
 class MetricsEndpoint:
@@ -403,7 +672,9 @@ class MetricsEndpoint:
         self.address = address
         self.port = port
         self.limits = limits or Limits()
-        self._exposition = Exposition(collector)
+        self._quiet = Quiet()
+        self._exposition = Exposition(collector, quiet=self._quiet)
+        self._preparer = Preparer(self._exposition, self._quiet)
         self._server: BoundedHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -413,7 +684,7 @@ class MetricsEndpoint:
         return cls(config.address, config.port, VhostmdCollector(daemon))
 
     def start(self) -> None:
-        """Bind (before privileges are dropped) and serve on a daemon thread."""
+        """Bind (before privileges are dropped) and serve on daemon threads."""
         family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
         try:
             server = BoundedHTTPServer(
@@ -428,17 +699,29 @@ class MetricsEndpoint:
             daemon=True,
         )
         self._thread.start()
+        self._preparer.start()
         host = f"[{self.address}]" if family == socket.AF_INET6 else self.address
         # Shown at the default level: with port 0 this is where the port is said.
         logging.getLogger(LIFECYCLE).info(
             "serving OpenMetrics on http://%s:%d/metrics", host, self.port
         )
 
+    def cycle_started(self) -> None:
+        """The daemon starts a cycle: value encodings wait until it ends (Quiet)."""
+        self._quiet.cycle_started()
+
+    def cycle_ended(self, snapshot: Snapshot | None) -> None:
+        """The cycle ended (SNAPSHOT: the one it published, None: stopped); prepare it."""
+        self._quiet.cycle_ended()
+        if snapshot is not None and self._server is not None:
+            self._preparer.notify(snapshot)
+
     def close(self) -> None:
         """Stop serving and close the socket (requests in progress finish on their own)."""
         server, self._server = self._server, None
         if server is None:
             return
+        self._preparer.close()
         server.shutdown()  # returns once serve_forever has left its loop
         server.server_close()
         if self._thread is not None:
@@ -449,7 +732,10 @@ class MetricsEndpoint:
 __all__: Sequence[str] = (
     "DaemonView",
     "EndpointError",
+    "Exposition",
     "MetricsEndpoint",
+    "Preparer",
+    "Quiet",
     "VhostmdCollector",
     "make_registry",
     "snapshot_families",

@@ -6,7 +6,9 @@ back with its strict OpenMetrics parser (no fakes: real records, real bytes).
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass, field
+from email.message import Message
 from pathlib import Path
 from typing import Dict, List
 
@@ -337,3 +339,138 @@ def test_answers_reused_while_the_state_is_unchanged() -> None:
     fresh = exposition.app(openmetrics)[2]
     assert fresh is not third and fresh == third  # encoded again for the new Snapshot
     assert exposition.app(openmetrics)[2] is fresh
+
+
+# --- values prepared between cycles ---------------------------------------------------
+
+OM_ACCEPT = "application/openmetrics-text; version=1.0.0"
+
+
+def _headers(**fields: str) -> Message:
+    message = Message()
+    for name, value in fields.items():
+        message[name.replace("_", "-")] = value
+    return message
+
+
+def test_encode_families_gives_the_encoders_bytes() -> None:
+    """Family by family, with a pause hook called before each: the same bytes, both formats."""
+    from prometheus_client.exposition import generate_latest as text_latest
+
+    from vhostmd_py.publish.endpoint import _Families, encode_families
+
+    families = snapshot_families(_snapshot([VM(1, ODD, "u-1"), VM(2, "b", "u-2")]))
+    calls: List[int] = []
+    for encoder in (generate_latest, text_latest):
+        calls.clear()
+        got = encode_families(encoder, families, lambda: calls.append(1))
+        assert got == encoder(_Families(families))  # type: ignore[arg-type]
+        assert len(calls) == len(families)
+    assert encode_families(generate_latest, []) == b"# EOF\n"
+
+
+def test_prepared_bytes_equal_lazily_encoded_ones() -> None:
+    """prepare() after a scrape asked for the format: the next scrape's bytes are the
+    prepared ones (no encoding) and equal what the same scrape encodes lazily."""
+    from vhostmd_py.publish.endpoint import Exposition
+
+    view = View(_snapshot([VM(1, ODD, "u-1")]))
+    prepared = Exposition(VhostmdCollector(view))
+    lazy = Exposition(VhostmdCollector(view))
+    for exposition in (prepared, lazy):
+        exposition.app(_headers(Accept=OM_ACCEPT))
+        exposition.app(_headers(Accept_Encoding="gzip"))
+    view.last_snapshot = _snapshot([VM(2, "other", "u-2")])  # the next cycle
+    view.health.record_cycle(0.3, vms=1)
+    assert prepared.prepare(view.last_snapshot)
+    assert prepared.preparations == 2  # OpenMetrics and the text format, once each
+    answer = prepared.app(_headers(Accept=OM_ACCEPT))[2]
+    assert prepared.app(_headers(Accept=OM_ACCEPT))[2] is answer  # the prepared answer
+    assert answer == lazy.app(_headers(Accept=OM_ACCEPT))[2]
+    assert b'vm_name="other"' in answer
+    zipped = prepared.app(_headers(Accept_Encoding="gzip"))[2]
+    assert gzip.decompress(zipped) == gzip.decompress(
+        lazy.app(_headers(Accept_Encoding="gzip"))[2])
+    assert prepared.prepare(view.last_snapshot) and prepared.preparations == 2  # nothing new
+
+
+def test_nothing_prepared_without_a_recent_scrape() -> None:
+    """No format asked for: nothing encoded; one asked for longer ago than RECENT: neither."""
+    from vhostmd_py.publish.endpoint import RECENT, Exposition
+
+    now = [1000.0]
+    view = View(_snapshot([VM(1, "v", "u-1")]))
+    exposition = Exposition(VhostmdCollector(view), clock=lambda: now[0])
+    assert not exposition.prepare(view.last_snapshot)  # type: ignore[arg-type]
+    exposition.app(_headers(Accept=OM_ACCEPT))
+    view.last_snapshot = _snapshot([VM(1, "v", "u-1")])
+    now[0] += RECENT + 1
+    assert not exposition.prepare(view.last_snapshot)
+    assert exposition.preparations == 0
+    now[0] -= 2  # asked for within the window
+    assert exposition.prepare(view.last_snapshot) and exposition.preparations == 1
+    # A Snapshot that is no longer the last one is not prepared (a newer one is).
+    older, view.last_snapshot = view.last_snapshot, _snapshot([VM(3, "w", "u-3")])
+    assert not exposition.prepare(older)
+
+
+def test_preparer_prepares_the_newest_snapshot_only() -> None:
+    """Two Snapshots handed over while the thread is busy: only the newest is prepared."""
+    from vhostmd_py.publish.endpoint import Exposition, Preparer, Quiet
+
+    view = View(_snapshot([VM(1, "v", "u-1")]))
+    quiet = Quiet()
+    exposition = Exposition(VhostmdCollector(view), quiet=quiet)
+    exposition.app(_headers(Accept=OM_ACCEPT))
+    preparer = Preparer(exposition, quiet)
+    first, newest = _snapshot([VM(1, "a", "u-1")]), _snapshot([VM(2, "b", "u-2")])
+    preparer.notify(first)  # not started yet: as if busy with an earlier one
+    view.last_snapshot = newest
+    preparer.notify(newest)
+    preparer.start()
+    try:
+        assert preparer.idle.wait(10)
+        assert (preparer.prepared, exposition.preparations) == (1, 1)
+        body = exposition.app(_headers(Accept=OM_ACCEPT))[2]
+        assert b'vm_name="b"' in body and b'vm_name="a"' not in body
+    finally:
+        preparer.close()
+    assert preparer._thread is None
+
+
+def test_value_encodings_wait_while_a_cycle_runs() -> None:
+    """A scrape needing values waits for the cycle's end; a cycle past pause_limit: no longer."""
+    import threading
+    import time
+
+    from vhostmd_py.publish.endpoint import Exposition, Quiet
+
+    view = View(_snapshot([VM(1, "v", "u-1")]))
+    quiet = Quiet(pause_limit=30.0)
+    exposition = Exposition(VhostmdCollector(view), quiet=quiet)
+    exposition.app(_headers())  # values of this Snapshot encoded: answers need none
+    quiet.cycle_started()
+    view.health.record_cycle(0.1, vms=1)
+    assert b"vhostmd_vm_info" in exposition.app(_headers())[2]  # health only: at once
+
+    view.last_snapshot = _snapshot([VM(2, "new", "u-2")])  # published, the cycle still runs
+    bodies: List[bytes] = []
+    scrape = threading.Thread(target=lambda: bodies.append(exposition.app(_headers())[2]))
+    scrape.start()
+    scrape.join(0.3)
+    assert scrape.is_alive() and not bodies  # waiting, not encoding beside the cycle
+    quiet.cycle_ended()
+    scrape.join(10)
+    assert b'vm_name="new"' in bodies[0]
+
+    quiet.pause_limit = 0.2  # a cycle stuck past its reads: encodings go on
+    quiet.cycle_started()
+    view.last_snapshot = _snapshot([VM(3, "stuck", "u-3")])
+    began = time.monotonic()
+    body = exposition.app(_headers())[2]
+    assert 0.1 < time.monotonic() - began < 5 and b'vm_name="stuck"' in body
+    quiet.close()  # closed: no wait at all
+    quiet.cycle_started()
+    quiet.pause_limit = 30.0
+    view.last_snapshot = _snapshot([VM(4, "closing", "u-4")])
+    assert b'vm_name="closing"' in exposition.app(_headers())[2]
