@@ -51,7 +51,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Sequence, Tuple
 
 from vhostmd_py.assemble import Assembler, Parts, Slot
 from vhostmd_py.cycle.gather import LIBVIRT_TIMEOUT
@@ -87,6 +87,21 @@ MAX_MARGIN = 2.0
 # Actions always get at least this long after the VM listing (a slow libvirt
 # may already have used the cycle's budget: publish late rather than empty).
 MIN_ACTION_WINDOW = 0.2
+
+
+@contextlib.contextmanager
+def _endpoint_quiet(endpoint: MetricsEndpoint | None) -> Iterator[List[Snapshot]]:
+    """Around one cycle: the endpoint encodes no values while it runs, then
+    prepares the Snapshot the cycle published, if it added one to the list
+    (vhostmd_py.publish.endpoint.Quiet says why)."""
+    published: List[Snapshot] = []
+    if endpoint is not None:
+        endpoint.cycle_started()
+    try:
+        yield published
+    finally:
+        if endpoint is not None:
+            endpoint.cycle_ended(published[-1] if published else None)
 
 
 class Daemon:
@@ -270,13 +285,7 @@ class Daemon:
             started = self._clock()
             period = self.config.update_period
             due = started + period - min(MAX_MARGIN, DEADLINE_MARGIN * period)
-            # The endpoint encodes values between cycles only, and prepares each
-            # cycle's right after it (vhostmd_py.publish.endpoint.Quiet).
-            endpoint = self._endpoint
-            if endpoint is not None:
-                endpoint.cycle_started()
-            snapshot = None
-            try:
+            with _endpoint_quiet(self._endpoint) as published:
                 if not await self._run_cycle(due if self._deadlines else None):
                     return  # stopped while the cycle ran
                 self.parts.gather.sweep()
@@ -284,9 +293,8 @@ class Daemon:
                 took = self._clock() - started
                 snapshot = self.last_snapshot
                 self.health.record_cycle(took, len(snapshot.vms) if snapshot is not None else 0)
-            finally:
-                if endpoint is not None:
-                    endpoint.cycle_ended(snapshot)
+                if snapshot is not None:
+                    published.append(snapshot)
             if log.isEnabledFor(logging.INFO):  # ops: -v line per cycle
                 metrics, vms = _counts(snapshot) if snapshot is not None else (0, 0)
                 log.info("cycle %d: %d metrics, %d VMs, %.3f s", self.cycles, metrics, vms, took)
