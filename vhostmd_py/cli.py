@@ -179,6 +179,22 @@ def options(args: Sequence[str]) -> Options:
     )
 
 
+def _help_before_bad_option(args: Sequence[str]) -> bool:
+    """Whether -h/--help comes before the option getopt_long refuses.
+
+    Upstream acts on each option as getopt_long returns it: a -h before a bad
+    option prints the usage (exit 2), one after it is never reached (exit 1).
+    """
+    for end in range(len(args)):
+        try:
+            given, _ = parse_args(args[: end + 1])
+        except UsageError:
+            return False
+        if "--help" in given:
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of `vhostmd`: parse, run, exit with upstream's codes."""
     args: List[str] = list(sys.argv[1:] if argv is None else argv)
@@ -193,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             sys.exit(EXIT_OK)
         opts = options(args)
     except UsageError as err:
+        if _help_before_bad_option(args):
+            sys.stderr.write(USAGE)
+            sys.exit(EXIT_USAGE)
         # Upstream exits 1 (not getopt's usual 2) on a bad option.
         sys.stderr.write(f"{PROG}: {err}\n" + USAGE)
         sys.exit(EXIT_FAILURE)

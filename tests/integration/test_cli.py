@@ -211,3 +211,13 @@ def test_long_options_abbreviate_as_upstreams(tmp_path: Path) -> None:
     proc = vhostmd(["--vers"])
     assert proc.returncode == 0
     assert proc.stdout.startswith(b"vhostmd (vhostmd-py) ")
+
+
+@pytest.mark.parametrize(("args", "code"), [(["-h", "--bogus"], 2), (["--bogus", "-h"], 1),
+                                            (["-dh", "-x"], 2), (["-f", "-h", "-x"], 1)])
+def test_help_counts_only_before_a_bad_option(args: List[str], code: int) -> None:
+    """As upstream acts on options in order: -h first prints the usage, after a bad option not."""
+    proc = vhostmd(args)
+    assert proc.returncode == code
+    first = proc.stderr.decode().splitlines()[0 if code == 1 else 1]
+    assert first.startswith("vhostmd: ") if code == 1 else first == "   Usage:"
