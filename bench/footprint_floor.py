@@ -12,6 +12,7 @@ no checks of any kind). Run by bench_footprint.py as
 `python footprint_floor.py CONFIG URI`; stop it with SIGTERM.
 """
 
+import os
 import struct
 import subprocess
 import sys
@@ -47,17 +48,9 @@ def main() -> None:
         parts.append("</metrics>\n")
         body = "".join(parts).encode()
         checksum = sum(b - 256 if b > 127 else b for b in body) & 0xFFFFFFFF
-        with open(disk, "r+b" if _exists(disk) else "wb") as f:
+        with open(disk, "r+b" if os.path.exists(disk) else "wb") as f:
             f.write(struct.pack(">IIII", SIGNATURE, 0, checksum, len(body)) + body)
         time.sleep(max(0.0, period - (time.monotonic() - start)))
-
-
-def _exists(path: str) -> bool:
-    try:
-        open(path, "rb").close()
-    except OSError:
-        return False
-    return True
 
 
 if __name__ == "__main__":
